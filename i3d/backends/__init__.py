@@ -1,0 +1,1 @@
+"""Execution backends, discovered through the ``i3d.backends`` entry-point group."""

@@ -1,0 +1,323 @@
+"""Video decoding behind one small interface: only the frames a clip needs, as uint8 RGB.
+
+``open_video(path)`` returns a :class:`VideoReader` for a video file (PyAV: mp4, webm, mkv,
+avi, gif, ...) or a directory of extracted frames. PyAV readers index the stream once by
+demuxing packets (no decoding), which gives an exact frame count even when the container
+header lies, then decode a request by seeking to the keyframe before each needed frame and
+decoding forward. A long video is therefore never decoded (or held in memory) whole.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv")
+BACKENDS = ("pyav", "decord")
+
+
+class VideoDecodeError(ValueError):
+    """A video (or frame directory) cannot be opened or the requested frames cannot be decoded."""
+
+
+class VideoReader(ABC):
+    """Random access to one video's frames: ``get_frames(indices)`` → (T, H, W, 3) uint8 RGB."""
+
+    path: Path
+    num_frames: int
+    fps: float | None
+    size: tuple[int, int]
+    """(width, height) of the decoded frames."""
+
+    @abstractmethod
+    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Frames at 0-based ``indices`` (any order, repeats allowed), stacked as (T, H, W, 3)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the underlying file."""
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_indices(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        inds = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+        if inds.ndim != 1:
+            raise ValueError(f"frame indices must be 1-D, got shape {inds.shape}")
+        inds = inds.astype(np.int64)
+        bad = inds[(inds < 0) | (inds >= self.num_frames)]
+        if bad.size:
+            raise VideoDecodeError(
+                f"{self.path}: frame indices {sorted(set(bad.tolist()))[:5]} out of range "
+                f"(the video has {self.num_frames} frames)"
+            )
+        return inds
+
+
+def _stack(frames: dict[int, np.ndarray], inds: np.ndarray) -> np.ndarray:
+    if inds.size == 0:
+        raise ValueError("no frame indices requested")
+    return np.stack([frames[int(i)] for i in inds])
+
+
+class PyAVReader(VideoReader):
+    """PyAV (FFmpeg) reader: packet index from demuxing, seek + decode-forward per request."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: bool = True) -> None:
+        import av
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VideoDecodeError(f"video file {self.path} does not exist")
+        try:
+            self._container = av.open(str(self.path), mode="r")
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+            raise VideoDecodeError(f"{self.path}: not a readable video ({exc})") from exc
+        try:
+            if not self._container.streams.video:
+                raise VideoDecodeError(f"{self.path}: the file has no video stream")
+            self._stream = self._container.streams.video[0]
+            if threads:
+                self._stream.thread_type = "AUTO"
+            self._index_packets()
+        except BaseException:
+            self._container.close()
+            raise
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        self.fps = float(rate) if rate else None
+        ctx = self._stream.codec_context
+        self.size = (int(ctx.width), int(ctx.height))
+        self.header_frames = int(self._stream.frames or 0)
+
+    def _index_packets(self) -> None:
+        """Presentation timestamps of every frame and which of them are keyframes."""
+        import av
+
+        pts: list[int] = []
+        keys: list[int] = []
+        has_pts = True
+        try:
+            for packet in self._container.demux(self._stream):
+                if packet.size == 0:
+                    continue
+                if packet.pts is None:
+                    has_pts = False
+                pts.append(packet.pts if packet.pts is not None else len(pts))
+                if packet.is_keyframe:
+                    keys.append(pts[-1])
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoDecodeError(f"{self.path}: corrupt video stream ({exc})") from exc
+        if not pts:
+            raise VideoDecodeError(f"{self.path}: the video stream holds no frames")
+        order = sorted(pts)
+        # Frames are matched by pts; without unique pts fall back to counting decoded frames.
+        self._seekable = has_pts and len(set(order)) == len(order) and bool(keys)
+        self._pts = order
+        self._index_of = {p: i for i, p in enumerate(order)}
+        self._key_indices = sorted(self._index_of[k] for k in keys) if self._seekable else [0]
+        self.num_frames = len(order)
+
+    def _keyframe_before(self, index: int) -> int:
+        """Presentation index of the last keyframe at or before frame ``index``."""
+        pos = bisect.bisect_right(self._key_indices, index) - 1
+        return self._key_indices[max(pos, 0)]
+
+    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        inds = self._check_indices(indices)
+        wanted = sorted(set(inds.tolist()))
+        frames: dict[int, np.ndarray] = {}
+        if self._seekable:
+            i = 0
+            while i < len(wanted):
+                i = self._decode_run(self._keyframe_before(wanted[i]), wanted, i, frames)
+        missing = [i for i in wanted if i not in frames]
+        if missing:  # no usable index, or a seek misbehaved: decode the needed span from the start
+            self._decode_from_start(missing, frames)
+            missing = [i for i in wanted if i not in frames]
+        if missing:
+            raise VideoDecodeError(
+                f"{self.path}: frames {missing[:5]} could not be decoded (damaged stream?)"
+            )
+        return _stack(frames, inds)
+
+    def _decode_run(self, key: int, wanted: list[int], i: int, out: dict[int, np.ndarray]) -> int:
+        """Decode forward from keyframe ``key`` collecting ``wanted[i:]``; return the next ``i``.
+
+        Stops when the next wanted frame lies beyond a later keyframe (seeking there is
+        cheaper than decoding on). Frames the decoder never outputs are left out of ``out``.
+        """
+        import av
+
+        try:
+            self._container.seek(
+                self._pts[key], stream=self._stream, backward=True, any_frame=False
+            )
+            for frame in self._container.decode(self._stream):
+                index = self._index_of.get(frame.pts)
+                if index is None or index < key:
+                    continue  # leading pictures of an open GOP reference frames before the seek
+                while i < len(wanted) and wanted[i] < index:
+                    i += 1
+                if i == len(wanted):
+                    return i
+                if wanted[i] == index:
+                    out[index] = frame.to_ndarray(format="rgb24")
+                    i += 1
+                    if i == len(wanted) or self._keyframe_before(wanted[i]) > index + 1:
+                        return i
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoDecodeError(f"{self.path}: decoding failed ({exc})") from exc
+        return len(wanted)
+
+    def _decode_from_start(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
+        """Decode sequentially from the first frame, keeping only ``wanted`` (streaming)."""
+        import av
+
+        pending = set(wanted)
+        last = max(wanted)
+        try:
+            self._container.seek(0, stream=self._stream, backward=True, any_frame=False)
+            for count, frame in enumerate(self._container.decode(self._stream)):
+                index = self._index_of.get(frame.pts, count) if self._seekable else count
+                if index in pending:
+                    out[index] = frame.to_ndarray(format="rgb24")
+                if index >= last:
+                    break
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoDecodeError(f"{self.path}: decoding failed ({exc})") from exc
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    """A regex matching the file names a ``str.format`` template with one int field produces."""
+    parts = re.split(r"\{[^}]*\}", template)
+    if len(parts) != 2:
+        raise ValueError(f"frame name template {template!r} needs exactly one {{}} field")
+    return re.compile(re.escape(parts[0]) + r"(\d+)" + re.escape(parts[1]) + r"$")
+
+
+class FrameDirReader(VideoReader):
+    """Extracted frames ``template.format(start_index + i)`` in one directory, read with Pillow."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        template: str = "img_{:05d}.jpg",
+        start_index: int = 1,
+        num_frames: int | None = None,
+        fps: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise VideoDecodeError(f"frame directory {self.path} does not exist")
+        self.template = template
+        self.start_index = start_index
+        self.fps = fps
+        if num_frames is None:
+            pattern = _template_regex(template)
+            names = {n for n in os.listdir(self.path) if pattern.match(n)}
+            num_frames = 0
+            while template.format(start_index + num_frames) in names:
+                num_frames += 1
+        if num_frames <= 0:
+            raise VideoDecodeError(
+                f"{self.path}: no frames named like {template.format(start_index)!r}; set the "
+                "frame name template / start index to match the files"
+            )
+        self.num_frames = num_frames
+        first = self._load(0)
+        self.size = (first.shape[1], first.shape[0])
+
+    def _load(self, index: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        file = self.path / self.template.format(self.start_index + index)
+        try:
+            with Image.open(file) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise VideoDecodeError(f"cannot read frame {file}: {exc}") from exc
+
+    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        inds = self._check_indices(indices)
+        frames = {int(i): self._load(int(i)) for i in set(inds.tolist())}
+        shapes = {f.shape for f in frames.values()}
+        if len(shapes) > 1:
+            raise VideoDecodeError(f"{self.path}: frames have different sizes {sorted(shapes)}")
+        return _stack(frames, inds)
+
+    def close(self) -> None:
+        """Nothing is held open between reads."""
+
+
+class DecordReader(VideoReader):
+    """decord reader (optional extra ``i3d[decord]``): its own index and random access."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            import decord
+        except ImportError as exc:
+            raise ImportError(
+                "the decord backend needs the decord package: pip install 'i3d[decord]'"
+            ) from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VideoDecodeError(f"video file {self.path} does not exist")
+        try:
+            self._reader = decord.VideoReader(str(self.path), num_threads=1)
+        except (decord.DECORDError, RuntimeError) as exc:
+            raise VideoDecodeError(f"{self.path}: not a readable video ({exc})") from exc
+        self.num_frames = len(self._reader)
+        if self.num_frames == 0:
+            raise VideoDecodeError(f"{self.path}: the video stream holds no frames")
+        self.fps = float(self._reader.get_avg_fps()) or None
+        h, w = self._reader[0].shape[:2]
+        self.size = (int(w), int(h))
+
+    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        inds = self._check_indices(indices)
+        return self._reader.get_batch(inds.tolist()).asnumpy()
+
+    def close(self) -> None:
+        del self._reader
+
+
+def open_frames_dir(
+    path: str | os.PathLike[str],
+    template: str = "img_{:05d}.jpg",
+    start_index: int = 1,
+    num_frames: int | None = None,
+    fps: float | None = None,
+) -> FrameDirReader:
+    """Reader over a directory of extracted frames (mmaction rawframes layout by default)."""
+    return FrameDirReader(path, template, start_index, num_frames, fps)
+
+
+def open_video(path: str | os.PathLike[str], backend: str = "pyav") -> VideoReader:
+    """Open a video file (``backend``: pyav | decord) or a frame directory for reading."""
+    path = Path(path)
+    if path.is_dir():
+        return open_frames_dir(path)
+    if backend == "pyav":
+        return PyAVReader(path)
+    if backend == "decord":
+        return DecordReader(path)
+    raise ValueError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,63 @@
+"""Small building blocks shared by the model families."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def kaiming_normal_fan_out(conv: nn.Module) -> None:
+    """mmcv ``kaiming_init`` defaults: normal, fan_out, ReLU gain, zero bias."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if getattr(conv, "bias", None) is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    t, h, w = value
+    return (int(t), int(h), int(w))
+
+
+class ConvBN(nn.Module):
+    """Conv3d → optional BatchNorm3d → optional ReLU, with children named ``conv`` and ``bn``.
+
+    The naming matches mmcv's ``ConvModule`` so mmaction2 state-dict keys map one to one.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        *,
+        norm: bool = True,
+        act: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(
+            in_channels,
+            out_channels,
+            _triple(kernel_size),
+            stride=_triple(stride),
+            padding=_triple(padding),
+            dilation=_triple(dilation),
+            bias=bias,
+        )
+        self.bn = nn.BatchNorm3d(out_channels) if norm else None
+        self.act = nn.ReLU(inplace=True) if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x

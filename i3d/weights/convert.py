@@ -1,0 +1,92 @@
+"""One entry point for every checkpoint converter, with source-format detection."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from i3d.weights.format import WeightsError
+
+Converter = Callable[..., Any]
+"""``converter(src, dst, *, preset, labels) -> Path`` (``preset`` may be None)."""
+
+
+def _mmaction(src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None) -> Path:
+    from i3d.weights.mmaction import convert_mmaction
+
+    return convert_mmaction(src, dst, preset=preset, labels=labels)
+
+
+def _deepmind(src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None) -> Path:
+    from i3d.weights.deepmind import convert_deepmind
+
+    return convert_deepmind(src, dst, labels=labels, preset=preset)
+
+
+def _pytorch_i3d(
+    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+) -> Path:
+    from i3d.weights.deepmind import convert_pytorch_i3d
+
+    return convert_pytorch_i3d(src, dst, labels=labels, preset=preset)
+
+
+#: source format name → converter; engineers add their formats here
+CONVERTERS: dict[str, Converter] = {
+    "mmaction": _mmaction,
+    "deepmind": _deepmind,
+    "pytorch-i3d": _pytorch_i3d,
+}
+
+#: byte markers in a checkpoint's pickle that identify its format (checked in order)
+_MARKERS: tuple[tuple[bytes, str], ...] = (
+    (b"backbone.conv1.conv.weight", "mmaction"),
+    (b"Conv3d_1a_7x7.conv3d.weight", "pytorch-i3d"),
+    (b"Conv3d_1a_7x7", "deepmind"),
+    (b"layer1.0.conv1.weight", "torchvision-2d"),
+)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """Guess a checkpoint's source format from the key names in its pickle, without loading it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        raise WeightsError(f"{path} is already a .safetensors file; use `i3d inspect` on it")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+            blob = zf.read(names[0]) if names else b""
+    else:
+        with open(path, "rb") as fh:
+            blob = fh.read(1 << 20)
+    for marker, name in _MARKERS:
+        if marker in blob:
+            return name
+    raise WeightsError(
+        f"cannot tell what kind of checkpoint {path} is; pass --from with one of: "
+        f"{', '.join(sorted(CONVERTERS))}"
+    )
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    source_format: str = "auto",
+    preset: str | None = None,
+    labels: tuple[str, ...] | None = None,
+) -> Any:
+    """Convert ``src`` (any supported checkpoint) to a project ``.safetensors`` at ``dst``."""
+    if source_format == "auto":
+        source_format = detect_format(src)
+    converter = CONVERTERS.get(source_format)
+    if converter is None:
+        raise WeightsError(
+            f"unknown source format {source_format!r}; "
+            f"choose one of: {', '.join(sorted(CONVERTERS))}"
+        )
+    return converter(Path(src), Path(dst), preset=preset, labels=labels)

@@ -1,0 +1,181 @@
+"""The project's weight format: ``.safetensors`` whose metadata rebuilds and describes the model.
+
+Metadata keys (all JSON strings): ``i3d.format`` (version), ``i3d.config`` (model config),
+``i3d.labels`` (class names or null), ``i3d.preprocessing``, ``i3d.provenance``.
+Reading never executes code: safetensors holds raw tensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from i3d.models import build_model, config_from_dict, config_to_dict
+from i3d.models.config import ConfigError
+from i3d.utils.files import atomic_path
+from i3d.weights.preprocessing import Preprocessing
+
+FORMAT_VERSION = "1"
+
+
+class WeightsError(ValueError):
+    """A weight file or checkpoint is unreadable, malformed or does not fit its model."""
+
+
+@attrs.frozen
+class Provenance:
+    """Where the weights came from: source file, its hash, and the converter that read it."""
+
+    source_name: str | None = None
+    source_sha256: str | None = None
+    source_format: str | None = None
+    converter: str = "i3d"
+    converter_version: str = attrs.field(factory=lambda: _package_version())
+    notes: str | None = None
+
+
+def _package_version() -> str:
+    from i3d import __version__
+
+    return __version__
+
+
+@attrs.frozen
+class WeightsInfo:
+    """Everything a weight file says besides its tensors."""
+
+    config: Any
+    labels: tuple[str, ...] | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else tuple(str(s) for s in v)
+    )
+    preprocessing: Preprocessing = attrs.field(factory=Preprocessing)
+    provenance: Provenance = attrs.field(factory=Provenance)
+
+    def __attrs_post_init__(self) -> None:
+        num_classes = getattr(getattr(self.config, "head", None), "num_classes", None)
+        if self.labels is not None and num_classes is not None and len(self.labels) != num_classes:
+            raise WeightsError(
+                f"{len(self.labels)} labels given but the model has {num_classes} classes"
+            )
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "i3d.format": FORMAT_VERSION,
+            "i3d.config": json.dumps(config_to_dict(self.config)),
+            "i3d.labels": json.dumps(list(self.labels) if self.labels is not None else None),
+            "i3d.preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "i3d.provenance": json.dumps(attrs.asdict(self.provenance)),
+        }
+
+    @classmethod
+    def from_metadata(
+        cls, meta: dict[str, str] | None, path: str | os.PathLike[str]
+    ) -> WeightsInfo:
+        if not meta or "i3d.config" not in meta:
+            raise WeightsError(
+                f"{path} is a safetensors file without i3d metadata; convert the original "
+                "checkpoint with `i3d convert-weights` instead"
+            )
+        if meta.get("i3d.format") != FORMAT_VERSION:
+            raise WeightsError(
+                f"{path} has i3d weight format {meta.get('i3d.format')!r}; this version of i3d "
+                f"reads format {FORMAT_VERSION}"
+            )
+        try:
+            config = config_from_dict(json.loads(meta["i3d.config"]))
+            labels = json.loads(meta.get("i3d.labels", "null"))
+            prep = Preprocessing.from_dict(json.loads(meta.get("i3d.preprocessing", "{}")))
+            prov = Provenance(**json.loads(meta.get("i3d.provenance", "{}")))
+        except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{path}: corrupt i3d metadata: {exc}") from exc
+        return cls(config=config, labels=labels, preprocessing=prep, provenance=prov)
+
+
+def save_weights(
+    path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], info: WeightsInfo
+) -> Path:
+    """Write ``state_dict`` + ``info`` to ``path`` atomically (temp file, then rename)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    check_state_dict(info.config, tensors)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=info.to_metadata())
+    return path
+
+
+def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`WeightsError` naming every missing, unexpected or mis-shaped key."""
+    expected = build_model(config).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if extra:
+        problems.append(f"unexpected keys ({len(extra)}): {_preview(extra)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_preview(shapes)}")
+    if problems:
+        raise WeightsError("weights do not fit the model config; " + "; ".join(problems))
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    return head + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
+    """Metadata of a weight file, without reading its tensors."""
+    with _open(path) as fh:
+        return WeightsInfo.from_metadata(fh.metadata(), path)
+
+
+def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """Tensors and metadata of a weight file (tensors on CPU)."""
+    with _open(path) as fh:
+        info = WeightsInfo.from_metadata(fh.metadata(), path)
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    return tensors, info
+
+
+def _open(path: str | os.PathLike[str]):
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file {path} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{path} is not a readable .safetensors file ({exc}); convert checkpoints "
+            "with `i3d convert-weights`"
+        ) from exc
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """Rebuild the model stored in a weight file, in eval mode on ``device``.
+
+    The returned model has ``.weights_info`` (labels, preprocessing, provenance).
+    """
+    tensors, info = load_weights(path)
+    model = build_model(info.config)
+    check_state_dict(info.config, tensors)
+    model.load_state_dict(tensors, strict=True)
+    model.weights_info = info
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -1,0 +1,170 @@
+"""Reading untrusted pickled checkpoints without executing code from them.
+
+Only an allow-list of globals is ever resolved: torch's tensor/storage rebuilders, numpy's
+array/dtype/scalar reconstructors and plain containers. Objects from the OpenMMLab packages
+that checkpoints carry in ``meta`` (mmengine ``ConfigDict``, ``HistoryBuffer``, ...) become
+inert :class:`Ignored` placeholders: their modules are never imported and their code never
+runs. Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen`` ...) aborts
+loading with :class:`UnsafePickleError`.
+"""
+
+from __future__ import annotations
+
+import _codecs
+import builtins
+import collections
+import copyreg
+import io
+import os
+import pickle
+import types
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from i3d.weights.format import WeightsError
+
+
+class UnsafePickleError(WeightsError):
+    """The pickle asks for a global outside the allow-list: refused, nothing was executed."""
+
+
+class Ignored(dict):
+    """Inert stand-in for a metadata object of a known framework (never executes its code)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __reduce__(self):  # pragma: no cover - placeholders are never re-pickled
+        return (Ignored, ())
+
+
+def _placeholder(module: str, name: str) -> type:
+    return type(name, (Ignored,), {"__module__": f"i3d.ignored.{module}"})
+
+
+_BUILTINS = {
+    "dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool",
+    "str", "bytes", "bytearray", "slice", "range", "object",
+}  # fmt: skip
+
+_TORCH = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._utils", "_rebuild_qtensor"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch.serialization", "_get_layout"),
+}
+
+_NUMPY = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+#: packages whose pickled objects are replaced by inert placeholders
+IGNORED_PACKAGES = ("mmengine", "mmcv", "mmaction", "mmdet", "mmpretrain", "mmcls", "addict")
+
+
+def resolve_global(module: str, name: str) -> Any:
+    """The object a pickle may use for ``module.name``, or raise :class:`UnsafePickleError`."""
+    if module == "builtins" and name in _BUILTINS:
+        return getattr(builtins, name)
+    if module == "collections" and name in ("OrderedDict", "defaultdict"):
+        return getattr(collections, name)
+    if module == "copyreg" and name == "_reconstructor":
+        return copyreg._reconstructor
+    if module == "_codecs" and name == "encode":
+        return _codecs.encode
+    if (module, name) in _TORCH:
+        obj: Any = torch
+        for part in (*module.split(".")[1:], name):
+            obj = getattr(obj, part)
+        return obj
+    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
+        return getattr(torch, name)
+    if (module, name) in _NUMPY:
+        return _numpy_global(module, name)
+    if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
+        return getattr(np.dtypes, name)
+    if module.split(".")[0] in IGNORED_PACKAGES:
+        return _placeholder(module, name)
+    raise UnsafePickleError(
+        f"refusing to load: the pickle asks for {module}.{name}, which is not a tensor, array "
+        "or plain container (a checkpoint never needs it; the file may be malicious)"
+    )
+
+
+def _numpy_global(module: str, name: str) -> Any:
+    if name in ("_reconstruct", "scalar"):
+        core = getattr(np, "_core", None) or np.core
+        return getattr(core.multiarray, name)
+    return getattr(np, name)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose ``find_class`` goes through :func:`resolve_global`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return resolve_global(module, name)
+
+
+# torch.load accepts any module exposing Unpickler/load; this one is restricted.
+restricted_pickle = types.ModuleType("i3d_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
+restricted_pickle.__name__ = "pickle"
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Load a torch checkpoint (zip or legacy format) with the restricted unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
+        )
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError,
+            KeyError, TypeError, AttributeError, IndexError, OSError) as exc:  # fmt: skip
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def loads_restricted(data: bytes) -> Any:
+    """Unpickle plain bytes (e.g. a numpy-only pickle) with the restricted allow-list."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as exc:  # fmt: skip
+        raise WeightsError(f"not a readable pickle (truncated or corrupt?): {exc}") from exc
