@@ -30,12 +30,17 @@ def _int_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _pattern(value: Any) -> tuple[int | tuple[int, ...], ...]:
-    """Normalise an mmaction per-stage pattern: an int per stage or a tuple per block."""
+def normalize_pattern(value: Any) -> tuple[int | tuple[int, ...], ...]:
+    """Normalise an mmaction per-stage pattern: an int per stage or a tuple per block.
+
+    A stage whose blocks all share one flag becomes that int, so equal architectures have
+    equal configs and a uniform pattern fits any depth.
+    """
     out: list[int | tuple[int, ...]] = []
     for stage in value:
         if isinstance(stage, (list, tuple)):
-            out.append(tuple(int(bool(int(b))) for b in stage))
+            flags = tuple(int(bool(int(b))) for b in stage)
+            out.append(flags[0] if len(set(flags)) == 1 else flags)
         else:
             out.append(int(bool(int(stage))))
     return tuple(out)
@@ -86,11 +91,14 @@ class ResNet3dConfig:
     spatial_strides: tuple[int, ...] = attrs.field(default=(1, 2, 2, 2), converter=_int_tuple)
     temporal_strides: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_int_tuple)
     dilations: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_int_tuple)
-    inflate: tuple[tuple[int, ...], ...] = attrs.field(
-        default=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)), converter=_pattern
+    inflate: tuple[int | tuple[int, ...], ...] = attrs.field(
+        default=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
+        converter=normalize_pattern,
     )
     inflate_style: Literal["3x1x1", "3x3x3"] = "3x1x1"
-    non_local: tuple[tuple[int, ...], ...] = attrs.field(default=(0, 0, 0, 0), converter=_pattern)
+    non_local: tuple[int | tuple[int, ...], ...] = attrs.field(
+        default=(0, 0, 0, 0), converter=normalize_pattern
+    )
     non_local_mode: NonLocalMode = "embedded_gaussian"
     non_local_sub_sample: bool = True
     non_local_use_scale: bool = False
@@ -127,9 +135,6 @@ class ResNet3dConfig:
                         f"{name}[{i}] has {len(stage)} flags but stage {i + 1} of a depth-"
                         f"{self.depth} ResNet has {blocks} blocks"
                     )
-        # canonical form: one flag per block, so equal architectures have equal configs
-        for name in ("inflate", "non_local"):
-            object.__setattr__(self, name, self.block_flags(name, as_int=True))
         if self.inflate_style not in ("3x1x1", "3x3x3"):
             raise ConfigError(
                 f"inflate_style must be '3x1x1' or '3x3x3', got {self.inflate_style!r}"

@@ -102,7 +102,7 @@ def save_weights(
     path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], info: WeightsInfo
 ) -> Path:
     """Write ``state_dict`` + ``info`` to ``path`` atomically (temp file, then rename)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    tensors = _independent_tensors(state_dict)
     check_state_dict(info.config, tensors)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -110,9 +110,29 @@ def save_weights(
     return path
 
 
+def _independent_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no storage (safetensors' rule), copying only if needed."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _meta_model(config: Any) -> torch.nn.Module:
+    """The model of ``config`` on the meta device: its structure without memory or init cost."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
 def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise :class:`WeightsError` naming every missing, unexpected or mis-shaped key."""
-    expected = build_model(config).state_dict()
+    expected = _meta_model(config).state_dict()
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     shapes = [
@@ -173,9 +193,12 @@ def load_model(
     The returned model has ``.weights_info`` (labels, preprocessing, provenance).
     """
     tensors, info = load_weights(path)
-    model = build_model(info.config)
     check_state_dict(info.config, tensors)
-    model.load_state_dict(tensors, strict=True)
+    model = _meta_model(info.config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise WeightsError(f"{path}: model tensors not filled by the file: {_preview(left)}")
     model.weights_info = info
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from i3d.models.config import RESNET_STAGE_BLOCKS, ConfigError, ResNet3dConfig
+from i3d.models.config import RESNET_STAGE_BLOCKS, ConfigError, ResNet3dConfig, normalize_pattern
 from i3d.models.presets import _RESNET_PRESETS, get_preset
 from i3d.utils.files import sha256_file
 from i3d.weights.format import (
@@ -158,9 +158,9 @@ def infer_config(
     structural = dict(
         depth=depth,
         num_stages=len(counts),
-        inflate=tuple(inflate),
+        inflate=normalize_pattern(inflate),
         inflate_style=styles.pop() if styles else "3x1x1",
-        non_local=tuple(non_local),
+        non_local=normalize_pattern(non_local),
         non_local_mode=mode,
     )
     base = _matching_preset(structural) or ResNet3dConfig()

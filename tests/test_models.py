@@ -1,0 +1,154 @@
+"""ResNet3d family: configs, every depth/inflation option, init, freezing, views, endpoints."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from i3d.cli.main import app
+from i3d.models import (
+    ConfigError,
+    InputShapeError,
+    ResNet3dConfig,
+    average_views,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+)
+from i3d.models.nonlocal_block import NonLocal3d
+
+
+def tiny(**kw) -> ResNet3dConfig:
+    kw.setdefault("head", {"num_classes": 5})
+    if isinstance(kw["head"], dict):
+        kw["head"] = attrs.evolve(ResNet3dConfig().head, **kw["head"])
+    return attrs.evolve(get_preset("i3d_r50", base_channels=4), **kw)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_every_depth_builds_and_runs(depth):
+    config = tiny(
+        depth=depth, inflate=(1, 0, 1, 0), non_local=(0, 1, 0, 0), non_local_mode="gaussian"
+    )
+    model = build_model(config).eval()
+    out = model(torch.randn(1, 3, 8, 32, 32))
+    assert out.shape == (1, 5)
+    assert model.features(torch.randn(1, 3, 8, 32, 32)).shape[1] == config.feature_channels
+
+
+def test_inflate_styles_and_caffe_stride_placement():
+    m = build_model(tiny(inflate_style="3x3x3"))
+    block = m.backbone.layer1[0]
+    assert block.conv1.conv.kernel_size == (1, 1, 1) and block.conv2.conv.kernel_size == (3, 3, 3)
+    m = build_model(tiny(style="caffe"))
+    block = m.backbone.layer2[0]
+    assert block.conv1.conv.stride == (1, 2, 2) and block.conv2.conv.stride == (1, 1, 1)
+    m = build_model(tiny(depth=18, inflate=(1, 0, 0, 0)))
+    assert m.backbone.layer1[0].conv1.conv.kernel_size == (3, 3, 3)
+    assert m.backbone.layer2[1].conv1.conv.kernel_size == (1, 3, 3)
+
+
+def test_shapes_follow_mmaction_full_size_table():
+    with torch.device("meta"):
+        model = build_model("i3d_r50")
+        maps = model.endpoints(torch.empty(1, 3, 32, 224, 224), ["stem", "layer1", "layer4"])
+    assert maps["stem"].shape == (1, 64, 8, 56, 56)
+    assert maps["layer1"].shape == (1, 256, 4, 56, 56)  # after pool2
+    assert maps["layer4"].shape == (1, 2048, 4, 7, 7)
+    with torch.device("meta"):
+        heavy = build_model("i3d_r50_heavy")
+        assert heavy.features(torch.empty(1, 3, 32, 224, 224)).shape == (1, 2048, 16, 7, 7)
+
+
+@pytest.mark.parametrize("mode", ["dot_product", "embedded_gaussian", "gaussian"])
+def test_nonlocal_blocks_start_as_identity(mode):
+    block = NonLocal3d(16, mode=mode).eval()
+    x = torch.randn(2, 16, 2, 6, 6)
+    torch.testing.assert_close(block(x), x)
+    assert block.conv_out.bn.weight.abs().sum() == 0
+    assert (block.theta is None) == (mode == "gaussian")
+
+
+def test_init_matches_mmaction_rules():
+    torch.manual_seed(0)
+    model = build_model(tiny(non_local=(0, 1, 0, 0), zero_init_residual=True))
+    conv = model.backbone.layer3[0].conv2.conv.weight
+    fan_out = conv.shape[0] * conv[0, 0].numel()
+    assert abs(conv.std().item() - (2 / fan_out) ** 0.5) < 0.3 * (2 / fan_out) ** 0.5
+    bn = model.backbone.conv1.bn
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    assert torch.all(model.backbone.layer1[0].conv3.bn.weight == 0)  # zero_init_residual
+    fc = model.cls_head.fc_cls
+    assert abs(fc.weight.std().item() - 0.01) < 0.002 and torch.all(fc.bias == 0)
+    nl = model.backbone.layer2[1].non_local_block
+    assert torch.all(nl.conv_out.bn.weight == 0) and nl.theta.conv.weight.std() < 0.02
+
+
+def test_frozen_stages_and_norm_eval():
+    model = build_model(tiny(frozen_stages=2, norm_eval=True)).train()
+    assert not any(p.requires_grad for p in model.backbone.conv1.parameters())
+    assert not any(p.requires_grad for p in model.backbone.layer2.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer3.parameters())
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm3d))
+    assert model.cls_head.training
+
+
+def test_views_and_average_modes():
+    model = build_model(tiny()).eval()
+    x = torch.randn(2, 3, 3, 8, 32, 32)
+    with torch.no_grad():
+        per_view = model(x)
+        assert per_view.shape == (2, 3, 5)
+        torch.testing.assert_close(per_view[1, 2], model(x[1, 2][None])[0])
+        torch.testing.assert_close(model.predict(x, "score"), per_view.mean(1))
+        torch.testing.assert_close(model.predict(x), per_view.softmax(-1).mean(1))
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    assert not torch.equal(average_views(logits, "prob"), average_views(logits, "score"))
+
+
+def test_bad_inputs_give_clear_errors():
+    model = build_model(tiny()).eval()
+    with pytest.raises(InputShapeError, match="NTHWC"):
+        model(torch.randn(1, 8, 32, 32, 3))
+    with pytest.raises(InputShapeError, match="floating-point"):
+        model(torch.zeros(1, 3, 8, 32, 32, dtype=torch.uint8))
+    with pytest.raises(InputShapeError, match="dims"):
+        model(torch.randn(3, 8, 32, 32))
+    with pytest.raises(KeyError, match="available"):
+        model.endpoints(torch.randn(1, 3, 8, 32, 32), ["layer9"])
+
+
+def test_config_validation_and_round_trip():
+    for preset in ("i3d_r50", "i3d_r50_heavy", "i3d_r50_nl_gaussian"):
+        config = get_preset(preset)
+        assert config_from_dict(config_to_dict(config)) == config
+    assert (
+        tiny(inflate=(1, 1, 1, 1)).inflate
+        == tiny(inflate=((1,) * 3, (1,) * 4, (1,) * 6, (1,) * 3)).inflate
+    )
+    with pytest.raises(ConfigError, match="depth must be one of"):
+        ResNet3dConfig(depth=42)
+    with pytest.raises(ConfigError, match=r"inflate\[1\] has 2 flags but stage 2"):
+        ResNet3dConfig(inflate=(1, (1, 0), 1, 1))
+    with pytest.raises(ConfigError, match="non_local_mode"):
+        ResNet3dConfig(non_local_mode="softmax")
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        config_from_dict({**config_to_dict(ResNet3dConfig()), "depht": 50})
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        config_from_dict({"arch": "vit"})
+    with pytest.raises(KeyError, match="unknown preset"):
+        get_preset("i3d_r51")
+
+
+def test_models_command_lists_presets_with_params():
+    result = CliRunner().invoke(app, ["models", "--json", "--no-flops"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["i3d_r50"]["parameters"] == 28_043_472
+    assert rows["i3d_r50_nl_gaussian"]["parameters"] == 31_723_728
