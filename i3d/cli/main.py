@@ -20,9 +20,18 @@ from i3d.cli import weights_cmds  # noqa: E402
 
 weights_cmds.register(app)
 # (register further command modules below)
+from i3d.cli import predict_cmds  # noqa: E402
+
+predict_cmds.register(app)
+from i3d.cli import backend_cmds  # noqa: E402
+
+backend_cmds.register(app)
 from i3d.cli import demo_cmd  # noqa: E402
 
 demo_cmd.register(app)
+from i3d.cli import hub_cmds  # noqa: E402
+
+hub_cmds.register(app)
 
 
 def main() -> None:

@@ -205,9 +205,20 @@ def flip(frames: torch.Tensor) -> torch.Tensor:
     return frames.flip(2)
 
 
-def to_views(crops: Sequence[torch.Tensor], num_clips: int) -> torch.Tensor:
-    """Crops of (num_clips*T, H, W, C) → (V, C, T, H, W); view v = crop v // k, clip v % k."""
-    return rearrange(torch.stack(list(crops)), "n (k t) h w c -> (n k) c t h w", k=num_clips)
+def to_views(
+    crops: Sequence[torch.Tensor], num_clips: int, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Crops (N, H, W, C) → views (V, C, T, H, W); view v = crop v // k of clip v % k.
+
+    ``index`` picks (and repeats) frames of each crop into clip order, so crops can be cut
+    from each decoded frame once; it is fused with the copy into the output.
+    """
+    first = crops[0]
+    index = torch.arange(first.shape[0]) if index is None else index
+    out = torch.empty((len(crops), index.numel(), *first.shape[1:]), dtype=first.dtype)
+    for k, cut in enumerate(crops):
+        torch.index_select(cut, 0, index, out=out[k])
+    return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=num_clips)
 
 
 def normalize(

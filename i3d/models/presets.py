@@ -59,6 +59,11 @@ def get_preset(name: str, **overrides: Any) -> Any:
         raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
     config = presets[name]
     head_keys = {k: overrides.pop(k) for k in ("num_classes", "dropout") if k in overrides}
-    if head_keys and hasattr(config, "head"):
-        overrides["head"] = attrs.evolve(config.head, **head_keys)
+    if head_keys:
+        streams = [f.name for f in attrs.fields(type(config)) if f.name in ("rgb", "flow")]
+        for stream in streams:  # two-stream: both streams share the class list
+            sub = getattr(config, stream)
+            overrides[stream] = attrs.evolve(sub, head=attrs.evolve(sub.head, **head_keys))
+        if not streams:
+            overrides["head"] = attrs.evolve(config.head, **head_keys)
     return attrs.evolve(config, **overrides) if overrides else config

@@ -34,11 +34,20 @@ def _pytorch_i3d(
     return convert_pytorch_i3d(src, dst, labels=labels, preset=preset)
 
 
+def _torchvision_2d(
+    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+) -> tuple[Path, Any]:
+    from i3d.weights.inflate import convert_torchvision_2d
+
+    return convert_torchvision_2d(src, dst, preset=preset or "i3d_r50", labels=labels)
+
+
 #: source format name → converter; engineers add their formats here
 CONVERTERS: dict[str, Converter] = {
     "mmaction": _mmaction,
     "deepmind": _deepmind,
     "pytorch-i3d": _pytorch_i3d,
+    "torchvision-2d": _torchvision_2d,
 }
 
 #: byte markers in a checkpoint's pickle that identify its format (checked in order)

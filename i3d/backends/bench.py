@@ -1,0 +1,84 @@
+"""Throughput and latency of a runner: warm-up, timed calls, percentiles, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import attrs
+import numpy as np
+import torch
+
+from i3d.backends.base import Runner
+
+
+@attrs.frozen
+class BenchResult:
+    """One benchmark: what ran, how fast (clips/s, latency percentiles in ms), peak memory."""
+
+    backend: str
+    device: str
+    precision: str
+    input_shape: tuple[int, ...]
+    iters: int
+    clips_per_s: float
+    latency_ms_p50: float
+    latency_ms_p90: float
+    latency_ms_p99: float
+    peak_memory_mb: float
+    memory_kind: str
+
+    def to_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def _device_module(device: str) -> object | None:
+    kind = device.split(":")[0]
+    module = getattr(torch, kind, None) if kind in {"cuda", "npu"} else None
+    return module if module is not None and hasattr(module, "max_memory_allocated") else None
+
+
+def benchmark(runner: Runner, batch: torch.Tensor, iters: int = 10, warmup: int = 2) -> BenchResult:
+    """Time ``runner.predict(batch)`` ``iters`` times after ``warmup`` untimed calls.
+
+    Memory is the device's peak allocation on cuda/npu, else the process's peak RSS (which
+    includes everything the process loaded before, e.g. the model in other backends).
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters}, {warmup}")
+    device_mod = _device_module(runner.device)
+    for _ in range(warmup):
+        runner.predict(batch)
+    if device_mod is not None:
+        device_mod.synchronize()
+        device_mod.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runner.predict(batch)  # returns CPU logits, so device work has finished
+        times.append(time.perf_counter() - start)
+    if device_mod is not None:
+        peak, kind = device_mod.max_memory_allocated() / 2**20, f"{runner.device} max allocated"
+    else:
+        peak, kind = _peak_rss_mb(), "process peak RSS"
+    clips = int(np.prod(batch.shape[:-4]))
+    ms = np.asarray(times) * 1e3
+    return BenchResult(
+        backend=runner.backend,
+        device=runner.device,
+        precision=runner.precision,
+        input_shape=tuple(batch.shape),
+        iters=iters,
+        clips_per_s=clips * iters / float(np.sum(times)),
+        latency_ms_p50=float(np.percentile(ms, 50)),
+        latency_ms_p90=float(np.percentile(ms, 90)),
+        latency_ms_p99=float(np.percentile(ms, 99)),
+        peak_memory_mb=peak,
+        memory_kind=kind,
+    )

@@ -1,0 +1,136 @@
+"""Ascend NPU in eager PyTorch through torch_npu, imported only when this backend is used.
+
+Not run on real Ascend hardware: the device, precision and option plumbing is tested with a
+fake ``torch_npu`` module (tests/test_backends_npu_om.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from i3d.backends.base import (
+    PRECISIONS,
+    Availability,
+    BackendError,
+    BackendUnavailable,
+    check_options,
+    check_precision,
+    resolve_model,
+)
+from i3d.backends.torch_backend import DEFAULT_BATCH_SIZE, TORCH_OPTIONS, TorchRunner, parse_flag
+
+TORCH_NPU_HINT = (
+    "pip install torch-npu whose version matches torch "
+    f"{torch.__version__.split('+')[0]} (see https://gitee.com/ascend/pytorch releases)"
+)
+CANN_HINT = (
+    "install the Ascend CANN toolkit and driver, then `source "
+    "/usr/local/Ascend/ascend-toolkit/set_env.sh` before running i3d"
+)
+
+NPU_OPTIONS = {
+    **{k: v for k, v in TORCH_OPTIONS.items() if k != "compile"},
+    "jit_compile": "bool, torch_npu.npu.set_compile_mode(jit_compile=...) (false: binary kernels)",
+    "allow_internal_format": "bool, torch_npu.npu.config.allow_internal_format",
+}
+
+
+def import_torch_npu() -> ModuleType:
+    """Import torch_npu, turning a missing package or missing CANN into a clear error."""
+    if importlib.util.find_spec("torch_npu") is None:
+        raise BackendUnavailable(f"torch_npu is not installed; {TORCH_NPU_HINT}")
+    try:
+        return importlib.import_module("torch_npu")
+    except (ImportError, OSError) as exc:
+        text = str(exc)
+        if re.search(r"lib(ascend|hccl|acl|ge_|runtime|opapi)|Ascend|\.so", text, re.IGNORECASE):
+            raise BackendUnavailable(
+                f"torch_npu is installed but the CANN runtime is missing ({text}); {CANN_HINT}"
+            ) from exc
+        raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
+
+
+def parse_npu_device(device: str | None) -> int:
+    """``npu``, ``npu:N`` or ``N`` → the device index."""
+    text = (device or "npu:0").strip().lower()
+    match = re.fullmatch(r"(?:npu(?::(\d+))?|(\d+))", text)
+    if match is None:
+        raise BackendError(f"invalid NPU device {device!r}; expected npu, npu:N or N")
+    return int(match.group(1) or match.group(2) or 0)
+
+
+def npu_placement(index: int) -> tuple[torch.device, str]:
+    """The torch device for NPU ``index`` and the autocast device type to use there."""
+    return torch.device("npu", index), "npu"
+
+
+def _set_switches(torch_npu: ModuleType, options: dict[str, Any]) -> None:
+    if "jit_compile" in options:
+        torch_npu.npu.set_compile_mode(jit_compile=parse_flag(options, "jit_compile", False))
+    if "allow_internal_format" in options:
+        torch_npu.npu.config.allow_internal_format = parse_flag(
+            options, "allow_internal_format", True
+        )
+
+
+class NpuBackend:
+    """Eager PyTorch on an Ascend NPU (``npu:N``), with autocast bf16/fp16."""
+
+    name = "npu"
+
+    def is_available(self) -> Availability:
+        try:
+            torch_npu = import_torch_npu()
+        except BackendUnavailable as exc:
+            hint = CANN_HINT if "CANN" in str(exc) else TORCH_NPU_HINT
+            return Availability(ok=False, reason=str(exc).split(";")[0], install_hint=hint)
+        version = getattr(torch_npu, "__version__", None)
+        count = torch_npu.npu.device_count()
+        if count == 0:
+            return Availability(
+                ok=False,
+                reason="torch_npu imported but no NPU is visible (check `npu-smi info`)",
+                version=version,
+                install_hint=CANN_HINT,
+            )
+        return Availability(ok=True, reason=f"{count} NPU device(s)", version=version)
+
+    def load(
+        self,
+        weights_or_model: Any,
+        device: str | None,
+        precision: str,
+        batch_size: int | None,
+        **options: Any,
+    ) -> TorchRunner:
+        check_options(options, NPU_OPTIONS, self.name)
+        check_precision(precision, PRECISIONS, self.name)
+        index = parse_npu_device(device)
+        torch_npu = import_torch_npu()
+        count = torch_npu.npu.device_count()
+        if index >= count:
+            raise BackendError(
+                f"device npu:{index} does not exist: {count} NPU device(s) visible; "
+                "check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES"
+            )
+        torch_npu.npu.set_device(index)
+        _set_switches(torch_npu, options)
+        device_obj, autocast_type = npu_placement(index)
+        model = resolve_model(weights_or_model)
+        runner_options = {k: v for k, v in options.items() if k in TORCH_OPTIONS}
+        runner = TorchRunner(
+            model,
+            device_obj,
+            precision,
+            batch_size or DEFAULT_BATCH_SIZE,
+            runner_options,
+            autocast_device_type=autocast_type,
+        )
+        runner.backend, runner.device = self.name, f"npu:{index}"
+        return runner

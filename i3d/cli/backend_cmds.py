@@ -1,0 +1,176 @@
+"""``i3d backends``, ``i3d export``, ``i3d bench``: list, compile for and time backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from i3d.backends.base import BackendError
+from i3d.cli.common import err_console, fail_on_errors
+from i3d.export import ExportError
+
+console = Console()
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """``["key=value", ...]`` → dict; values stay strings (backends parse their own)."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BackendError(f"--option expects key=value, got {pair!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+def _source(weights: Path | None, preset: str | None) -> Any:
+    """The weight file, or a randomly initialised preset model (for export and timing only)."""
+    if weights is not None and preset is not None:
+        raise BackendError("pass --weights or --preset, not both")
+    if weights is not None:
+        return weights
+    from i3d.models import build_model, get_preset
+
+    name = preset or "i3d_r50"
+    err_console.print(
+        f"note: preset {name} with random weights (fine for timing and export checks)"
+    )
+    return build_model(get_preset(name)).eval()
+
+
+def backends() -> None:
+    """List installed backends: availability, runtime version, and how to install missing ones."""
+    from i3d.backends import get_backend, list_backends
+
+    table = Table("backend", "available", "version", "details / install hint")
+    with fail_on_errors(BackendError):
+        for name in list_backends():
+            try:
+                info = get_backend(name).is_available()
+            except BackendError as exc:
+                table.add_row(name, "[red]broken[/red]", "-", str(exc))
+                continue
+            mark = "[green]yes[/green]" if info.ok else "[red]no[/red]"
+            detail = info.reason if info.ok else f"{info.reason}; {info.install_hint}"
+            table.add_row(name, mark, info.version or "-", detail)
+    console.print(table)
+
+
+def export(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx or .om file.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or om.")] = "onnx",
+    weights: Annotated[Path | None, typer.Option(help="Weights (.safetensors).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights.")] = None,
+    clip_len: Annotated[int, typer.Option(help="Frames per clip (T).")] = 32,
+    size: Annotated[int, typer.Option(help="Clip height and width.")] = 256,
+    views: Annotated[
+        int | None, typer.Option(help="Views per sample: input (B, V, C, T, H, W).")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Batch size N, or 'dynamic' (onnx only).")] = "1",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
+    simplify: Annotated[bool, typer.Option(help="Run onnxsim on the exported graph.")] = False,
+    soc: Annotated[str, typer.Option(help="ATC --soc_version for --format om.")] = "Ascend310P3",
+) -> None:
+    """Export to ONNX (checked against torch with onnxruntime) or to an Ascend OM via ATC."""
+    from i3d.export import export_om, export_onnx
+
+    with fail_on_errors(BackendError, ExportError):
+        batch_value: int | str = batch if batch == "dynamic" else _positive_int(batch, "--batch")
+        if fmt not in {"onnx", "om"}:
+            raise ExportError(f"--format must be onnx or om, got {fmt!r}")
+        source = _source(weights, preset)
+        if fmt == "onnx":
+            result = export_onnx(
+                source, output, clip_len, size, views, batch_value, opset, simplify
+            )
+        else:
+            if batch_value == "dynamic":
+                raise ExportError("OM models need a static batch; pass --batch N")
+            om = export_om(
+                source, output, soc, clip_len, size, views, int(batch_value), opset, simplify
+            )
+            result = om.onnx
+    console.print(
+        f"[green]wrote[/green] {result.path}  input {result.input_shape}, opset {result.opset}; "
+        f"onnxruntime vs torch: max abs diff {result.max_abs_diff:.3g} "
+        f"(relative {result.rel_diff:.3g})"
+    )
+    if fmt == "om":
+        if om.om_path is not None:
+            console.print(f"[green]wrote[/green] {om.om_path}  (atc, soc {soc})")
+        else:
+            console.print("atc is not on PATH; convert on a machine with CANN by running:")
+            print(om.command_line)
+
+
+def _positive_int(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ExportError(f"{flag} must be a positive integer or 'dynamic', got {text!r}")
+    return int(text)
+
+
+def bench(
+    backend: Annotated[str, typer.Option(help="Backend name (see `i3d backends`).")] = "torch",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda:N, npu:N (backend default).")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Clips per call.")] = 1,
+    clip_len: Annotated[int, typer.Option(help="Frames per clip (T).")] = 32,
+    size: Annotated[int, typer.Option(help="Clip height and width.")] = 224,
+    weights: Annotated[
+        Path | None, typer.Option(help="Weights (.safetensors) or a compiled .onnx/.om file.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights.")] = None,
+    iters: Annotated[int, typer.Option(help="Timed calls.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 2,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-O", help="Backend option key=value (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Time one backend: clips/s, latency p50/p90/p99 and peak memory on random clips."""
+    import torch
+
+    from i3d.backends import load_runner, require_backend
+    from i3d.backends.bench import benchmark
+
+    with fail_on_errors(BackendError):
+        options = parse_options(option)
+        if min(batch_size, clip_len, size, iters) < 1 or warmup < 0:
+            raise BackendError("--batch-size, --clip-len, --size, --iters must be positive")
+        require_backend(backend)
+        runner = load_runner(
+            _source(weights, preset), backend, device, precision, batch_size, **options
+        )
+        x = torch.randn(batch_size, 3, clip_len, size, size)
+        result = benchmark(runner, x, iters=iters, warmup=warmup)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "options": options}))
+        return
+    table = Table("metric", "value", title=f"i3d bench: {result.backend}")
+    rows = {
+        "device": result.device,
+        "precision": result.precision,
+        "input": "x".join(map(str, result.input_shape)),
+        "options": ", ".join(f"{k}={v}" for k, v in options.items()) or "-",
+        "clips/s": f"{result.clips_per_s:.2f}",
+        "latency p50 / p90 / p99": f"{result.latency_ms_p50:.1f} / {result.latency_ms_p90:.1f} / "
+        f"{result.latency_ms_p99:.1f} ms",
+        "peak memory": f"{result.peak_memory_mb:.0f} MiB ({result.memory_kind})",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backends")(backends)
+    app.command("export")(export)
+    app.command("bench")(bench)

@@ -1,0 +1,114 @@
+"""``i3d weights list`` and ``i3d weights pull``: the named pretrained weights in the user cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from i3d.cli.common import fail_on_errors
+from i3d.weights import hub
+
+console = Console()
+status = Console(stderr=True)
+weights_app = typer.Typer(
+    help="Pretrained weights: list them, pull them into the cache.", no_args_is_help=True
+)
+
+
+def _sha(entry: hub.HubEntry) -> str:
+    return entry.sha256 if len(entry.sha256) == 64 else f"{entry.sha256}... (prefix)"
+
+
+@weights_app.command("list")
+def list_weights(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the pullable weights: architecture, source, SHA-256, reported top-1, license."""
+    rows = [
+        {
+            "name": e.name,
+            "architecture": e.architecture,
+            "source": e.source,
+            "url": e.where,
+            "sha256": e.sha256,
+            "top1": e.top1,
+            "top1_note": e.top1_note,
+            "license": e.license,
+            "pulled": hub.is_pulled(e),
+        }
+        for e in hub.REGISTRY.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"pretrained weights (cache: {hub.cache_dir()})")
+    table.add_column("name", no_wrap=True)
+    for column in ("architecture", "source", "SHA-256", "top-1", "license", "pulled"):
+        table.add_column(column, overflow="fold")
+    for entry, row in zip(hub.REGISTRY.values(), rows, strict=True):
+        table.add_row(
+            entry.name,
+            entry.architecture,
+            entry.source,
+            _sha(entry),
+            "-" if entry.top1 is None else f"{entry.top1:.2f}",
+            entry.license,
+            "yes" if row["pulled"] else "",
+        )
+    console.print(table)
+    for note in dict.fromkeys(e.top1_note for e in hub.REGISTRY.values() if e.top1_note):
+        console.print(f"top-1 as reported: {note}")
+
+
+@weights_app.command("pull")
+def pull(
+    name: Annotated[str, typer.Argument(help="Weights name (see `i3d weights list`).")],
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file", help="Use an already downloaded file (offline); still verified."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Convert again even if already in the cache.")
+    ] = False,
+    mirror: Annotated[
+        str | None,
+        typer.Option(help=f"Base URL replacing the download URL's directory (${hub.MIRROR_ENV})."),
+    ] = None,
+) -> None:
+    """Download (once), verify and convert named weights into the cache; print the file's path."""
+    with fail_on_errors():
+        entry = hub.get_entry(name)
+        if hub.is_pulled(entry) and not force:
+            status.print(f"{entry.name} is already pulled (use --force to convert again)")
+            typer.echo(str(hub.weights_path(entry)))
+            return
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=status,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"downloading {entry.filename}", total=None)
+
+            def progress(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total)
+
+            path = hub.pull(
+                entry, from_file=from_file, force=force, mirror=mirror, progress=progress
+            )
+    status.print(f"[green]pulled[/green] {entry.name}")
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(weights_app, name="weights")

@@ -1,0 +1,343 @@
+"""``i3d predict``, ``i3d evaluate`` and ``i3d features``: thin typer layers over i3d.predict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column, Table
+
+from i3d.cli.common import err_console, fail_on_errors
+from i3d.data.datasets import AnnotationError, check_labels, load_annotations
+from i3d.data.decode import VideoDecodeError
+from i3d.data.pipeline import build_pipeline
+from i3d.predict import (
+    VIDEO_ERRORS,
+    InputError,
+    Predictor,
+    Scored,
+    default_weights,
+    evaluate_samples,
+    expand_inputs,
+    plot_confusion,
+    read_predictions,
+    summarize,
+    video_features,
+    write_per_class,
+    write_predictions,
+)
+from i3d.utils.files import atomic_path
+from i3d.weights.format import load_model, read_info
+
+console = Console()
+ERRORS = (InputError, AnnotationError, VideoDecodeError, ImportError, ValueError)
+SAVE_EVERY = 20  # videos between rewrites of a .safetensors feature file (resume points)
+
+
+class Pool(str, Enum):
+    mean = "mean"
+    none = "none"
+
+
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Project .safetensors weights (default: the pulled K400 model)."),
+]
+ClipsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Temporal clips per video (default: the weights').")
+]
+CropsOpt = Annotated[
+    int | None, typer.Option(help="Spatial crops per clip: 1, 3 or 10 (default: the weights').")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")]
+BackendOpt = Annotated[str, typer.Option(help="Execution backend (see `i3d backends`).")]
+DeviceOpt = Annotated[str, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0.")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Video files, directories or globs.")],
+    weights: WeightsOpt = None,
+    clips: ClipsOpt = None,
+    crops: CropsOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per video.")] = 5,
+    batch_size: BatchOpt = 1,
+    backend: BackendOpt = "torch",
+    device: DeviceOpt = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per video.")] = False,
+    csv: Annotated[Path | None, typer.Option(help="Also write the top-k table as CSV.")] = None,
+) -> None:
+    """Classify videos with the weights' own test protocol (views averaged as they say)."""
+    from i3d.backends import BackendError
+
+    with fail_on_errors(*ERRORS, BackendError):
+        paths = expand_inputs(inputs)
+        predictor = Predictor(weights, clips, crops, batch_size, backend, device)
+        results = []
+        with _progress() as progress:
+            task = progress.add_task("predicting", total=len(paths), visible=len(paths) > 1)
+            for path in paths:
+                result = predictor.predict(path)
+                results.append(result)
+                if as_json:
+                    typer.echo(json.dumps(result.to_json(top_k)))
+                progress.advance(task)
+        if not as_json:
+            _print_table(results, top_k)
+        if csv is not None:
+            _write_csv(csv, results, top_k)
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        err_console.print(f"[red]{len(failed)} of {len(results)} inputs failed:[/red]")
+        for r in failed:
+            err_console.print(f"  {r.path}: {r.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_table(results: list, top_k: int) -> None:
+    table = Table(Column("video", overflow="fold"), *[f"#{i + 1}" for i in range(top_k)])
+    for r in results:
+        cells = [f"{name} ({score:.3f})" for _, name, score in r.top(top_k)]
+        table.add_row(str(r.path), *(cells or ["[red]failed[/red]"] + [""] * (top_k - 1)))
+    console.print(table)
+
+
+def _write_csv(path: Path, results: list, top_k: int) -> None:
+    import csv as csv_module
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["path", "rank", "index", "label", "score", "error"])
+        for r in results:
+            if r.error is not None:
+                writer.writerow([str(r.path), "", "", "", "", r.error])
+            for rank, (index, name, score) in enumerate(r.top(top_k), 1):
+                writer.writerow([str(r.path), rank, index, name, f"{score:.6f}", ""])
+
+
+def evaluate(
+    annotations: Annotated[
+        Path | None,
+        typer.Argument(help="Annotation list (mmaction txt, Kinetics CSV or class folders)."),
+    ] = None,
+    weights: WeightsOpt = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Directory the list's paths are in.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Where reports are written.")
+    ] = Path("evaluation"),
+    from_predictions: Annotated[
+        Path | None, typer.Option(help="Re-score a predictions.jsonl instead of running.")
+    ] = None,
+    clips: ClipsOpt = None,
+    crops: CropsOpt = None,
+    batch_size: BatchOpt = 1,
+    backend: BackendOpt = "torch",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
+    from i3d.backends import BackendError
+
+    with fail_on_errors(*ERRORS, BackendError):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if from_predictions is not None:
+            scored = read_predictions(from_predictions)
+            labels = read_info(weights).labels if weights is not None else None
+            skipped: list[tuple[str, str]] = []
+        else:
+            if annotations is None:
+                raise InputError("give an annotation list, or --from-predictions FILE")
+            scored, skipped, labels = _run_evaluation(
+                annotations, weights, data_root, limit, clips, crops, batch_size, backend, device
+            )
+            if not scored:
+                raise InputError(f"none of the {len(skipped)} samples could be read")
+            write_predictions(output_dir / "predictions.jsonl", scored)
+        metrics = summarize(scored)
+        write_per_class(output_dir / "per_class.csv", scored, labels)
+        plot_confusion(output_dir / "confusion.png", scored, labels)
+        report = {**metrics, "samples": len(scored), "skipped": len(skipped)}
+        with atomic_path(output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    table = Table("metric", "value")
+    for key in ("top1", "top5", "mean_class"):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    table.add_row("samples", str(len(scored)))
+    console.print(table)
+    console.print(f"reports in {output_dir}/", highlight=False)
+    if skipped:
+        err_console.print(f"[yellow]{len(skipped)} samples skipped (unreadable):[/yellow]")
+        for path, error in skipped[:20]:
+            err_console.print(f"  {path}: {error}", highlight=False, soft_wrap=True)
+
+
+def _run_evaluation(
+    annotations: Path,
+    weights: Path | None,
+    data_root: Path | None,
+    limit: int | None,
+    clips: int | None,
+    crops: int | None,
+    batch_size: int,
+    backend: str,
+    device: str,
+) -> tuple[list[Scored], list[tuple[str, str]], tuple[str, ...] | None]:
+    predictor = Predictor(weights, clips, crops, batch_size, backend, device)
+    labels = predictor.labels
+    samples = load_annotations(annotations, data_root, labels=labels)[:limit]
+    check_labels(samples, predictor.info.config.head.num_classes)
+    scored: list[Scored] = []
+    skipped: list[tuple[str, str]] = []
+    hits = 0
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=len(samples))
+        for item in evaluate_samples(samples, predictor):
+            if isinstance(item, Scored):
+                scored.append(item)
+                hits += int(np.argmax(item.scores) == item.label)
+            else:
+                skipped.append((str(item[0].path), item[1]))
+            running = f"top-1 {hits / len(scored):.3f}" if scored else "top-1 -"
+            progress.update(task, advance=1, description=f"evaluating ({running})")
+    return scored, skipped, labels
+
+
+def features(
+    inputs: Annotated[list[str], typer.Argument(help="Video files, directories or globs.")],
+    endpoint: Annotated[str, typer.Option(help="Layer to read, e.g. layer4 or Mixed_5c.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="A .safetensors file, or a directory of .npy.")
+    ],
+    pool: Annotated[Pool, typer.Option(help="mean: one vector per video; none: full maps.")] = (
+        Pool.mean
+    ),
+    weights: WeightsOpt = None,
+    clips: ClipsOpt = None,
+    crops: CropsOpt = None,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Features of an endpoint per video (resumable: videos already written are skipped)."""
+    from i3d.backends import BackendError
+
+    with fail_on_errors(*ERRORS, BackendError):
+        paths = expand_inputs(inputs)
+        model = load_model(weights if weights is not None else default_weights(), device)
+        if endpoint not in model.endpoint_names:
+            raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
+        prep = model.weights_info.preprocessing
+        overrides = {k: v for k, v in (("num_clips", clips), ("num_crops", crops)) if v}
+        pipeline = build_pipeline(prep, "test" if overrides else "val", **overrides)
+        store = _SafetensorsStore(output) if output.suffix == ".safetensors" else _NpyStore(output)
+        todo = [p for p in paths if not store.has(p)]
+        failed: list[tuple[Path, str]] = []
+        with _progress() as progress:
+            task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
+            for i, path in enumerate(todo, 1):
+                try:
+                    feats = video_features(model, pipeline, path, endpoint, pool.value, batch_size)
+                except VIDEO_ERRORS as exc:
+                    failed.append((path, str(exc)))
+                else:
+                    store.add(path, feats.to(device="cpu", dtype=torch.float32))
+                if i % SAVE_EVERY == 0:
+                    store.save(endpoint, pool.value)
+                progress.advance(task)
+        store.save(endpoint, pool.value)
+    console.print(
+        f"{len(todo) - len(failed)} videos written to {output} "
+        f"({len(paths) - len(todo)} already there)",
+        highlight=False,
+    )
+    if failed:
+        err_console.print(f"[red]{len(failed)} videos failed:[/red]")
+        for path, error in failed:
+            err_console.print(f"  {path}: {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+class _SafetensorsStore:
+    """One .safetensors: tensor ``"<i>"`` for video i of the ``i3d.videos`` metadata list."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.videos: list[str] = []
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as fh:
+                self.videos = json.loads((fh.metadata() or {}).get("i3d.videos", "[]"))
+                self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        self.done = set(self.videos)
+
+    def has(self, video: Path) -> bool:
+        return str(video) in self.done
+
+    def add(self, video: Path, features: torch.Tensor) -> None:
+        self.tensors[str(len(self.videos))] = features.contiguous()
+        self.videos.append(str(video))
+        self.done.add(str(video))
+
+    def save(self, endpoint: str, pool: str) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"i3d.videos": json.dumps(self.videos), "i3d.endpoint": endpoint, "i3d.pool": pool}
+        with atomic_path(self.path) as tmp:
+            save_file(self.tensors, str(tmp), metadata=meta)
+
+
+class _NpyStore:
+    """A directory of ``<stem>-<hash>.npy`` files plus ``index.json`` (file → video path)."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        index = path / "index.json"
+        stored = json.loads(index.read_text()) if index.is_file() else {}
+        self.index: dict[str, str] = stored.get("files", {})
+
+    @staticmethod
+    def name(video: Path) -> str:
+        digest = hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:8]
+        return f"{video.stem}-{digest}.npy"
+
+    def has(self, video: Path) -> bool:
+        return (self.path / self.name(video)).is_file()
+
+    def add(self, video: Path, features: torch.Tensor) -> None:
+        name = self.name(video)
+        with atomic_path(self.path / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, features.numpy())
+        self.index[name] = str(video)
+
+    def save(self, endpoint: str, pool: str) -> None:
+        data = {"endpoint": endpoint, "pool": pool, "files": self.index}
+        with atomic_path(self.path / "index.json") as tmp:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(predict)
+    app.command()(evaluate)
+    app.command()(features)

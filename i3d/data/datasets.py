@@ -1,0 +1,249 @@
+"""Datasets: annotation lists (mmaction, Kinetics CSV, folder-per-class) and a torch Dataset.
+
+A missing or corrupt video never stops a long run: :class:`VideoDataset` logs it, counts it
+(across DataLoader workers) and returns ``None``, which :func:`skip_collate` drops.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError, open_frames_dir, open_video
+from i3d.data.pipeline import Pipeline
+from i3d.data.rng import sample_rng
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["auto", "videos", "rawframes", "kinetics_csv", "folders"]
+KINDS = ("auto", "videos", "rawframes", "kinetics_csv", "folders")
+
+
+class AnnotationError(ValueError):
+    """An annotation list is unreadable or holds a malformed line."""
+
+
+@attrs.frozen
+class Sample:
+    """One annotated video: file (or frame directory), class index (-1: unlabelled)."""
+
+    path: Path
+    label: int
+    total_frames: int | None = None
+    """Frame count given by a rawframes list (None: read from the video)."""
+    source: str = ""
+    """Where the sample was declared (``list.txt:12``), for error messages."""
+
+
+def load_annotations(
+    list_path: str | os.PathLike[str],
+    data_root: str | os.PathLike[str] | None = None,
+    kind: Kind = "auto",
+    labels: Sequence[str] | None = None,
+) -> list[Sample]:
+    """Samples of an annotation list, paths resolved against ``data_root``.
+
+    ``kind``: ``videos`` (``path label``), ``rawframes`` (``dir total_frames label``),
+    ``kinetics_csv`` (``label,youtube_id,time_start,time_end,split``; names through
+    ``labels``, default the Kinetics-400 list), ``folders`` (``list_path`` is a directory of
+    one sub-directory per class; classes are ``labels`` or the sorted folder names).
+    ``auto`` picks by a directory / ``.csv`` suffix / the number of fields per line.
+    """
+    list_path = Path(list_path)
+    root = Path(data_root) if data_root is not None else None
+    if kind not in KINDS:
+        raise AnnotationError(f"unknown annotation kind {kind!r}; choose one of {KINDS}")
+    if kind == "folders" or (kind == "auto" and list_path.is_dir()):
+        return folder_samples(list_path, labels)
+    if not list_path.is_file():
+        raise AnnotationError(f"annotation list {list_path} does not exist")
+    if kind == "kinetics_csv" or (kind == "auto" and list_path.suffix.lower() == ".csv"):
+        return _kinetics_csv(list_path, root, labels)
+    lines = _read_lines(list_path)
+    if kind == "auto":
+        first = lines[0][1].split()
+        kind = "rawframes" if len(first) >= 3 and first[-2].isdigit() else "videos"
+    return [_list_line(list_path, number, text, root, kind) for number, text in lines]
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read annotation list {path}: {exc}") from exc
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise AnnotationError(f"annotation list {path} is empty")
+    return lines
+
+
+def _resolve(root: Path | None, name: str) -> Path:
+    return root / name if root is not None else Path(name)
+
+
+def _list_line(list_path: Path, number: int, text: str, root: Path | None, kind: str) -> Sample:
+    where = f"{list_path}:{number}"
+    fields = text.rsplit(maxsplit=2 if kind == "rawframes" else 1)
+    expected = "dir total_frames label" if kind == "rawframes" else "path label"
+    try:
+        if len(fields) != (3 if kind == "rawframes" else 2):
+            raise ValueError
+        label = int(fields[-1])
+        total = int(fields[1]) if kind == "rawframes" else None
+    except ValueError:
+        raise AnnotationError(
+            f"{where}: expected '{expected}' (space-separated, integer label), got {text!r}"
+        ) from None
+    if label < 0 or (total is not None and total < 1):
+        raise AnnotationError(f"{where}: negative label or frame count in {text!r}")
+    return Sample(_resolve(root, fields[0]), label, total, where)
+
+
+def _kinetics_csv(path: Path, root: Path | None, labels: Sequence[str] | None) -> list[Sample]:
+    if labels is None:
+        from i3d.weights.labels import kinetics_labels
+
+        labels = kinetics_labels(400)
+    index = {name: i for i, name in enumerate(labels)}
+    index.update({name.replace(" ", "_"): i for i, name in enumerate(labels)})
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise AnnotationError(f"cannot read Kinetics CSV {path}: {exc}") from exc
+    samples = []
+    for number, row in enumerate(rows, 2):
+        where = f"{path}:{number}"
+        try:
+            start, end = int(row["time_start"]), int(row["time_end"])
+            name = f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
+        except (KeyError, TypeError, ValueError):
+            raise AnnotationError(
+                f"{where}: expected columns label,youtube_id,time_start,time_end,split with "
+                f"integer times, got {row}"
+            ) from None
+        label_name = (row.get("label") or "").strip()
+        if label_name and label_name not in index:
+            raise AnnotationError(f"{where}: unknown class {label_name!r} (not in the label list)")
+        label = index[label_name] if label_name else -1
+        file = _resolve(root, name)
+        if label_name and not file.exists() and root is not None:
+            nested = root / label_name / name
+            file = nested if nested.exists() else file
+        samples.append(Sample(file, label, None, where))
+    if not samples:
+        raise AnnotationError(f"Kinetics CSV {path} holds no rows")
+    return samples
+
+
+def folder_samples(
+    root: str | os.PathLike[str], labels: Sequence[str] | None = None
+) -> list[Sample]:
+    """Videos in ``root/<class name>/``; class index from ``labels`` or sorted folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AnnotationError(f"dataset folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = list(labels) if labels is not None else classes
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise AnnotationError(f"{root}: class folders not in the label list: {unknown[:5]}")
+    samples = [
+        Sample(file, index[cls], None, str(file))
+        for cls in classes
+        for file in sorted((root / cls).iterdir())
+        if file.suffix.lower() in VIDEO_SUFFIXES
+    ]
+    if not samples:
+        raise AnnotationError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) in class folders")
+    return samples
+
+
+def check_labels(samples: Sequence[Sample], num_classes: int) -> None:
+    """Raise :class:`AnnotationError` if any label is outside ``0..num_classes-1``."""
+    bad = [s for s in samples if s.label >= num_classes]
+    if bad:
+        raise AnnotationError(
+            f"{len(bad)} labels out of range for a {num_classes}-class model, first: "
+            f"{bad[0].source} (label {bad[0].label})"
+        )
+
+
+class VideoDataset(Dataset):
+    """Samples through a pipeline: ``dataset[i]`` → ((V, C, T, H, W) float32, label) or None.
+
+    Randomness of sample ``i`` comes from ``sample_rng(seed, epoch, i)`` only, so any sample
+    can be reproduced in any worker. Unreadable samples are logged, counted in
+    ``num_skipped`` (shared with DataLoader workers) and returned as None.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        pipeline: Pipeline,
+        seed: int = 0,
+        frames_template: str = "img_{:05d}.jpg",
+        frames_start_index: int = 1,
+    ) -> None:
+        self.samples = list(samples)
+        self.pipeline = pipeline
+        self.seed = seed
+        self.epoch = 0
+        self.frames_template = frames_template
+        self.frames_start_index = frames_start_index
+        self._skipped = multiprocessing.get_context().Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random draws ``__getitem__`` uses."""
+        self.epoch = epoch
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples that could not be read so far (all workers)."""
+        return int(self._skipped.value)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Sample ``index`` through the pipeline; raises on unreadable input."""
+        sample = self.samples[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        if sample.path.is_dir():
+            reader = open_frames_dir(
+                sample.path, self.frames_template, self.frames_start_index, sample.total_frames
+            )
+        else:
+            reader = open_video(sample.path, backend=self.pipeline.decoder)
+        with reader:
+            return self.pipeline(reader, rng), sample.label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            return self.load(index)
+        except (VideoDecodeError, OSError, ValueError) as exc:
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            log.warning("skipping %s: %s", self.samples[index].source or index, exc)
+            return None
+
+
+def skip_collate(batch: list[Any]) -> Any:
+    """DataLoader collate that drops skipped (None) samples; None if the whole batch failed."""
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise)."""
+    torch.set_num_threads(1)

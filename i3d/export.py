@@ -1,0 +1,263 @@
+"""Export to ONNX (verified against torch with onnxruntime) and to Ascend OM through ATC."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from i3d.backends.base import resolve_model
+from i3d.utils.files import atomic_path
+
+INPUT_NAME = "clips"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An export failed: the exporter, the verification against torch or the ATC conversion."""
+
+
+@attrs.frozen
+class OnnxExport:
+    """A written ONNX file and how closely onnxruntime reproduced torch on it."""
+
+    path: Path
+    input_shape: tuple[int | str, ...]
+    opset: int
+    max_abs_diff: float
+    rel_diff: float
+
+
+@attrs.frozen
+class OmExport:
+    """The ONNX written for ATC, the ATC command, and the OM file if ATC was run."""
+
+    onnx: OnnxExport
+    command: tuple[str, ...]
+    om_path: Path | None
+
+    @property
+    def command_line(self) -> str:
+        return shlex.join(self.command)
+
+
+def input_shape(
+    clip_len: int, size: int, views: int | None, batch: int | str, channels: int = 3
+) -> tuple[int | str, ...]:
+    """The exported input layout: (B, C, T, S, S), or (B, V, C, T, S, S) with views."""
+    if clip_len < 1 or size < 1 or (views is not None and views < 1):
+        raise ExportError(
+            f"clip_len, size and views must be positive, got {clip_len}, {size}, {views}"
+        )
+    if batch != "dynamic" and (not isinstance(batch, int) or batch < 1):
+        raise ExportError(f"batch must be a positive integer or 'dynamic', got {batch!r}")
+    lead: tuple[int | str, ...] = (batch,) if views is None else (batch, views)
+    return (*lead, channels, clip_len, size, size)
+
+
+def _concrete(shape: tuple[int | str, ...], batch: int) -> tuple[int, ...]:
+    return tuple(batch if isinstance(d, str) else d for d in shape)
+
+
+def export_onnx(
+    weights_or_model: Any,
+    path: str | os.PathLike[str],
+    clip_len: int = 32,
+    size: int = 256,
+    views: int | None = None,
+    batch: int | str = 1,
+    opset: int = MIN_OPSET,
+    simplify: bool = False,
+    rtol: float = 1e-4,
+) -> OnnxExport:
+    """Export a model to ONNX, then check onnxruntime against torch before writing ``path``.
+
+    The file is written atomically and only if max|ort - torch| / max|torch| <= ``rtol``.
+    Weights loaded from a file keep their metadata (labels, preprocessing) in the ONNX file.
+    ``batch="dynamic"`` makes the batch axis symbolic; clip length and size stay fixed.
+    """
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset must be at least {MIN_OPSET}, got {opset}")
+    if simplify and importlib.util.find_spec("onnxsim") is None:
+        raise ExportError("--simplify needs onnxsim: pip install 'i3d[simplify]' (or onnxsim)")
+    _require("onnx", "pip install 'i3d[onnx]'")
+    _require("onnxruntime", "pip install 'i3d[onnx]'")
+    model = resolve_model(weights_or_model).float()
+    channels = getattr(model, "in_channels", None)
+    if channels is None:
+        raise ExportError(
+            f"{type(model).__name__} is not a single-input recognizer (no in_channels); "
+            "export two-stream models one stream at a time"
+        )
+    shape = input_shape(clip_len, size, views, batch, channels)
+    dynamic = batch == "dynamic"
+    example = torch.randn(_concrete(shape, 2), generator=torch.Generator().manual_seed(0))
+    with atomic_path(path) as tmp:
+        _torch_export(model, example, tmp, opset, dynamic)
+        if simplify:
+            _simplify(tmp)
+        _embed_weights_info(model, tmp)
+        check = torch.randn(_concrete(shape, 3), generator=torch.Generator().manual_seed(1))
+        max_abs, rel = verify_onnx(model, tmp, check)
+        if not rel <= rtol:
+            raise ExportError(
+                f"onnxruntime disagrees with torch: max abs diff {max_abs:.3g}, relative "
+                f"{rel:.3g} > {rtol:g}; the ONNX file was not written"
+            )
+    return OnnxExport(Path(path), shape, opset, max_abs, rel)
+
+
+def _require(module: str, hint: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ExportError(f"ONNX export needs {module}: {hint}")
+
+
+def _torch_export(
+    model: torch.nn.Module, example: torch.Tensor, dst: Path, opset: int, dynamic: bool
+) -> None:
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / deprecation chatter, not actionable
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(dst),
+                dynamo=False,  # TorchScript exporter: no onnxscript dependency
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many unrelated types
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(dst))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported ONNX model is invalid: {exc}") from exc
+
+
+def _embed_weights_info(model: torch.nn.Module, dst: Path) -> None:
+    """Copy the weights' metadata (config, labels, preprocessing) into ONNX metadata_props."""
+    info = getattr(model, "weights_info", None)
+    if info is None:
+        return
+    import onnx
+
+    proto = onnx.load(str(dst))
+    for key, value in info.to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(dst))
+
+
+def _simplify(dst: Path) -> None:
+    import onnx
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(onnx.load(str(dst)))
+    if not ok:
+        raise ExportError("onnxsim could not validate the simplified model")
+    onnx.save(simplified, str(dst))
+
+
+def verify_onnx(
+    model: torch.nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor
+) -> tuple[float, float]:
+    """(max abs diff, diff relative to max|torch|) between onnxruntime (CPU) and torch on ``x``."""
+    import onnxruntime as ort
+
+    with torch.inference_mode():
+        expected = model(x).float().numpy()
+    if not np.isfinite(expected).all():
+        raise ExportError("torch produced non-finite logits on the check input; cannot verify")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"onnxruntime output shape {got.shape} != torch {expected.shape}")
+    max_abs = float(np.abs(got - expected).max())
+    return max_abs, max_abs / max(float(np.abs(expected).max()), 1e-12)
+
+
+def atc_command(
+    onnx_path: str | os.PathLike[str],
+    om_stem: str | os.PathLike[str],
+    shape: tuple[int | str, ...],
+    soc: str,
+) -> tuple[str, ...]:
+    """The ATC call converting ``onnx_path`` to ``om_stem``.om for ``soc`` (static shape)."""
+    if any(isinstance(d, str) for d in shape):
+        raise ExportError("OM models need a static batch; pass --batch N, not dynamic")
+    dims = ",".join(str(d) for d in shape)
+    return (
+        "atc",
+        "--framework=5",
+        f"--model={onnx_path}",
+        f"--output={om_stem}",
+        "--input_format=NCHW",
+        f"--input_shape={INPUT_NAME}:{dims}",
+        f"--soc_version={soc}",
+    )
+
+
+def export_om(
+    weights_or_model: Any,
+    path: str | os.PathLike[str],
+    soc: str = "Ascend310P3",
+    clip_len: int = 32,
+    size: int = 256,
+    views: int | None = None,
+    batch: int = 1,
+    opset: int = MIN_OPSET,
+    simplify: bool = False,
+) -> OmExport:
+    """Write ``path`` minus .om + ``.onnx``, then run ATC if it is on PATH (else only plan it).
+
+    With ATC present the OM is produced under a temp name and renamed onto ``path``.
+    """
+    path = Path(path)
+    if path.suffix != ".om":
+        raise ExportError(f"OM output must end in .om, got {path}")
+    shape = input_shape(clip_len, size, views, batch)
+    atc_command("model.onnx", "model", shape, soc)  # validates the static shape before exporting
+    onnx_export = export_onnx(
+        weights_or_model, path.with_suffix(".onnx"), clip_len, size, views, batch, opset, simplify
+    )
+    final = atc_command(onnx_export.path, path.with_suffix(""), onnx_export.input_shape, soc)
+    if shutil.which("atc") is None:
+        return OmExport(onnx_export, final, None)
+    with _atc_temp_stem(path) as stem:
+        command = atc_command(onnx_export.path, stem, onnx_export.input_shape, soc)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        produced = Path(f"{stem}.om")
+        if result.returncode != 0 or not produced.is_file():
+            tail = (result.stderr or result.stdout).strip()[-2000:]
+            raise ExportError(f"atc failed (exit {result.returncode}): {tail}")
+        os.replace(produced, path)
+    return OmExport(onnx_export, final, path)
+
+
+@contextlib.contextmanager
+def _atc_temp_stem(path: Path) -> Iterator[Path]:
+    """A unique stem beside ``path`` for ATC to write ``<stem>.om``; leftovers are removed."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        yield folder / path.stem
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

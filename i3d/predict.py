@@ -1,0 +1,312 @@
+"""Python API behind ``i3d predict``, ``i3d evaluate`` and ``i3d features``.
+
+Videos go through the weights' own test pipeline (:func:`i3d.data.pipeline.build_pipeline`),
+views are run in chunks of ``batch_size`` clips on a backend runner, and per-view logits are
+averaged as the weights say (mmaction ``average_clips``: ``prob`` = softmax, then mean).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from i3d.data.datasets import Sample
+from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError
+from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
+from i3d.data.pipeline import Pipeline, build_pipeline
+from i3d.models.recognizer import average_views
+from i3d.utils.files import atomic_path
+from i3d.weights.format import WeightsError, read_info
+
+DEFAULT_MODEL = "i3d_inception_k400_rgb"
+
+#: errors that fail one video without stopping a run over many
+VIDEO_ERRORS: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError)
+
+
+class InputError(ValueError):
+    """A command-line input (file, directory, glob) names no video."""
+
+
+def default_weights() -> Path:
+    """The pulled Kinetics-400 model, or an error asking for ``--weights``."""
+    try:
+        from i3d.weights.hub import resolve
+    except ImportError:
+        raise WeightsError("no default weights in this install; pass --weights PATH") from None
+    try:
+        return Path(resolve(DEFAULT_MODEL))
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}; or pass --weights PATH") from None
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Video files from files, directories (searched recursively) and glob patterns."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            videos = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+            )
+            if not videos:
+                raise InputError(f"directory {path} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+            found += videos
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise InputError(f"pattern {item!r} matches no files")
+            found += [p for p in matches if p.is_file()]
+        else:
+            raise InputError(f"input {path} does not exist")
+    return found
+
+
+def load_classifier(weights: Path, backend: str, device: str, batch_size: int) -> Any:
+    """A runner whose ``predict`` maps float clips (N, V, C, T, H, W) to logits (N, V, K)."""
+    from i3d.backends import load_runner
+
+    return load_runner(weights, backend=backend, device=device, batch_size=batch_size)
+
+
+@attrs.frozen
+class Prediction:
+    """Averaged class scores of one video (``error`` set instead when it could not be read)."""
+
+    path: Path
+    scores: np.ndarray | None = attrs.field(eq=False, repr=False)
+    labels: tuple[str, ...] | None = attrs.field(default=None, repr=False)
+    error: str | None = None
+
+    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """The ``k`` best classes as (index, name, score), best first."""
+        if self.scores is None:
+            return []
+        order = np.argsort(-self.scores, kind="stable")[:k]
+        return [(int(i), self.label_name(int(i)), float(self.scores[i])) for i in order]
+
+    def label_name(self, index: int) -> str:
+        return self.labels[index] if self.labels is not None else str(index)
+
+    def to_json(self, k: int = 5) -> dict[str, Any]:
+        """One JSON-able record: path, top-k classes with scores, or the error."""
+        if self.error is not None:
+            return {"path": str(self.path), "error": self.error}
+        return {
+            "path": str(self.path),
+            "top": [{"index": i, "label": name, "score": s} for i, name, s in self.top(k)],
+        }
+
+
+class Predictor:
+    """Loads weights once; ``scores(path)`` runs one video through pipeline + model."""
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] | None = None,
+        clips: int | None = None,
+        crops: int | None = None,
+        batch_size: int = 1,
+        backend: str = "torch",
+        device: str = "cpu",
+        **pipeline_overrides: Any,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.weights = Path(weights) if weights is not None else default_weights()
+        self.info = read_info(self.weights)
+        overrides = dict(pipeline_overrides)
+        if clips is not None:
+            overrides["num_clips"] = clips
+        if crops is not None:
+            overrides["num_crops"] = crops
+        self.pipeline: Pipeline = build_pipeline(self.info.preprocessing, "test", **overrides)
+        self.batch_size = batch_size
+        self.runner = load_classifier(self.weights, backend, device, batch_size)
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.info.labels
+
+    def scores(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Averaged class scores (K,) of one video."""
+        views = self.pipeline.frames(path)
+        logits = [
+            self.runner.predict(self.pipeline.normalize(chunk)[None])[0]
+            for chunk in views.split(self.batch_size)
+        ]
+        averaged = average_views(torch.cat(logits)[None], self.info.preprocessing.average_clips)
+        return averaged[0].numpy()
+
+    def predict(self, path: str | os.PathLike[str]) -> Prediction:
+        """Prediction for one video; a decode failure is recorded, not raised."""
+        try:
+            return Prediction(Path(path), self.scores(path), self.labels)
+        except VIDEO_ERRORS as exc:
+            return Prediction(Path(path), None, self.labels, error=str(exc))
+
+
+def predict_videos(
+    paths: Sequence[str | os.PathLike[str]],
+    weights: str | os.PathLike[str] | None = None,
+    clips: int | None = None,
+    crops: int | None = None,
+    batch_size: int = 1,
+    backend: str = "torch",
+    device: str = "cpu",
+    on_result: Callable[[Prediction], None] | None = None,
+    **pipeline_overrides: Any,
+) -> list[Prediction]:
+    """Predictions for videos (in order); failed videos carry ``error`` instead of scores."""
+    predictor = Predictor(weights, clips, crops, batch_size, backend, device, **pipeline_overrides)
+    results = []
+    for path in paths:
+        result = predictor.predict(path)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+@attrs.frozen
+class Scored:
+    """One evaluated sample: its label and averaged scores."""
+
+    path: str
+    label: int
+    scores: np.ndarray = attrs.field(eq=False, repr=False)
+
+
+def evaluate_samples(
+    samples: Sequence[Sample], predictor: Predictor
+) -> Iterator[Scored | tuple[Sample, str]]:
+    """Score samples one by one; unreadable ones are yielded as (sample, error)."""
+    for sample in samples:
+        try:
+            yield Scored(str(sample.path), sample.label, predictor.scores(sample.path))
+        except VIDEO_ERRORS as exc:
+            yield sample, str(exc)
+
+
+def summarize(scored: Sequence[Scored]) -> dict[str, float]:
+    """top-1, top-5 and mean-class accuracy (mmaction definitions) of scored samples."""
+    scores = np.stack([s.scores for s in scored])
+    labels = np.array([s.label for s in scored])
+    top1, top5 = top_k_accuracy(scores, labels, (1, 5))
+    return {"top1": top1, "top5": top5, "mean_class": mean_class_accuracy(scores, labels)}
+
+
+def write_predictions(path: str | os.PathLike[str], scored: Sequence[Scored]) -> None:
+    """JSON lines ``{"path", "label", "scores"}``, re-scorable with :func:`read_predictions`."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for s in scored:
+            record = {"path": s.path, "label": s.label, "scores": s.scores.tolist()}
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_predictions(path: str | os.PathLike[str]) -> list[Scored]:
+    """Scored samples from a predictions file written by :func:`write_predictions`."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read predictions file {path}: {exc}") from exc
+    scored = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            scored.append(
+                Scored(
+                    str(record["path"]),
+                    int(record["label"]),
+                    np.asarray(record["scores"], dtype=np.float32),
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise InputError(f"{path}:{number}: not a prediction record") from None
+    if not scored:
+        raise InputError(f"predictions file {path} is empty")
+    if len({s.scores.shape for s in scored}) != 1:
+        raise InputError(f"{path}: records have different numbers of classes")
+    return scored
+
+
+def write_per_class(
+    path: str | os.PathLike[str], scored: Sequence[Scored], labels: Sequence[str] | None
+) -> None:
+    """CSV ``index,label,samples,accuracy`` (accuracy empty for classes without samples)."""
+    scores = np.stack([s.scores for s in scored])
+    truth = np.array([s.label for s in scored])
+    accuracy = per_class_accuracy(scores, truth)
+    counts = np.bincount(truth, minlength=scores.shape[1])
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("index,label,samples,accuracy\n")
+        for i, acc in enumerate(accuracy):
+            name = labels[i] if labels is not None else str(i)
+            value = "" if np.isnan(acc) else f"{acc:.6f}"
+            fh.write(f'{i},"{name}",{counts[i]},{value}\n')
+
+
+def plot_confusion(
+    path: str | os.PathLike[str], scored: Sequence[Scored], labels: Sequence[str] | None
+) -> None:
+    """Row-normalised confusion matrix as a PNG (matplotlib, imported only here)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("the confusion plot needs matplotlib: pip install 'i3d[plot]'") from exc
+    from i3d.data.metrics import confusion_matrix
+
+    scores = np.stack([s.scores for s in scored])
+    truth = np.array([s.label for s in scored])
+    matrix = confusion_matrix(scores.argmax(axis=1), truth, scores.shape[1]).astype(float)
+    matrix /= np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(min(4 + n * 0.25, 40), min(4 + n * 0.25, 40)))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if labels is not None and n <= 60:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), labels, fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def video_features(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    path: str | os.PathLike[str],
+    endpoint: str,
+    pool: str = "mean",
+    batch_size: int = 1,
+) -> torch.Tensor:
+    """Endpoint features of one video: (C,) pooled over views and space-time, or (V, C, t, h, w)."""
+    if pool not in ("mean", "none"):
+        raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
+    views = pipeline.frames(path)
+    maps = []
+    with torch.no_grad():
+        for chunk in views.split(batch_size):
+            maps.append(model.endpoints(pipeline.normalize(chunk), [endpoint])[endpoint])
+    features = torch.cat(maps)
+    if pool == "none":
+        return features
+    return features.flatten(2).mean(dim=2).mean(dim=0) if features.ndim > 2 else features.mean(0)

@@ -1,0 +1,191 @@
+"""Backend registry and the torch backend: layouts, batching, precisions, devices, options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from i3d.backends import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    get_backend,
+    list_backends,
+    load_runner,
+)
+from i3d.backends.base import normalise_uint8
+from i3d.backends.torch_backend import resolve_device
+from i3d.cli.main import app
+from i3d.models import build_model, get_preset
+from i3d.weights.format import WeightsInfo, save_weights
+from i3d.weights.preprocessing import MMACTION_K400
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50_nl_dot_product", base_channels=4, num_classes=5)
+    return build_model(config).eval()
+
+
+@pytest.fixture(scope="module")
+def clips() -> torch.Tensor:
+    return torch.randn(2, 3, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(
+        path, tiny.state_dict(), WeightsInfo(config=tiny.config, preprocessing=MMACTION_K400)
+    )
+    return path
+
+
+def _ref(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_project_backends_are_registered_through_entry_points():
+    assert {"torch", "onnx", "npu", "om"} <= set(list_backends())
+    backend = get_backend("torch")
+    assert isinstance(backend, Backend) and backend.name == "torch"
+    assert backend.is_available().ok
+
+
+def test_unknown_backend_lists_installed_ones():
+    with pytest.raises(BackendError, match=r"unknown backend 'tensorrtx'.*npu, om, onnx, torch"):
+        get_backend("tensorrtx")
+
+
+def test_views_are_folded_chunked_and_unfolded(tiny, clips):
+    expected = _ref(tiny, clips)
+    runner = load_runner(tiny, batch_size=4)  # 6 clips → chunks of 4 and 2
+    got = runner.predict(clips)
+    assert got.shape == (2, 3, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    single = runner.predict(clips[:, 0].numpy())  # numpy, (N, C, T, H, W)
+    torch.testing.assert_close(single, expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_runner_does_not_modify_the_callers_model(tiny, clips):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    load_runner(tiny, precision="bf16", autocast=False, fuse_bn=True, channels_last=True)
+    after = tiny.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("precision", "options", "tol"),
+    [
+        ("fp32", {"fuse_bn": True, "channels_last": True}, 1e-5),
+        ("bf16", {}, 3e-2),
+        ("bf16", {"autocast": "false", "fuse_bn": "true", "channels_last": "true"}, 3e-2),
+        ("fp16", {}, 5e-3),
+    ],
+)
+def test_precisions_stay_close_to_fp32(tiny, clips, precision, options, tol):
+    expected = _ref(tiny, clips)
+    got = load_runner(tiny, precision=precision, **options).predict(clips)
+    assert got.dtype == torch.float32
+    assert _rel(got, expected) < tol
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_uint8_frames_are_normalised_with_the_weights_preprocessing(tiny_weights, tiny):
+    frames = torch.randint(0, 256, (1, 3, 8, 32, 32), dtype=torch.uint8)
+    runner = load_runner(tiny_weights)
+    mean = torch.tensor(MMACTION_K400.mean).reshape(3, 1, 1, 1)
+    std = torch.tensor(MMACTION_K400.std).reshape(3, 1, 1, 1)
+    expected = _ref(tiny, (frames.float() - mean) / std)
+    torch.testing.assert_close(runner.predict(frames), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_value_range_maps_before_mean_std():
+    prep = MMACTION_K400.__class__(mean=(0, 0, 0), std=(1, 1, 1), value_range=(-1, 1))
+    frames = torch.tensor([0, 255], dtype=torch.uint8).reshape(1, 1, 1, 2).expand(3, 1, 1, 2)
+    out = normalise_uint8(frames[None], prep)
+    assert out.min() == -1 and out.max() == 1
+
+
+def test_input_errors_are_specific(tiny):
+    runner = load_runner(tiny)
+    with pytest.raises(BackendError, match="uint8 frames need the weights' normalisation"):
+        runner.predict(torch.zeros(1, 3, 8, 32, 32, dtype=torch.uint8))
+    with pytest.raises(BackendError, match="expected float or uint8"):
+        runner.predict(torch.zeros(1, 3, 8, 32, 32, dtype=torch.int32))
+    with pytest.raises(BackendError, match=r"\(N, C, T, H, W\) or \(N, V, C, T, H, W\)"):
+        runner.predict(np.zeros((3, 8, 32, 32), dtype=np.float32))
+    with pytest.raises(BackendError, match="failed on clips"):
+        runner.predict(torch.zeros(1, 3, 2, 32, 32))  # too short for the temporal strides
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda:1", "CUDA is not available" if not torch.cuda.is_available() else "does not exist"),
+        ("gpu0", "invalid device 'gpu0'"),
+        ("npu:0", "use --backend npu"),
+    ],
+)
+def test_bad_devices_say_what_is_wrong(tiny, device, message):
+    if device == "cuda:1" and torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a cuda:1")
+    with pytest.raises(BackendError, match=message):
+        resolve_device(device)
+    with pytest.raises(BackendError, match=message):
+        load_runner(tiny, device=device)
+
+
+def test_bad_precision_and_option_are_rejected(tiny):
+    with pytest.raises(BackendError, match="does not support precision 'int8'"):
+        load_runner(tiny, precision="int8")
+    with pytest.raises(BackendError, match=r"unknown option\(s\) \['warp_speed'\].*channels_last"):
+        load_runner(tiny, warp_speed=True)
+    with pytest.raises(BackendError, match="must be true or false"):
+        load_runner(tiny, channels_last="maybe")
+
+
+def test_missing_runtime_raises_unavailable_with_hint(tiny):
+    with pytest.raises(BackendUnavailable, match="pip install torch-npu"):
+        load_runner(tiny, backend="npu")
+
+
+def test_cli_backends_lists_availability_and_hints():
+    result = CliRunner().invoke(app, ["backends"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "yes" in lines["torch"] and torch.__version__ in lines["torch"]
+    assert "no" in lines["npu"] and "torch-npu" in lines["npu"]
+
+
+def test_cli_bench_json_reports_throughput_latency_memory(tiny_weights):
+    args = ["bench", "--weights", str(tiny_weights), "--clip-len", "8", "--size", "32"]
+    result = CliRunner().invoke(app, [*args, "--iters", "3", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["backend"] == "torch" and report["input_shape"] == [1, 3, 8, 32, 32]
+    assert report["clips_per_s"] > 0 and report["peak_memory_mb"] > 0
+    assert report["latency_ms_p50"] <= report["latency_ms_p90"] <= report["latency_ms_p99"]
+
+
+def test_cli_bench_errors_are_one_line(tiny_weights):
+    result = CliRunner().invoke(
+        app, ["bench", "--weights", str(tiny_weights), "--device", "cuda:7", "--backend", "torch"]
+    )
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert result.exit_code == 1
+    assert "error:" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["bench", "--backend", "nope", "-O", "x=1"])
+    assert result.exit_code == 1 and "installed backends" in result.output

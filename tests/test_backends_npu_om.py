@@ -1,0 +1,213 @@
+"""npu and om backends against FAKE torch_npu / ais_bench modules (no Ascend hardware here).
+
+These check the plumbing only: device parsing, switches, install messages, input layout,
+static-batch splitting and error surfacing. Nothing here ran on a real NPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from i3d.backends import BackendError, BackendUnavailable, get_backend, load_runner, npu_backend
+from i3d.models import build_model, get_preset
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(get_preset("i3d_r50", base_channels=4, num_classes=5)).eval()
+
+
+class _FakeNpu:
+    """Records what the backend asked torch_npu to do."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.calls: list[tuple[str, object]] = []
+        self.config = types.SimpleNamespace(allow_internal_format=True)
+
+    def device_count(self) -> int:
+        return self.count
+
+    def set_device(self, index: int) -> None:
+        self.calls.append(("set_device", index))
+
+    def set_compile_mode(self, jit_compile: bool) -> None:
+        self.calls.append(("jit_compile", jit_compile))
+
+
+@pytest.fixture
+def fake_torch_npu(monkeypatch):
+    module = types.ModuleType("torch_npu")
+    module.__version__ = "0.0.fake"
+    module.__spec__ = types.SimpleNamespace(name="torch_npu")
+    module.npu = _FakeNpu(count=2)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setattr(npu_backend.importlib.util, "find_spec", lambda name: module.__spec__)
+    # a CPU stand-in for the npu device: the real one only exists once torch_npu is loaded
+    monkeypatch.setattr(npu_backend, "npu_placement", lambda index: (torch.device("cpu"), "cpu"))
+    return module
+
+
+def test_npu_runner_sets_device_and_switches(fake_torch_npu, tiny):
+    assert get_backend("npu").is_available().ok
+    x = torch.randn(2, 3, 8, 32, 32)
+    runner = load_runner(
+        tiny,
+        backend="npu",
+        device="npu:1",
+        precision="bf16",
+        jit_compile="false",
+        allow_internal_format=False,
+    )
+    assert runner.backend == "npu" and runner.precision == "bf16"
+    calls = fake_torch_npu.npu.calls
+    assert ("set_device", 1) in calls and ("jit_compile", False) in calls
+    assert fake_torch_npu.npu.config.allow_internal_format is False
+    with torch.no_grad():
+        expected = tiny(x)
+    got = runner.predict(x)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 3e-2
+
+
+def test_npu_device_errors(fake_torch_npu, tiny):
+    with pytest.raises(BackendError, match=r"npu:5 does not exist: 2 NPU device\(s\)"):
+        load_runner(tiny, backend="npu", device="npu:5")
+    with pytest.raises(BackendError, match="invalid NPU device 'cuda:0'"):
+        load_runner(tiny, backend="npu", device="cuda:0")
+    with pytest.raises(BackendError, match="unknown option"):
+        load_runner(tiny, backend="npu", compile=True)
+    fake_torch_npu.npu.count = 0
+    info = get_backend("npu").is_available()
+    assert not info.ok and "no NPU is visible" in info.reason
+
+
+def test_npu_without_torch_npu_or_cann_says_which(tmp_path, monkeypatch, tiny):
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    if npu_backend.importlib.util.find_spec("torch_npu") is None:
+        with pytest.raises(BackendUnavailable, match="torch_npu is not installed; pip install"):
+            load_runner(tiny, backend="npu")
+    broken = tmp_path / "torch_npu"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        "raise ImportError('libascendcl.so: cannot open shared object file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailable, match=r"CANN runtime is missing.*set_env\.sh"):
+        load_runner(tiny, backend="npu")
+    info = get_backend("npu").is_available()
+    assert not info.ok and "set_env.sh" in info.install_hint
+
+
+FAKE_INTERFACE = textwrap.dedent(
+    """
+    import numpy as np
+
+    LOG = []
+
+    class _Node:
+        def __init__(self, name, shape):
+            self.name, self.shape, self.datatype = name, shape, "FLOAT32"
+
+    class InferSession:
+        shape = [2, 3, 3, 8, 16, 16]
+        fail = False
+
+        def __init__(self, device_id, model_path):
+            LOG.append(("init", device_id, model_path))
+
+        def get_inputs(self):
+            return [_Node("clips", list(self.shape))]
+
+        def infer(self, feeds, mode="static"):
+            (x,) = feeds
+            LOG.append(("infer", x.shape, x.dtype))
+            if self.fail:
+                raise RuntimeError("aclmdlExecute failed, error code 507011")
+            # logits k of a clip = mean of the clip * (k + 1): checkable, layout (B, V, K)
+            means = x.reshape(*self.shape[:-4], -1).mean(-1)
+            return [means[..., None] * np.arange(1, 5, dtype=np.float32)]
+    """
+)
+
+
+@pytest.fixture
+def fake_ais_bench(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_site" / "ais_bench"
+    (pkg / "infer").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "infer" / "__init__.py").write_text("")
+    (pkg / "infer" / "interface.py").write_text(FAKE_INTERFACE)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
+    om = tmp_path / "model.om"
+    om.write_bytes(b"not really an om")
+    import ais_bench.infer.interface as interface
+
+    yield interface, om
+    for name in [m for m in sys.modules if m.startswith("ais_bench")]:
+        del sys.modules[name]
+
+
+def _expected(x: np.ndarray) -> np.ndarray:
+    means = x.reshape(*x.shape[:-4], -1).mean(-1)
+    return means[..., None] * np.arange(1, 5, dtype=np.float32)
+
+
+def test_om_runner_regroups_views_and_pads_static_batch(fake_ais_bench):
+    interface, om = fake_ais_bench
+    assert get_backend("om").is_available().ok
+    runner = load_runner(om, backend="om", device="npu:3")
+    x = np.random.default_rng(0).standard_normal((5, 3, 3, 8, 16, 16)).astype(np.float32)
+    got = runner.predict(x)  # 15 clips, 6 per call (B=2 x V=3): 3 calls, the last padded
+    assert got.shape == (5, 3, 4)
+    np.testing.assert_allclose(got.numpy(), _expected(x), rtol=1e-5, atol=1e-6)
+    infers = [entry for entry in interface.LOG if entry[0] == "infer"]
+    assert len(infers) == 3
+    assert all(shape == (2, 3, 3, 8, 16, 16) and dtype == np.float32 for _, shape, dtype in infers)
+    assert ("init", 3, str(om)) in interface.LOG
+
+
+def test_om_runner_with_a_5d_model_and_uint8_free_float64_input(fake_ais_bench):
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [4, 3, 8, 16, 16]
+    runner = load_runner(om, backend="om")
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 16, 16))  # float64 is converted
+    got = runner.predict(x)
+    assert got.shape == (2, 4) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), _expected(x.astype(np.float32)), rtol=1e-5, atol=1e-6)
+
+
+def test_om_errors_surface_clearly(fake_ais_bench, tiny):
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 3, 8, 16, 16]
+    runner = load_runner(om, backend="om")
+    with pytest.raises(
+        BackendError, match=r"compiled for clips .* \(3, 8, 16, 16\), got \(3, 8, 32, 32\)"
+    ):
+        runner.predict(torch.zeros(1, 3, 8, 32, 32))
+    interface.InferSession.fail = True
+    with pytest.raises(BackendError, match=r"ais_bench inference failed.*507011"):
+        runner.predict(torch.zeros(1, 3, 8, 16, 16))
+    with pytest.raises(BackendError, match=r"runs compiled \.om files"):
+        load_runner(tiny, backend="om")
+    with pytest.raises(BackendError, match="does not exist"):
+        load_runner(om.with_name("missing.om"), backend="om")
+    with pytest.raises(BackendError, match="does not support precision 'bf16'"):
+        load_runner(om, backend="om", precision="bf16")
+
+
+def test_om_without_ais_bench_says_how_to_install(tmp_path):
+    if npu_backend.importlib.util.find_spec("ais_bench") is not None:
+        pytest.skip("ais_bench is installed here")
+    om = tmp_path / "m.om"
+    om.write_bytes(b"")
+    with pytest.raises(
+        BackendUnavailable, match="ais_bench is not installed; install the aclruntime"
+    ):
+        load_runner(om, backend="om")

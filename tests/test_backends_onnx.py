@@ -1,0 +1,166 @@
+"""ONNX export (non-local and TF-SAME padding), onnxruntime parity, static batches, OM export."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from i3d.backends import BackendError, load_runner
+from i3d.cli.main import app
+from i3d.export import ExportError, atc_command, export_onnx
+from i3d.models import build_model, get_preset
+from i3d.models.inception import MaxPool3dSame, Unit3D
+from i3d.weights.format import WeightsInfo, save_weights
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(get_preset("i3d_r50_nl_dot_product", base_channels=4, num_classes=5)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    labels = ("a", "b", "c", "d", "e")
+    save_weights(path, tiny.state_dict(), WeightsInfo(config=tiny.config, labels=labels))
+    return path
+
+
+def _ref(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_nonlocal_model_exports_with_views_and_dynamic_batch(tiny, tmp_path):
+    path = tmp_path / "nl.onnx"
+    report = export_onnx(tiny, path, clip_len=8, size=32, views=3, batch="dynamic")
+    assert path.is_file() and report.input_shape == ("dynamic", 3, 3, 8, 32, 32)
+    assert report.rel_diff < 1e-4
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert {"MatMul"} <= {node.op_type for node in graph.node}  # the non-local attention
+    x = torch.randn(2, 3, 3, 8, 32, 32)
+    got = load_runner(path, backend="onnx", batch_size=1).predict(x)
+    torch.testing.assert_close(got, _ref(tiny, x), rtol=1e-4, atol=1e-4)
+
+
+def test_static_batch_model_pads_the_last_chunk(tiny, tmp_path):
+    path = tmp_path / "b2.onnx"
+    export_onnx(tiny, path, clip_len=8, size=32, batch=2)
+    runner = load_runner(path, backend="onnx")
+    x = torch.randn(5, 3, 8, 32, 32)  # 5 clips → calls of 2, 2, 1+padding
+    torch.testing.assert_close(runner.predict(x), _ref(tiny, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(
+        BackendError, match=r"exported for clips .* \(3, 8, 32, 32\), got \(3, 8, 48, 48\)"
+    ):
+        runner.predict(torch.randn(1, 3, 8, 48, 48))
+
+
+def test_runner_from_weights_exports_on_first_use(tiny_weights, tiny):
+    runner = load_runner(tiny_weights, backend="onnx", threads=1)
+    x = torch.randn(1, 2, 3, 8, 32, 32)
+    torch.testing.assert_close(runner.predict(x), _ref(tiny, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackendError, match="does not support precision 'bf16'"):
+        load_runner(tiny_weights, backend="onnx", precision="bf16")
+    with pytest.raises(BackendError, match="cpu or cuda"):
+        load_runner(tiny_weights, backend="onnx", device="npu:0")
+
+
+def test_onnx_file_keeps_labels_and_preprocessing(tiny_weights, tiny, tmp_path):
+    path = tmp_path / "meta.onnx"
+    export_onnx(tiny_weights, path, clip_len=8, size=32, batch="dynamic")
+    runner = load_runner(path, backend="onnx")
+    assert runner.labels == ("a", "b", "c", "d", "e")
+    frames = torch.randint(0, 256, (1, 3, 8, 32, 32), dtype=torch.uint8)
+    torch_runner = load_runner(tiny_weights)
+    assert torch_runner.labels == runner.labels
+    torch.testing.assert_close(
+        runner.predict(frames), torch_runner.predict(frames), rtol=1e-4, atol=1e-4
+    )
+
+
+class _SameStem(nn.Module):
+    """Inception's first layers: TF-SAME conv and pooling, whose pads depend on the input size."""
+
+    in_channels = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = Unit3D(3, 8, kernel=(7, 7, 7), stride=(2, 2, 2))
+        self.pool = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+def test_tf_same_padding_exports(tmp_path):
+    torch.manual_seed(0)
+    model = _SameStem().eval()
+    # even sizes: conv pads (2, 3) per dim, pool pads (0, 1) with -inf; both must survive export
+    report = export_onnx(model, tmp_path / "same.onnx", clip_len=10, size=36, batch=1)
+    assert report.rel_diff < 1e-4
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "same.onnx")).graph.node}
+    assert "Pad" in ops
+
+
+def test_failed_verification_writes_nothing(tiny, tmp_path):
+    path = tmp_path / "strict.onnx"
+    with pytest.raises(ExportError, match="onnxruntime disagrees with torch"):
+        export_onnx(tiny, path, clip_len=8, size=32, rtol=0.0)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_argument_errors(tiny, tmp_path):
+    with pytest.raises(ExportError, match="opset must be at least 17"):
+        export_onnx(tiny, tmp_path / "a.onnx", opset=13)
+    with pytest.raises(ExportError, match="static batch"):
+        atc_command("m.onnx", "m", ("dynamic", 3, 8, 32, 32), "Ascend310P3")
+
+
+def _cli_export_om(weights, out, env_path):
+    args = ["export", "--format", "om", "--weights", str(weights), "--soc", "Ascend310P3"]
+    args += ["--batch", "1", "--views", "2", "--clip-len", "8", "--size", "32", "-o", str(out)]
+    return CliRunner().invoke(app, args, env={"PATH": env_path, "COLUMNS": "400"})
+
+
+def test_export_om_prints_the_atc_command_without_atc(tiny_weights, tmp_path):
+    out = tmp_path / "model.om"
+    result = _cli_export_om(tiny_weights, out, str(tmp_path / "empty-bin"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.onnx").is_file() and not out.exists()
+    expected = (
+        f"atc --framework=5 --model={tmp_path / 'model.onnx'} --output={tmp_path / 'model'} "
+        "--input_format=NCHW --input_shape=clips:1,2,3,8,32,32 --soc_version=Ascend310P3"
+    )
+    assert expected in result.output
+
+
+def test_export_om_runs_atc_when_present(tiny_weights, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    atc = bin_dir / "atc"
+    atc.write_text(  # a stand-in ATC: writes <output>.om and records its arguments
+        "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path}/atc_args\n'
+        'for a in "$@"; do case "$a" in --output=*) echo OM > "${a#--output=}.om";; esac; done\n'
+    )
+    atc.chmod(atc.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "model.om"
+    result = _cli_export_om(tiny_weights, out, f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == "OM\n"
+    args = (tmp_path / "atc_args").read_text()
+    assert "--input_shape=clips:1,2,3,8,32,32" in args and "--soc_version=Ascend310P3" in args
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

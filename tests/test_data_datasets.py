@@ -1,0 +1,163 @@
+"""Annotation lists, VideoDataset skipping, DataLoader collation, mmaction metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from videogen import pattern_frame, write_video
+
+from i3d.data.datasets import (
+    AnnotationError,
+    VideoDataset,
+    check_labels,
+    load_annotations,
+    skip_collate,
+    worker_init,
+)
+from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
+from i3d.data.pipeline import build_pipeline
+from i3d.weights.labels import kinetics_labels
+from i3d.weights.preprocessing import MMACTION_K400
+
+SMALL = {"clip_len": 4, "resize_short": 32, "input_size": 32}
+
+
+def test_video_list_and_rawframes_list(tmp_path):
+    (tmp_path / "videos.txt").write_text("a.mp4 3\nsub/b c.mp4 1\n\n")
+    samples = load_annotations(tmp_path / "videos.txt", tmp_path)
+    assert [(s.path, s.label, s.total_frames) for s in samples] == [
+        (tmp_path / "a.mp4", 3, None),
+        (tmp_path / "sub/b c.mp4", 1, None),
+    ]
+    (tmp_path / "frames.txt").write_text("clip1 120 4\nclip2 7 0\n")
+    samples = load_annotations(tmp_path / "frames.txt", tmp_path)
+    assert [(s.path.name, s.total_frames, s.label) for s in samples] == [
+        ("clip1", 120, 4),
+        ("clip2", 7, 0),
+    ]
+    assert samples[1].source.endswith("frames.txt:2")
+
+
+def test_bad_list_lines(tmp_path):
+    (tmp_path / "bad.txt").write_text("a.mp4 3\nb.mp4 three\n")
+    with pytest.raises(AnnotationError, match=r"bad\.txt:2.*path label"):
+        load_annotations(tmp_path / "bad.txt", tmp_path)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(AnnotationError, match="empty"):
+        load_annotations(tmp_path / "empty.txt")
+    with pytest.raises(AnnotationError, match="does not exist"):
+        load_annotations(tmp_path / "nope.txt")
+    (tmp_path / "ok.txt").write_text("a.mp4 3\nb.mp4 9\n")
+    with pytest.raises(AnnotationError, match=r"ok\.txt:2 \(label 9\)"):
+        check_labels(load_annotations(tmp_path / "ok.txt"), num_classes=5)
+
+
+def test_kinetics_csv(tmp_path):
+    names = kinetics_labels(400)
+    (tmp_path / "val.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        f"{names[0]},abc,5,15,val\n"
+        f"{names[399]},x-y_z,130,140,val\n"
+    )
+    (tmp_path / names[399]).mkdir()
+    nested = tmp_path / names[399] / "x-y_z_000130_000140.mp4"
+    nested.write_bytes(b"")
+    samples = load_annotations(tmp_path / "val.csv", tmp_path)
+    assert samples[0].path == tmp_path / "abc_000005_000015.mp4" and samples[0].label == 0
+    assert samples[1].path == nested and samples[1].label == 399
+    (tmp_path / "bad.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nnot a class,a,1,2,v\n"
+    )
+    with pytest.raises(AnnotationError, match=r"bad\.csv:2.*unknown class"):
+        load_annotations(tmp_path / "bad.csv", tmp_path)
+
+
+def test_folder_per_class(tmp_path):
+    for cls, n in (("walk", 2), ("run", 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"{i}.mp4").write_bytes(b"")
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    samples = load_annotations(tmp_path)
+    assert [(s.path.parent.name, s.label) for s in samples] == [
+        ("run", 0),
+        ("walk", 1),
+        ("walk", 1),
+    ]
+    samples = load_annotations(tmp_path, labels=["walk", "run", "jump"])
+    assert [s.label for s in samples] == [1, 0, 0]
+    empty = tmp_path / "empty"
+    (empty / "cls").mkdir(parents=True)
+    with pytest.raises(AnnotationError, match="no videos"):
+        load_annotations(empty)
+
+
+def test_dataset_skips_and_counts_bad_samples(tmp_path):
+    write_video(tmp_path / "good.mp4", 12, width=40, height=32)
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(8):
+        Image.fromarray(pattern_frame(i, 40, 32)).save(frames / f"img_{i + 1:05d}.jpg")
+    (tmp_path / "list.txt").write_text("good.mp4 1\ncorrupt.mp4 0\nmissing.mp4 2\n")
+    samples = load_annotations(tmp_path / "list.txt", tmp_path)
+    samples += load_annotations(_write(tmp_path / "raw.txt", "frames 8 3\n"), tmp_path)
+    dataset = VideoDataset(samples, build_pipeline(MMACTION_K400, "train", **SMALL), seed=1)
+    assert len(dataset) == 4
+    clip, label = dataset[0]
+    assert clip.shape == (1, 3, 4, 32, 32) and label == 1
+    assert dataset[1] is None and dataset[2] is None and dataset.num_skipped == 2
+    assert dataset[3][0].shape == (1, 3, 4, 32, 32)
+    assert torch.equal(dataset[0][0], clip)  # same (seed, epoch, index) → same draw
+    draws = []
+    for epoch in range(1, 6):
+        dataset.set_epoch(epoch)
+        draws.append(dataset[0][0])
+    assert any(not torch.equal(d, clip) for d in draws)
+
+
+def test_dataloader_with_workers_drops_skipped(tmp_path):
+    for i in range(3):
+        write_video(tmp_path / f"{i}.mp4", 10, width=40, height=32)
+    (tmp_path / "bad.mp4").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("0.mp4 0\nbad.mp4 1\n1.mp4 1\n2.mp4 2\n")
+    samples = load_annotations(tmp_path / "list.txt", tmp_path)
+    dataset = VideoDataset(samples, build_pipeline(MMACTION_K400, "val", **SMALL))
+    loader = DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=skip_collate, worker_init_fn=worker_init
+    )
+    batches = [b for b in loader if b is not None]
+    labels = torch.cat([b[1] for b in batches]).tolist()
+    assert sorted(labels) == [0, 1, 2]
+    assert batches[0][0].shape[1:] == (1, 3, 4, 32, 32)
+    assert dataset.num_skipped == 1
+    assert skip_collate([None, None]) is None
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_metrics_match_mmaction(reference):
+    ref = json.loads((reference / "pipeline" / "metrics.json").read_text())
+    ex = ref["example"]
+    scores, labels = np.array(ex["scores"]), np.array(ex["labels"])
+    assert top_k_accuracy(scores, labels, ex["top_k_accuracy"]["topk"]) == pytest.approx(
+        ex["top_k_accuracy"]["result"], abs=0
+    )
+    assert mean_class_accuracy(scores, labels) == ex["mean_class_accuracy"]
+    quirk = ref["quirk_example"]
+    assert mean_class_accuracy(np.array(quirk["scores"]), quirk["labels"]) == 0.5
+    assert top_k_accuracy(np.array(quirk["scores"]), quirk["labels"], (1, 2)) == pytest.approx(
+        quirk["top_k_accuracy"]["result"]
+    )
+    per_class = per_class_accuracy(np.array(quirk["scores"]), quirk["labels"])
+    assert per_class[:3].tolist() == [0.5, 1.0, 0.5] and np.isnan(per_class[3:]).all()
+    with pytest.raises(ValueError, match="expected scores"):
+        top_k_accuracy(np.zeros((3, 2)), [0, 1])

@@ -1,0 +1,240 @@
+"""End-to-end predict / evaluate / features on a tiny saved model and generated videos."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+from videogen import write_video
+
+from i3d import get_preset, load_model
+from i3d.cli.main import app
+from i3d.models import build_model
+from i3d.models.recognizer import average_views
+from i3d.predict import expand_inputs, predict_videos, read_predictions, summarize
+from i3d.weights.format import WeightsInfo, save_weights
+from i3d.weights.preprocessing import MMACTION_K400
+
+LABELS = ("walk", "run", "jump", "swim", "sit")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50", base_channels=4, num_classes=5)
+    model = build_model(config)
+    prep = attrs.evolve(
+        MMACTION_K400,
+        clip_len=8,
+        num_clips=2,
+        num_crops=3,
+        resize_short=32,
+        crop_size=32,
+        input_size=32,
+    )
+    weights = save_weights(
+        root / "tiny.safetensors", model.state_dict(), WeightsInfo(config, LABELS, prep)
+    )
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(3):
+        write_video(videos / f"v{i}.mp4", 20 + 5 * i, width=48, height=32)
+    return root, weights, videos
+
+
+def test_predict_api_matches_model(setup):
+    root, weights, videos = setup
+    results = predict_videos([videos / "v0.mp4", root / "missing.mp4"], weights, batch_size=4)
+    assert results[1].error is not None and "missing.mp4" in results[1].error
+    scores = results[0].scores
+    assert scores.shape == (5,) and scores.sum() == pytest.approx(1, abs=1e-5)
+    model = load_model(weights)
+    from i3d.data.pipeline import build_pipeline
+
+    views = build_pipeline(model.weights_info.preprocessing, "test")(videos / "v0.mp4")
+    assert views.shape == (6, 3, 8, 32, 32)
+    expected = average_views(model(views[None]), "prob")[0]
+    assert np.allclose(scores, expected.detach().numpy(), atol=1e-6)
+    top = results[0].top(2)
+    assert top[0][1] == LABELS[top[0][0]] and top[0][2] >= top[1][2]
+    single = predict_videos([videos / "v0.mp4"], weights, clips=1, crops=1)[0]
+    assert not np.allclose(single.scores, scores)
+
+
+def test_predict_cli_table_json_csv(setup):
+    root, weights, videos = setup
+    result = runner.invoke(
+        app,
+        ["predict", str(videos), "--weights", str(weights), "--top-k", "2"],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "v2.mp4" in result.output and "#2" in result.output
+    csv_path = root / "out.csv"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(videos / "v*.mp4"),
+            "--weights",
+            str(weights),
+            "--json",
+            "--csv",
+            str(csv_path),
+            "--top-k",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["path"].rsplit("/", 1)[1] for r in records] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    assert all(len(r["top"]) == 3 for r in records)
+    assert len(csv_path.read_text().splitlines()) == 1 + 3 * 3
+
+
+def test_predict_cli_failures(setup, tmp_path):
+    _root, weights, videos = setup
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage")
+    result = runner.invoke(
+        app, ["predict", str(videos / "v0.mp4"), str(bad), "--weights", str(weights)]
+    )
+    assert result.exit_code == 1
+    assert "1 of 2 inputs failed" in result.output and "bad.mp4" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["predict", str(empty), "--weights", str(weights)])
+    assert result.exit_code == 1 and "holds no videos" in result.output
+    result = runner.invoke(app, ["predict", str(videos), "--weights", str(weights), "--crops", "5"])
+    assert result.exit_code == 1 and "num_crops" in result.output
+    with pytest.raises(ValueError, match="matches no files"):
+        expand_inputs([str(tmp_path / "*.avi")])
+
+
+def test_evaluate_and_rescore(setup, tmp_path):
+    _root, weights, videos = setup
+    (tmp_path / "list.txt").write_text("v0.mp4 0\nv1.mp4 3\nv2.mp4 1\nmissing.mp4 2\n")
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(tmp_path / "list.txt"),
+            "--weights",
+            str(weights),
+            "--data-root",
+            str(videos),
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 3 and metrics["skipped"] == 1
+    scored = read_predictions(out / "predictions.jsonl")
+    assert [s.label for s in scored] == [0, 3, 1]
+    assert summarize(scored)["top1"] == metrics["top1"]
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "per_class.csv").read_text().splitlines()
+    assert rows[0] == "index,label,samples,accuracy" and rows[1].startswith('0,"walk",1,')
+    again = tmp_path / "again"
+    result = runner.invoke(
+        app, ["evaluate", "--from-predictions", str(out / "predictions.jsonl"), "-o", str(again)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((again / "metrics.json").read_text())["top1"] == metrics["top1"]
+
+
+def test_evaluate_rejects_bad_lists(setup, tmp_path):
+    _root, weights, videos = setup
+    (tmp_path / "range.txt").write_text("v0.mp4 7\n")
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(tmp_path / "range.txt"),
+            "--weights",
+            str(weights),
+            "--data-root",
+            str(videos),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 1 and "out of range" in result.output
+    (tmp_path / "broken.txt").write_text("v0.mp4\n")
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(tmp_path / "broken.txt"),
+            "--weights",
+            str(weights),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 1 and "broken.txt:1" in result.output
+
+
+def test_features_safetensors_and_resume(setup, tmp_path):
+    _root, weights, videos = setup
+    out = tmp_path / "feats.safetensors"
+    args = [
+        "features",
+        str(videos / "v0.mp4"),
+        str(videos / "v1.mp4"),
+        "--endpoint",
+        "layer4",
+        "--weights",
+        str(weights),
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as fh:
+        paths = json.loads(fh.metadata()["i3d.videos"])
+        first = fh.get_tensor("0")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["v0.mp4", "v1.mp4"]
+    assert first.shape == (128,)
+    args[3:3] = [str(videos / "v2.mp4")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "1 videos written" in result.output
+    assert "2 already there" in result.output
+    with safe_open(str(out), framework="pt") as fh:
+        assert len(json.loads(fh.metadata()["i3d.videos"])) == 3
+        assert torch.equal(fh.get_tensor("0"), first)
+
+
+def test_features_npy_dir_full_maps(setup, tmp_path):
+    _root, weights, videos = setup
+    out = tmp_path / "maps"
+    args = [
+        "features",
+        str(videos),
+        "--endpoint",
+        "layer2",
+        "--pool",
+        "none",
+        "--weights",
+        str(weights),
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "index.json").read_text())
+    assert index["endpoint"] == "layer2" and len(index["files"]) == 3
+    arr = np.load(out / next(iter(index["files"])))
+    assert arr.ndim == 5 and arr.shape[0] == 1  # val pipeline: one view
+    assert "0 videos written" in runner.invoke(app, args).output
+    result = runner.invoke(app, [*args[:3], "nope", *args[4:]])
+    assert result.exit_code == 1 and "unknown endpoint" in result.output
