@@ -159,8 +159,8 @@ def main() -> None:
         f"{args.threads} threads, {args.rounds} rounds",
         file=sys.stderr,
     )
-    latency = time_configs(configs, args.preset, args.clip_len, args.size, args.rounds)
     acc = accuracy(configs, args.reference) if (args.reference / "mmaction").is_dir() else {}
+    latency = time_configs(configs, args.preset, args.clip_len, args.size, args.rounds)
 
     baseline = latency[configs[0][0]]
     header = "| configuration | median s/clip | clips/s | × torch fp32 eager |"

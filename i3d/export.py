@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import io
+import logging
 import os
 import shlex
 import shutil
@@ -18,15 +21,16 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.backends.base import resolve_model
+from i3d.backends.base import BackendError, resolve_model
 from i3d.utils.files import atomic_path
 
 INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
+DEFAULT_OPSET = 18  # the torch.export-based exporter's native opset; 17 is converted down
 
 
-class ExportError(RuntimeError):
+class ExportError(BackendError):
     """An export failed: the exporter, the verification against torch or the ATC conversion."""
 
 
@@ -79,7 +83,7 @@ def export_onnx(
     size: int = 256,
     views: int | None = None,
     batch: int | str = 1,
-    opset: int = MIN_OPSET,
+    opset: int = DEFAULT_OPSET,
     simplify: bool = False,
     rtol: float = 1e-4,
 ) -> OnnxExport:
@@ -92,10 +96,10 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"opset must be at least {MIN_OPSET}, got {opset}")
     if simplify and importlib.util.find_spec("onnxsim") is None:
-        raise ExportError("--simplify needs onnxsim: pip install 'i3d[simplify]' (or onnxsim)")
-    _require("onnx", "pip install 'i3d[onnx]'")
-    _require("onnxruntime", "pip install 'i3d[onnx]'")
-    model = resolve_model(weights_or_model).float()
+        raise ExportError("--simplify needs onnxsim: pip install onnxsim")
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        _require(module, "pip install onnx onnxruntime onnxscript (the i3d onnx extra)")
+    model = copy.deepcopy(resolve_model(weights_or_model)).float().eval()
     channels = getattr(model, "in_channels", None)
     if channels is None:
         raise ExportError(
@@ -128,29 +132,55 @@ def _require(module: str, hint: str) -> None:
 def _torch_export(
     model: torch.nn.Module, example: torch.Tensor, dst: Path, opset: int, dynamic: bool
 ) -> None:
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer / deprecation chatter, not actionable
+    # torch.export-based exporter: static dims stay Python ints while tracing, so runtime
+    # padding computed from the input shape (Inception's TF-SAME) becomes constants; only
+    # the batch axis is symbolic with a dynamic batch.
+    shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
+    # exporter notices ("torchvision is not installed", failed-trace logs): errors are raised
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # exporter progress and deprecation chatter
         try:
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 (example,),
-                str(dst),
-                dynamo=False,  # TorchScript exporter: no onnxscript dependency
+                dynamo=True,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 opset_version=opset,
-                dynamic_axes=axes,
-                do_constant_folding=True,
+                dynamic_shapes=shapes,
+                verbose=False,
             )
+            program.save(str(dst), external_data=False)  # one self-contained file
         except Exception as exc:  # the exporter raises many unrelated types
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+            root = _root_cause(exc)
+            raise ExportError(f"torch.onnx.export failed: {type(root).__name__}: {root}") from exc
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
     import onnx
 
     try:
         onnx.checker.check_model(str(dst))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported ONNX model is invalid: {exc}") from exc
+    proto = onnx.load(str(dst), load_external_data=False)
+    produced = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if produced != opset:
+        raise ExportError(
+            f"the exporter could not convert this model to opset {opset} (it produced "
+            f"{produced}); use --opset {produced}"
+        )
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: the exporter wraps model errors in long diagnostic reports."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _embed_weights_info(model: torch.nn.Module, dst: Path) -> None:
@@ -224,7 +254,7 @@ def export_om(
     size: int = 256,
     views: int | None = None,
     batch: int = 1,
-    opset: int = MIN_OPSET,
+    opset: int = DEFAULT_OPSET,
     simplify: bool = False,
 ) -> OmExport:
     """Write ``path`` minus .om + ``.onnx``, then run ATC if it is on PATH (else only plan it).

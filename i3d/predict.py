@@ -72,7 +72,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def load_classifier(weights: Path, backend: str, device: str, batch_size: int) -> Any:
+def load_classifier(weights: Path, backend: str, device: str | None, batch_size: int) -> Any:
     """A runner whose ``predict`` maps float clips (N, V, C, T, H, W) to logits (N, V, K)."""
     from i3d.backends import load_runner
 
@@ -118,7 +118,7 @@ class Predictor:
         crops: int | None = None,
         batch_size: int = 1,
         backend: str = "torch",
-        device: str = "cpu",
+        device: str | None = None,
         **pipeline_overrides: Any,
     ) -> None:
         if batch_size < 1:
@@ -163,7 +163,7 @@ def predict_videos(
     crops: int | None = None,
     batch_size: int = 1,
     backend: str = "torch",
-    device: str = "cpu",
+    device: str | None = None,
     on_result: Callable[[Prediction], None] | None = None,
     **pipeline_overrides: Any,
 ) -> list[Prediction]:

@@ -79,7 +79,11 @@ def test_views_are_folded_chunked_and_unfolded(tiny, clips):
 
 def test_runner_does_not_modify_the_callers_model(tiny, clips):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    tiny.train()  # e.g. a training loop validating through a runner
     load_runner(tiny, precision="bf16", autocast=False, fuse_bn=True, channels_last=True)
+    load_runner(tiny, backend="onnx")
+    assert tiny.training
+    tiny.eval()
     after = tiny.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -6,6 +6,7 @@ static-batch splitting and error surfacing. Nothing here ran on a real NPU.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import textwrap
 import types
@@ -46,10 +47,9 @@ class _FakeNpu:
 def fake_torch_npu(monkeypatch):
     module = types.ModuleType("torch_npu")
     module.__version__ = "0.0.fake"
-    module.__spec__ = types.SimpleNamespace(name="torch_npu")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)  # find_spec sees it
     module.npu = _FakeNpu(count=2)
     monkeypatch.setitem(sys.modules, "torch_npu", module)
-    monkeypatch.setattr(npu_backend.importlib.util, "find_spec", lambda name: module.__spec__)
     # a CPU stand-in for the npu device: the real one only exists once torch_npu is loaded
     monkeypatch.setattr(npu_backend, "npu_placement", lambda index: (torch.device("cpu"), "cpu"))
     return module

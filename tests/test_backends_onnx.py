@@ -107,12 +107,21 @@ def test_tf_same_padding_exports(tmp_path):
     torch.manual_seed(0)
     model = _SameStem().eval()
     # even sizes: conv pads (2, 3) per dim, pool pads (0, 1) with -inf; both must survive export
-    report = export_onnx(model, tmp_path / "same.onnx", clip_len=10, size=36, batch=1)
+    report = export_onnx(model, tmp_path / "same.onnx", clip_len=10, size=36, batch="dynamic")
     assert report.rel_diff < 1e-4
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(tmp_path / "same.onnx")).graph.node}
     assert "Pad" in ops
+
+
+@pytest.mark.slow
+def test_full_inception_exports_with_views_and_dynamic_batch(tmp_path):
+    model = build_model(get_preset("inception_i3d_rgb")).eval()
+    report = export_onnx(
+        model, tmp_path / "inc.onnx", clip_len=9, size=193, views=2, batch="dynamic"
+    )
+    assert report.rel_diff < 1e-4
 
 
 def test_failed_verification_writes_nothing(tiny, tmp_path):
@@ -125,6 +134,9 @@ def test_failed_verification_writes_nothing(tiny, tmp_path):
 def test_export_argument_errors(tiny, tmp_path):
     with pytest.raises(ExportError, match="opset must be at least 17"):
         export_onnx(tiny, tmp_path / "a.onnx", opset=13)
+    with pytest.raises(ExportError, match="could not convert this model to opset 17"):
+        export_onnx(_SameStem().eval(), tmp_path / "b.onnx", clip_len=10, size=36, opset=17)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportError, match="static batch"):
         atc_command("m.onnx", "m", ("dynamic", 3, 8, 32, 32), "Ascend310P3")
 

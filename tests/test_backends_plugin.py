@@ -9,12 +9,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import attrs
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from i3d.backends import BackendError, get_backend, list_backends, load_runner
 from i3d.cli.main import app
+from i3d.data.toy import write_video
+from i3d.models import build_model, get_preset
+from i3d.weights.format import WeightsInfo, save_weights
+from i3d.weights.preprocessing import Preprocessing
 
 PLUGIN = textwrap.dedent(
     """
@@ -28,7 +34,7 @@ PLUGIN = textwrap.dedent(
         def predict(self, batch):
             batch = torch.as_tensor(batch, dtype=torch.float32)
             logits = torch.zeros(*batch.shape[:-4], 7)
-            logits[..., 6] = batch.mean()  # recognisable: everything lands on class 6
+            logits[..., 6] = 1.0 + batch.abs().mean()  # recognisable: always class 6
             return logits
 
 
@@ -77,16 +83,34 @@ def test_plugin_is_discovered_and_loaded(echo_site):
     assert result.exit_code == 0 and "echo" in result.output and "9.9.9" in result.output
 
 
-def test_cli_bench_runs_the_plugin_in_a_fresh_process(echo_site, tmp_path):
+def test_cli_bench_uses_the_plugin(echo_site, tmp_path):
+    args = ["bench", "--backend", "echo", "--json", "--clip-len", "4", "--size", "8"]
+    result = CliRunner().invoke(app, [*args, "--iters", "2", "--weights", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["backend"] == "echo" and report["input_shape"] == [1, 3, 4, 8, 8]
+
+
+def test_cli_predict_runs_the_plugin_in_a_fresh_process(echo_site, tmp_path):
+    labels = tuple(f"class{i}" for i in range(7))
+    prep = Preprocessing(clip_len=4, frame_interval=1, num_clips=1, num_crops=1)
+    prep = attrs.evolve(prep, resize_short=32, crop_size=32, input_size=32)
+    config = get_preset("i3d_r50", base_channels=4, num_classes=7)
+    weights = tmp_path / "tiny.safetensors"
+    state = build_model(config).state_dict()
+    state["cls_head.fc_cls.bias"][6] = -1e4  # the real model can never pick class 6
+    save_weights(weights, state, WeightsInfo(config=config, labels=labels, preprocessing=prep))
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.random.default_rng(0).integers(0, 256, (8, 40, 48, 3), dtype=np.uint8))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(echo_site), *sys.path])}
-    command = [sys.executable, "-m", "i3d", "bench", "--backend", "echo", "--json"]
-    command += ["--clip-len", "4", "--size", "8", "--iters", "2", "--weights", str(tmp_path / "x")]
+    command = [sys.executable, "-m", "i3d", "predict", str(video), "--weights", str(weights)]
+    command += ["--backend", "echo", "--json", "--top-k", "1"]
     done = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["backend"] == "echo" and report["input_shape"] == [1, 3, 4, 8, 8]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["top"][0]["label"] == "class6"  # only the echo backend scores class 6
 
 
 def test_broken_and_conflicting_plugins_are_reported(tmp_path, monkeypatch):

@@ -91,9 +91,12 @@ def check_options(options: dict[str, Any], accepted: dict[str, str], backend: st
 
 
 def resolve_model(weights_or_model: Any) -> nn.Module:
-    """An eval-mode CPU model from an ``nn.Module`` or a ``.safetensors`` weight file."""
+    """The caller's ``nn.Module`` as is, or an eval-mode CPU model from a ``.safetensors`` file.
+
+    Backends copy a caller's module before changing its mode, device or dtype.
+    """
     if isinstance(weights_or_model, nn.Module):
-        return weights_or_model.eval()
+        return weights_or_model
     if isinstance(weights_or_model, str | os.PathLike):
         path = Path(weights_or_model)
         if path.suffix in {".onnx", ".om"}:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import os
@@ -28,7 +29,7 @@ from i3d.backends.base import (
 )
 from i3d.weights.format import WeightsError, WeightsInfo
 
-INSTALL_HINT = "pip install 'i3d[onnx]' (onnxruntime; onnxruntime-gpu for the CUDA EP)"
+INSTALL_HINT = "pip install onnxruntime (onnxruntime-gpu for the CUDA EP)"
 ONNX_OPTIONS = {
     "threads": "int, onnxruntime intra-op threads",
     "optimization": "all (default), extended, basic or disable: graph optimisation level",
@@ -240,5 +241,5 @@ class OnnxBackend:
             and Path(weights_or_model).suffix == ".onnx"
         ):
             return OnnxRunner(dev, providers, options, batch_size, onnx_path=weights_or_model)
-        model = resolve_model(weights_or_model)
+        model = copy.deepcopy(resolve_model(weights_or_model)).eval()  # snapshot for export
         return OnnxRunner(dev, providers, options, batch_size, model=model)

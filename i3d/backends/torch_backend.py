@@ -123,9 +123,10 @@ class TorchRunner(ClipRunner):
         if isinstance(compile_mode, str) and compile_mode.lower() in _BOOL_WORDS:
             compile_mode = parse_flag(options, "compile", False)
         if compile_mode:
-            model = torch.compile(
-                model, mode=compile_mode if isinstance(compile_mode, str) else None
-            )
+            mode = compile_mode if isinstance(compile_mode, str) else None
+            # static shapes: each clip shape compiles once (inductor's dynamic-shape path
+            # fails on these strided 3D pools in torch 2.13)
+            model = torch.compile(model, mode=mode, dynamic=False)
         self.model = model
         self._device = device
         self._autocast_type = autocast_device_type or device.type

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from i3d.backends.base import BackendError
@@ -53,11 +54,11 @@ def backends() -> None:
             try:
                 info = get_backend(name).is_available()
             except BackendError as exc:
-                table.add_row(name, "[red]broken[/red]", "-", str(exc))
+                table.add_row(name, "[red]broken[/red]", "-", escape(str(exc)))
                 continue
             mark = "[green]yes[/green]" if info.ok else "[red]no[/red]"
             detail = info.reason if info.ok else f"{info.reason}; {info.install_hint}"
-            table.add_row(name, mark, info.version or "-", detail)
+            table.add_row(name, mark, escape(info.version or "-"), escape(detail))
     console.print(table)
 
 
@@ -72,7 +73,7 @@ def export(
         int | None, typer.Option(help="Views per sample: input (B, V, C, T, H, W).")
     ] = None,
     batch: Annotated[str, typer.Option(help="Batch size N, or 'dynamic' (onnx only).")] = "1",
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     simplify: Annotated[bool, typer.Option(help="Run onnxsim on the exported graph.")] = False,
     soc: Annotated[str, typer.Option(help="ATC --soc_version for --format om.")] = "Ascend310P3",
 ) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from i3d.models.config import ConfigError
 from i3d.models.recognizer import InputShapeError
@@ -34,5 +35,7 @@ def fail_on_errors(*extra: type[BaseException]) -> Iterator[None]:
         yield
     except (*USER_ERRORS, *extra) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None

@@ -59,7 +59,9 @@ CropsOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")]
 BackendOpt = Annotated[str, typer.Option(help="Execution backend (see `i3d backends`).")]
-DeviceOpt = Annotated[str, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0.")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0 (default: the backend's).")
+]
 
 
 def _progress() -> Progress:
@@ -81,7 +83,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per video.")] = 5,
     batch_size: BatchOpt = 1,
     backend: BackendOpt = "torch",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per video.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Also write the top-k table as CSV.")] = None,
 ) -> None:
@@ -153,7 +155,7 @@ def evaluate(
     crops: CropsOpt = None,
     batch_size: BatchOpt = 1,
     backend: BackendOpt = "torch",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
     from i3d.backends import BackendError
@@ -200,7 +202,7 @@ def _run_evaluation(
     crops: int | None,
     batch_size: int,
     backend: str,
-    device: str,
+    device: str | None,
 ) -> tuple[list[Scored], list[tuple[str, str]], tuple[str, ...] | None]:
     predictor = Predictor(weights, clips, crops, batch_size, backend, device)
     labels = predictor.labels
@@ -235,7 +237,7 @@ def features(
     clips: ClipsOpt = None,
     crops: CropsOpt = None,
     batch_size: BatchOpt = 1,
-    device: DeviceOpt = "cpu",
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu, cuda:0.")] = "cpu",
 ) -> None:
     """Features of an endpoint per video (resumable: videos already written are skipped)."""
     from i3d.backends import BackendError
