@@ -1,9 +1,11 @@
 """The ``i3d`` command: a thin typer layer over the Python API.
 
-Each command group lives in its own module and registers itself here.
+Each command group lives in its own module, which defines ``register(app)``.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import typer
 
@@ -15,23 +17,15 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# command modules: each defines `register(app)`
-from i3d.cli import weights_cmds  # noqa: E402
-
-weights_cmds.register(app)
-# (register further command modules below)
-from i3d.cli import predict_cmds  # noqa: E402
-
-predict_cmds.register(app)
-from i3d.cli import backend_cmds  # noqa: E402
-
-backend_cmds.register(app)
-from i3d.cli import demo_cmd  # noqa: E402
-
-demo_cmd.register(app)
-from i3d.cli import hub_cmds  # noqa: E402
-
-hub_cmds.register(app)
+COMMAND_MODULES = (
+    "weights_cmds",
+    "hub_cmds",
+    "demo_cmd",
+    "predict_cmds",
+    "backend_cmds",
+)
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"i3d.cli.{_name}").register(app)
 
 
 def main() -> None:
