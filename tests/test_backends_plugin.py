@@ -10,14 +10,13 @@ import textwrap
 from pathlib import Path
 
 import attrs
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
+from videogen import write_video
 
 from i3d.backends import BackendError, get_backend, list_backends, load_runner
 from i3d.cli.main import app
-from i3d.data.toy import write_video
 from i3d.models import build_model, get_preset
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import Preprocessing
@@ -101,7 +100,7 @@ def test_cli_predict_runs_the_plugin_in_a_fresh_process(echo_site, tmp_path):
     state["cls_head.fc_cls.bias"][6] = -1e4  # the real model can never pick class 6
     save_weights(weights, state, WeightsInfo(config=config, labels=labels, preprocessing=prep))
     video = tmp_path / "clip.mp4"
-    write_video(video, np.random.default_rng(0).integers(0, 256, (8, 40, 48, 3), dtype=np.uint8))
+    write_video(video, 8, width=48, height=40)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(echo_site), *sys.path])}
     command = [sys.executable, "-m", "i3d", "predict", str(video), "--weights", str(weights)]
     command += ["--backend", "echo", "--json", "--top-k", "1"]
