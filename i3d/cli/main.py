@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "demo_cmd",
     "predict_cmds",
     "backend_cmds",
+    "train_cmds",
 )
 for _name in COMMAND_MODULES:
     importlib.import_module(f"i3d.cli.{_name}").register(app)

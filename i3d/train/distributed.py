@@ -1,0 +1,190 @@
+"""One process per device through torch.distributed: spawn locally or join a torchrun job.
+
+Process-group backends: gloo (cpu), nccl (cuda), hccl (npu, via Ascend's ``torch_npu``).
+``--world-size N`` on one machine spawns N workers with ``torch.multiprocessing``; when the
+``env://`` variables of a launcher (torchrun) are present, this process joins that job. A
+failing worker takes every other worker down (the spawner terminates them; collectives time
+out after ``timeout_s``), and the process group is destroyed on success and on error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PG_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A device or a distributed job could not be set up, or a worker failed."""
+
+
+@attrs.frozen
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def device_for(backend: str, local_rank: int = 0) -> torch.device:
+    """The torch device of ``backend`` for this local rank, after checking it exists."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu and the "npu" device)
+        except ImportError as exc:
+            raise DistributedError(
+                "--backend npu needs Ascend's torch_npu package matching your torch and CANN "
+                "versions (pip install torch-npu); it is not installed"
+            ) from exc
+    if backend not in ("cuda", "npu"):
+        raise DistributedError(f"unknown backend {backend!r}; use cpu, cuda or npu")
+    module = getattr(torch, backend)
+    if not module.is_available():
+        raise DistributedError(f"no {backend} device is visible to this process; use --backend cpu")
+    if local_rank >= module.device_count():
+        raise DistributedError(
+            f"local rank {local_rank} needs {backend}:{local_rank} but only "
+            f"{module.device_count()} {backend} devices are visible; lower --world-size"
+        )
+    module.set_device(local_rank)
+    return torch.device(backend, local_rank)
+
+
+def env_launched() -> bool:
+    """True inside a torchrun-style job (the env:// rendezvous variables are set)."""
+    return all(key in os.environ for key in _ENV_KEYS)
+
+
+def _init(backend: str, timeout_s: float) -> DistContext:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = device_for(backend, local_rank)
+    if world > 1:
+        dist.init_process_group(
+            PG_BACKENDS[backend],
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _spawned(
+    local_rank: int,
+    worker: Callable[[DistContext, Any], Any],
+    payload: Any,
+    backend: str,
+    world_size: int,
+    port: int,
+    timeout_s: float,
+    results: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+    )
+    if backend == "cpu":  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        ctx = _init(backend, timeout_s)
+        output = worker(ctx, payload)
+        if ctx.is_main:
+            results.put(("ok", local_rank, output))
+    except BaseException as exc:
+        results.put(("error", local_rank, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        _shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(
+    worker: Callable[[DistContext, Any], Any],
+    payload: Any,
+    backend: str = "cpu",
+    world_size: int = 1,
+    timeout_s: float = 600.0,
+) -> Any:
+    """Run ``worker(ctx, payload)`` on every rank; return rank 0's result.
+
+    ``worker`` must be a module-level function (spawned workers import it).
+    """
+    if env_launched():
+        ctx = _init(backend, timeout_s)
+        try:
+            return worker(ctx, payload)
+        finally:
+            _shutdown()
+    if world_size == 1:
+        return worker(DistContext(device=device_for(backend, 0)), payload)
+    results = mp.get_context("spawn").SimpleQueue()
+    args = (worker, payload, backend, world_size, _free_port(), timeout_s, results)
+    try:
+        mp.start_processes(_spawned, args=args, nprocs=world_size, join=True, start_method="spawn")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        errors = [r for r in _drain(results) if r[0] == "error"]
+        if errors:
+            raise DistributedError(f"worker rank {errors[0][1]} failed: {errors[0][2]}") from None
+        raise DistributedError(f"a training worker died: {exc}") from None
+    for status, _, output in _drain(results):
+        if status == "ok":
+            return output
+    raise DistributedError("training workers finished without a result from rank 0")
+
+
+def _drain(queue: Any) -> list[tuple[str, int, Any]]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get())
+    return items
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (identity when not distributed)."""
+    if not ctx.distributed:
+        return list(values)
+    dtype = torch.float32 if ctx.device.type == "npu" else torch.float64  # hccl lacks fp64
+    tensor = torch.tensor(values, dtype=dtype, device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,360 @@
+"""Training: schedules, lr scaling, checkpoints, single/multi-process runs, exact resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from i3d.cli.main import app
+from i3d.data.decode import open_video
+from i3d.data.toy import TOY_CLASSES, ToySpec, make_toy_dataset
+from i3d.train import TrainConfig, TrainingError, TrainingInterrupted, train
+from i3d.train import checkpoint as ckpt
+from i3d.train.distributed import PG_BACKENDS, DistributedError, device_for
+from i3d.train.loop import amp_dtype
+from i3d.train.schedule import build_scheduler, lr_factor
+from i3d.utils.files import OutputError
+from i3d.weights.format import load_model, load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(
+        out, ToySpec(classes=2, videos_per_class=6, val_per_class=2, frames=8, size=32)
+    )
+    return out
+
+
+def tiny(toy: Path, work_dir: Path, **overrides) -> TrainConfig:
+    base = dict(
+        train_list=str(toy / "train.txt"),
+        val_list=str(toy / "val.txt"),
+        data_root=str(toy),
+        labels=str(toy / "labels.txt"),
+        model_overrides={"depth": 18, "base_channels": 4},
+        clip_len=8,
+        frame_interval=1,
+        resize_short=32,
+        input_size=32,
+        epochs=4,
+        batch_size=4,
+        lr=0.02,
+        scale_lr=False,
+        dropout=0.0,
+        workers=0,
+        val_every=2,
+        save_every=2,
+        log_every=1,
+        work_dir=str(work_dir),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- schedules and recipe
+def _mmengine_cosine(base: float, eta_min: float, t_max: int, steps: int) -> list[float]:
+    """mmengine CosineAnnealingLR's recursive (chainable) update, step by step."""
+    lrs = [base]
+    for t in range(1, steps):
+        prev = lrs[-1]
+        if (t - 1 - t_max) % (2 * t_max) == 0:
+            lrs.append(prev + (base - eta_min) * (1 - math.cos(math.pi / t_max)) / 2)
+        else:
+            ratio = (1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max))
+            lrs.append(ratio * (prev - eta_min) + eta_min)
+    return lrs
+
+
+def _mmengine_linear(start: float, total: int) -> list[float]:
+    """mmengine LinearLR's recursive factor for the first ``total`` iterations."""
+    factors = [start]
+    for t in range(1, total):
+        factors.append(factors[-1] * (1 + (1 - start) / (total * start + (t - 1) * (1 - start))))
+    return factors
+
+
+def test_step_schedule_matches_mmaction_multistep():
+    config = TrainConfig()  # milestones 40, 80; gamma 0.1; lr 0.01 per 64 clips, 8 per device
+    iters = 7
+    expected = {0: 1.0, 39: 1.0, 40: 0.1, 79: 0.1, 80: 0.01, 99: 0.01}
+    for epoch, factor in expected.items():
+        for it in (0, iters - 1):
+            assert lr_factor(config, epoch * iters + it, iters) == pytest.approx(factor)
+
+
+def test_cosine_and_warmup_match_mmengine_definitions():
+    config = TrainConfig(schedule="cosine", epochs=5, eta_min=1e-4, scale_lr=False)
+    iters = 6
+    reference = _mmengine_cosine(config.lr, config.eta_min, 5 * iters, 5 * iters)
+    ours = [config.lr * lr_factor(config, s, iters) for s in range(5 * iters)]
+    np.testing.assert_allclose(ours, reference, rtol=1e-9)
+    warm = attrs.evolve(config, warmup_epochs=1.5, warmup_ratio=0.1)
+    factors = _mmengine_linear(0.1, 9)
+    for step in range(12):
+        cosine = lr_factor(config, step, iters)
+        expect = cosine * (factors[step] if step < 9 else 1.0)
+        assert lr_factor(warm, step, iters) == pytest.approx(expect, rel=1e-9)
+
+
+def test_scheduler_drives_optimizer_per_iteration():
+    config = TrainConfig(milestones=(1, 2), epochs=3, scale_lr=False)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=config.effective_lr)
+    sched = build_scheduler(opt, config, iters_per_epoch=2)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(seen, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4])
+
+
+def test_lr_is_scaled_by_global_batch():
+    assert TrainConfig().effective_lr == pytest.approx(0.01 * 8 / 64)
+    assert TrainConfig(world_size=8).effective_lr == pytest.approx(0.01)  # the 8×8 recipe
+    assert TrainConfig(batch_size=16, world_size=2, lr=0.02).effective_lr == pytest.approx(0.01)
+    assert TrainConfig(batch_size=16, scale_lr=False).effective_lr == 0.01
+
+
+def test_recipe_defaults_are_the_mmaction_i3d_recipe():
+    c = TrainConfig()
+    assert (c.momentum, c.weight_decay, c.grad_clip, c.dropout) == (0.9, 1e-4, 40.0, 0.5)
+    assert (c.epochs, c.milestones, c.gamma, c.base_batch_size) == (100, (40, 80), 0.1, 64)
+    prep = c.preprocessing()
+    assert (prep.clip_len, prep.frame_interval, prep.resize_short, prep.input_size) == (
+        32,
+        2,
+        256,
+        224,
+    )
+    assert c.crop_scales == (1.0, 0.8) and c.flip_ratio == 0.5
+    assert TrainConfig.from_json(c.to_json()) == c
+
+
+# ---------------------------------------------------------------- toy data
+def test_toy_dataset_writes_videos_and_lists(toy):
+    lines = (toy / "train.txt").read_text().split("\n")
+    assert len([x for x in lines if x]) == 12
+    assert (toy / "labels.txt").read_text().split("\n")[:2] == list(TOY_CLASSES[:2])
+    path, label = lines[0].split()
+    with open_video(toy / path) as reader:
+        assert reader.num_frames == 8
+        frames = reader.get_frames(np.arange(8))
+    assert frames.shape == (8, 32, 32, 3) and int(label) in (0, 1)
+    with pytest.raises(ValueError, match="classes"):
+        ToySpec(classes=9)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    a = (np.random.rand(), torch.rand(2), __import__("random").random())
+    ckpt.set_rng_state(state)
+    b = (np.random.rand(), torch.rand(2), __import__("random").random())
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "scaler": {}}
+    state.update(epoch=1, step=5, rng=[ckpt.rng_state()], config="{}")
+    first = ckpt.save_checkpoint(tmp_path, state)
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match="intact"):
+        ckpt.save_checkpoint(tmp_path, {**state, "step": 9})
+    assert ckpt.list_checkpoints(tmp_path) == [first]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]
+    assert torch.equal(ckpt.load_checkpoint(first)["model"]["w"], torch.ones(3))
+    # a corrupt newer file is passed over by --resume auto
+    (tmp_path / "checkpoints" / "epoch0002_step000000010.pt").write_bytes(b"garbage")
+    path, _ = ckpt.resolve_resume("auto", tmp_path)
+    assert path == first
+
+
+# ---------------------------------------------------------------- runs
+def test_single_process_run_learns_and_exports(toy, tmp_path):
+    lines = (toy / "train.txt").read_text().splitlines()
+    few = [x for x in lines if x.endswith(" 0")][:2] + [x for x in lines if x.endswith(" 1")][:2]
+    (tmp_path / "few.txt").write_text("\n".join(few))  # one batch, fitted step after step
+    work = tmp_path / "run"
+    config = tiny(toy, work, train_list=str(tmp_path / "few.txt"), epochs=10, lr=0.02)
+    summary = train(attrs.evolve(config, crop_scales=(1.0,), flip_ratio=0.0, val_every=5))
+    losses = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in losses if r["kind"] == "train"]
+    assert np.mean(train_losses[-2:]) < 0.5 * np.mean(train_losses[:2])
+    assert {"clips_per_s", "data_wait", "lr"} <= set(losses[0])
+    assert (work / "curves.png").stat().st_size > 1000
+    model = load_model(work / "last.safetensors")
+    assert model.weights_info.labels == TOY_CLASSES[:2]
+    assert model.weights_info.preprocessing.clip_len == 8
+    assert (work / "best.safetensors").is_file() and summary["best_top1"] is not None
+    assert summary["steps"] == 10 and Path(summary["checkpoint"]).is_file()
+
+
+def record_rank_metrics(event, ctx, info):
+    """Hook for spawned workers: each rank records its reduced validation metrics."""
+    if event == "val":
+        out = Path(os.environ["I3D_TEST_OUT"]) / f"rank{ctx.rank}_step{info['count']}.json"
+        with out.open("a") as fh:
+            fh.write(json.dumps(info) + "\n")
+
+
+def test_two_process_gloo_run(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("I3D_TEST_OUT", str(tmp_path))
+    work = tmp_path / "ddp"
+    summary = train(tiny(toy, work, world_size=2, batch_size=2, epochs=4), hook=record_rank_metrics)
+    rank0 = (tmp_path / "rank0_step4.0.json").read_text()
+    rank1 = (tmp_path / "rank1_step4.0.json").read_text()
+    assert rank0 == rank1 and len(rank0.splitlines()) == 2  # identical all-reduced metrics
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["kind"], r["step"]) for r in records]
+    assert len(steps) == len(set(steps)) == 4 * 3 + 2  # one writer: no duplicated lines
+    assert summary["steps"] == 12
+    assert ckpt.load_checkpoint(summary["checkpoint"])["rng"].__len__() == 2
+
+
+def crash_on_rank1(event, ctx, info):
+    """Hook: rank 1 fails at its second step."""
+    if event == "step" and ctx.rank == 1 and info["step"] == 2:
+        raise RuntimeError("simulated worker crash")
+
+
+def test_crashed_worker_stops_the_job(toy, tmp_path):
+    config = tiny(toy, tmp_path / "crash", world_size=2, batch_size=2, timeout_s=30)
+    with pytest.raises(DistributedError, match="rank 1 failed: RuntimeError: simulated"):
+        train(config, hook=crash_on_rank1)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(toy, tmp_path):
+    config = tiny(toy, tmp_path / "nan", lr=1e12, grad_clip=None, epochs=3, save_every_steps=1)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+)") as err:
+        train(config)
+    step = int(err.value.args[0].split("at step ")[1].split()[0])
+    newest = ckpt.list_checkpoints(tmp_path / "nan")[0]
+    assert ckpt.load_checkpoint(newest)["step"] == step - 1
+    assert "last good checkpoint" in str(err.value)
+
+
+def interrupt_at_step_2(event, ctx, info):
+    if event == "step" and info["step"] == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(toy, tmp_path):
+    with pytest.raises(TrainingInterrupted, match="resume auto"):
+        train(tiny(toy, tmp_path / "int"), hook=interrupt_at_step_2)
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "int")[0])
+    assert (state["step"], state["batch"]) == (2, 2)
+
+
+_KILLED_RUN = """
+import os, signal, sys, torch
+torch.set_num_threads(2)
+from i3d.train import TrainConfig, train
+def hook(event, ctx, info):
+    if event == "step" and info["step"] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(TrainConfig.from_json(sys.argv[1]), hook=hook)
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(toy, tmp_path):
+    config = tiny(toy, tmp_path / "full", epochs=3, dropout=0.3, deterministic=True)
+    train(config)
+    killed = attrs.evolve(config, work_dir=str(tmp_path / "killed"), save_every_steps=2, workers=2)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_RUN), killed.to_json()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(killed.work_dir)[0])
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 1, 4)  # mid-epoch
+    train(attrs.evolve(killed, resume="auto"))
+    a, _ = load_weights(tmp_path / "full" / "last.safetensors")
+    b, _ = load_weights(tmp_path / "killed" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_with_new_head_and_frozen_backbone(toy, tmp_path):
+    source = tmp_path / "src"
+    train(tiny(toy, source, epochs=1, val_list=None))
+    four = tmp_path / "four.txt"  # relabel to 3 classes: the head must be re-initialised
+    lines = (toy / "train.txt").read_text().splitlines()
+    four.write_text("\n".join(f"{p} {i % 3}" for i, (p, _) in enumerate(x.split() for x in lines)))
+    config = tiny(
+        toy,
+        tmp_path / "ft",
+        init=str(source / "last.safetensors"),
+        train_list=str(four),
+        val_list=None,
+        labels=None,
+        model_overrides={},
+        freeze_stages=4,
+        epochs=1,
+    )
+    train(config)
+    before, _ = load_weights(source / "last.safetensors")
+    after, info = load_weights(tmp_path / "ft" / "last.safetensors")
+    assert info.config.head.num_classes == 3 and after["cls_head.fc_cls.weight"].shape[0] == 3
+    assert info.labels == ("class_0", "class_1", "class_2")
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert all(torch.equal(before[k], after[k]) for k in backbone)
+
+
+# ---------------------------------------------------------------- devices and CLI
+def test_npu_plumbing_with_a_fake_torch_npu(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 8, set_device=calls.append
+    )
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(torch, "npu", fake, raising=False)
+    if torch._C._get_privateuse1_backend_name() != "npu":
+        torch.utils.rename_privateuse1_backend("npu")  # what torch_npu does on import
+    device = device_for("npu", 3)
+    assert (device.type, device.index, calls) == ("npu", 3, [3])
+    assert PG_BACKENDS[device.type] == "hccl" and amp_dtype(device) == torch.float16
+    with pytest.raises(DistributedError, match="only 8 npu devices"):
+        device_for("npu", 8)
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    with pytest.raises(DistributedError, match="torch_npu"):
+        device_for("npu", 0)
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_cli_make_toy_dataset_and_train_errors(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli_toy"
+    args = ["make-toy-dataset", str(out), "--classes", "3", "--videos-per-class", "1"]
+    result = runner.invoke(app, [*args, "--val-per-class", "1", "--frames", "6", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert len((out / "train.txt").read_text().splitlines()) == 3
+    result = runner.invoke(app, ["train", "--train-list", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    result = runner.invoke(app, ["make-toy-dataset", str(out), "--size", "33"])
+    assert result.exit_code == 1 and "even" in result.output
