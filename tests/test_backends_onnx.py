@@ -131,6 +131,20 @@ def test_failed_verification_writes_nothing(tiny, tmp_path):
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_simplified_export_is_verified_and_not_larger(tiny, tmp_path):
+    pytest.importorskip("onnxsim", reason="--simplify needs the simplify extra")
+    import onnx
+
+    plain = export_onnx(tiny, tmp_path / "plain.onnx", clip_len=8, size=32)
+    simple = export_onnx(tiny, tmp_path / "simple.onnx", clip_len=8, size=32, simplify=True)
+    assert simple.rel_diff < 1e-4
+    nodes = [len(onnx.load(str(r.path)).graph.node) for r in (plain, simple)]
+    assert nodes[1] <= nodes[0]
+    x = torch.randn(1, 3, 8, 32, 32)
+    got = load_runner(simple.path, backend="onnx").predict(x)
+    torch.testing.assert_close(got, _ref(tiny, x), rtol=1e-4, atol=1e-4)
+
+
 def test_export_argument_errors(tiny, tmp_path):
     with pytest.raises(ExportError, match="opset must be at least 17"):
         export_onnx(tiny, tmp_path / "a.onnx", opset=13)

@@ -118,7 +118,9 @@ def test_dataset_skips_and_counts_bad_samples(tmp_path):
     for epoch in range(1, 6):
         dataset.set_epoch(epoch)
         draws.append(dataset[0][0])
+        assert torch.equal(dataset[(epoch, 0)][0], draws[-1])  # epoch carried by the key
     assert any(not torch.equal(d, clip) for d in draws)
+    assert torch.equal(dataset[(0, 0)][0], clip)
 
 
 def test_dataloader_with_workers_drops_skipped(tmp_path):

@@ -226,3 +226,34 @@ def test_bad_overrides():
         build_pipeline(MMACTION_K400, "eval")
     with pytest.raises(ValueError, match="clip_len"):
         build_pipeline(DEEPMIND_K400, "train")
+
+
+@pytest.mark.parametrize("mode, crops", [("test", 10), ("test", 3), ("train", 1)])
+def test_streamed_views_equal_whole_clip_transforms(tmp_path, mode, crops):
+    """Chunked decode-and-place gives what resizing and cropping the stacked clip gives."""
+    path = write_video(tmp_path / "v.mp4", 70, width=171, height=128)
+    size = 64 if crops == 3 else 48
+    pipe = build_pipeline(
+        MMACTION_K400,
+        mode,
+        clip_len=8,
+        num_clips=3,
+        num_crops=crops,
+        resize_short=64,
+        crop_size=size,
+        input_size=40,
+    )
+    views = pipe.frames(path, sample_rng(3, 1, 7))
+    rng = sample_rng(3, 1, 7)
+    with open_video(path) as reader:
+        inds = pipe.frame_indices(reader, rng)
+        assert np.unique(inds).size > 16  # more than one decode chunk
+        clip = T.resize_short(torch.from_numpy(reader.get_frames(inds)), 64)
+    height, width = clip.shape[1:3]
+    if mode == "train":
+        box = T.multi_scale_box(width, height, rng, 40, pipe.scales, pipe.max_wh_scale_gap)
+        cut = T.resize(T.crop(clip, box), (40, 40))
+        expected = [T.flip(cut) if rng.random() < pipe.flip_ratio else cut]
+    else:
+        expected = T.ten_crop(clip, size) if crops == 10 else T.three_crop(clip, size)
+    assert torch.equal(views, T.to_views(expected, pipe.clips_per_crop))

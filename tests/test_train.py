@@ -24,8 +24,8 @@ from i3d.data.decode import open_video
 from i3d.data.toy import TOY_CLASSES, ToySpec, make_toy_dataset
 from i3d.train import TrainConfig, TrainingError, TrainingInterrupted, train
 from i3d.train import checkpoint as ckpt
-from i3d.train.distributed import PG_BACKENDS, DistributedError, device_for
-from i3d.train.loop import amp_dtype
+from i3d.train.distributed import PG_BACKENDS, DistContext, DistributedError, device_for
+from i3d.train.loop import Trainer, amp_dtype
 from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import OutputError
 from i3d.weights.format import load_model, load_weights
@@ -298,6 +298,21 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(toy, tmp_path):
     b, _ = load_weights(tmp_path / "killed" / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_persistent_workers_draw_each_epochs_own_samples(toy, tmp_path):
+    trainer = Trainer(tiny(toy, tmp_path / "w", workers=2), DistContext())
+    loader = trainer._loader(trainer.train_set, trainer.sampler, train=True)
+    assert loader.persistent_workers
+    epochs = []
+    for epoch in (0, 1):
+        trainer.sampler.set_epoch(epoch)
+        keys = list(trainer.sampler)
+        clips = torch.cat([batch[0] for batch in loader])
+        expected = torch.stack([trainer.train_set.load(i, e)[0] for e, i in keys])
+        assert {e for e, _ in keys} == {epoch} and torch.equal(clips, expected)
+        epochs.append(clips)
+    assert not torch.equal(epochs[0], epochs[1])
 
 
 def test_finetune_with_new_head_and_frozen_backbone(toy, tmp_path):

@@ -183,7 +183,9 @@ class VideoDataset(Dataset):
     """Samples through a pipeline: ``dataset[i]`` → ((V, C, T, H, W) float32, label) or None.
 
     Randomness of sample ``i`` comes from ``sample_rng(seed, epoch, i)`` only, so any sample
-    can be reproduced in any worker. Unreadable samples are logged, counted in
+    can be reproduced in any worker. The key is an index (epoch from :meth:`set_epoch`) or an
+    ``(epoch, index)`` pair, which reaches persistent DataLoader workers where ``set_epoch``
+    on the main process's copy cannot. Unreadable samples are logged, counted in
     ``num_skipped`` (shared with DataLoader workers) and returned as None.
     """
 
@@ -215,10 +217,13 @@ class VideoDataset(Dataset):
         """Samples that could not be read so far (all workers)."""
         return int(self._skipped.value)
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
-        """Sample ``index`` through the pipeline; raises on unreadable input."""
+    def load(self, index: int, epoch: int | None = None) -> tuple[torch.Tensor, int]:
+        """Sample ``index`` of ``epoch`` (default: the set one) through the pipeline.
+
+        Raises on unreadable input.
+        """
         sample = self.samples[index]
-        rng = sample_rng(self.seed, self.epoch, index)
+        rng = sample_rng(self.seed, self.epoch if epoch is None else epoch, index)
         if sample.path.is_dir():
             reader = open_frames_dir(
                 sample.path, self.frames_template, self.frames_start_index, sample.total_frames
@@ -228,9 +233,10 @@ class VideoDataset(Dataset):
         with reader:
             return self.pipeline(reader, rng), sample.label
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         try:
-            return self.load(index)
+            return self.load(index, epoch)
         except (VideoDecodeError, OSError, ValueError) as exc:
             with self._skipped.get_lock():
                 self._skipped.value += 1

@@ -13,11 +13,15 @@ import bisect
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv")
@@ -37,9 +41,35 @@ class VideoReader(ABC):
     size: tuple[int, int]
     """(width, height) of the decoded frames."""
 
-    @abstractmethod
     def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
         """Frames at 0-based ``indices`` (any order, repeats allowed), stacked as (T, H, W, 3)."""
+        inds = self._check_indices(indices)
+        if inds.size == 0:
+            raise ValueError("no frame indices requested")
+        frames = dict(self.iter_frames(inds))
+        return np.stack([frames[int(i)] for i in inds])
+
+    def iter_frames(self, indices: Iterable[int] | np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Each distinct frame of ``indices`` once, as (index, (H, W, 3) uint8), as decoded.
+
+        Streaming lets callers crop and place each frame while the decoder works on the next,
+        without holding every decoded frame at once.
+        """
+        wanted = sorted(set(self._check_indices(indices).tolist()))
+        shape = None
+        for index, frame in self._iter_frames(wanted):
+            if shape is None:
+                shape = frame.shape
+            elif frame.shape != shape:
+                raise VideoDecodeError(
+                    f"{self.path}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, earlier "
+                    f"frames are {shape[1]}x{shape[0]}; frames must all have one size"
+                )
+            yield index, frame
+
+    @abstractmethod
+    def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode the sorted, distinct, in-range ``wanted`` frames, yielding (index, frame)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -70,17 +100,12 @@ class VideoReader(ABC):
         return inds
 
 
-def _stack(frames: dict[int, np.ndarray], inds: np.ndarray) -> np.ndarray:
-    if inds.size == 0:
-        raise ValueError("no frame indices requested")
-    return np.stack([frames[int(i)] for i in inds])
-
-
 class PyAVReader(VideoReader):
     """PyAV (FFmpeg) reader: packet index from demuxing, seek + decode-forward per request."""
 
     def __init__(self, path: str | os.PathLike[str], threads: bool = True) -> None:
         import av
+        from av.video.reformatter import VideoReformatter
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -103,6 +128,9 @@ class PyAVReader(VideoReader):
         self.fps = float(rate) if rate else None
         ctx = self._stream.codec_context
         self.size = (int(ctx.width), int(ctx.height))
+        # One reformatter keeps its swscale context between frames (a fresh one per frame
+        # costs ~8x the conversion itself); single-threaded because frames are small.
+        self._reformatter = VideoReformatter()
         self.header_frames = int(self._stream.frames or 0)
 
     def _index_packets(self) -> None:
@@ -138,29 +166,28 @@ class PyAVReader(VideoReader):
         pos = bisect.bisect_right(self._key_indices, index) - 1
         return self._key_indices[max(pos, 0)]
 
-    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
-        inds = self._check_indices(indices)
-        wanted = sorted(set(inds.tolist()))
-        frames: dict[int, np.ndarray] = {}
+    def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        done: set[int] = set()
         if self._seekable:
             i = 0
             while i < len(wanted):
-                i = self._decode_run(self._keyframe_before(wanted[i]), wanted, i, frames)
-        missing = [i for i in wanted if i not in frames]
+                i = yield from self._decode_run(self._keyframe_before(wanted[i]), wanted, i, done)
+        missing = [i for i in wanted if i not in done]
         if missing:  # no usable index, or a seek misbehaved: decode the needed span from the start
-            self._decode_from_start(missing, frames)
-            missing = [i for i in wanted if i not in frames]
+            yield from self._decode_from_start(missing, done)
+            missing = [i for i in wanted if i not in done]
         if missing:
             raise VideoDecodeError(
                 f"{self.path}: frames {missing[:5]} could not be decoded (damaged stream?)"
             )
-        return _stack(frames, inds)
 
-    def _decode_run(self, key: int, wanted: list[int], i: int, out: dict[int, np.ndarray]) -> int:
-        """Decode forward from keyframe ``key`` collecting ``wanted[i:]``; return the next ``i``.
+    def _decode_run(
+        self, key: int, wanted: list[int], i: int, done: set[int]
+    ) -> Generator[tuple[int, np.ndarray], None, int]:
+        """Decode forward from keyframe ``key`` yielding ``wanted[i:]``; return the next ``i``.
 
         Stops when the next wanted frame lies beyond a later keyframe (seeking there is
-        cheaper than decoding on). Frames the decoder never outputs are left out of ``out``.
+        cheaper than decoding on). Frames the decoder never outputs are left out of ``done``.
         """
         import av
 
@@ -177,7 +204,8 @@ class PyAVReader(VideoReader):
                 if i == len(wanted):
                     return i
                 if wanted[i] == index:
-                    out[index] = frame.to_ndarray(format="rgb24")
+                    done.add(index)
+                    yield index, self._to_rgb(frame)
                     i += 1
                     if i == len(wanted) or self._keyframe_before(wanted[i]) > index + 1:
                         return i
@@ -185,8 +213,14 @@ class PyAVReader(VideoReader):
             raise VideoDecodeError(f"{self.path}: decoding failed ({exc})") from exc
         return len(wanted)
 
-    def _decode_from_start(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
-        """Decode sequentially from the first frame, keeping only ``wanted`` (streaming)."""
+    def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        """The decoded picture as (H, W, 3) uint8 RGB."""
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+    def _decode_from_start(
+        self, wanted: list[int], done: set[int]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode sequentially from the first frame, yielding only ``wanted`` (streaming)."""
         import av
 
         pending = set(wanted)
@@ -196,7 +230,9 @@ class PyAVReader(VideoReader):
             for count, frame in enumerate(self._container.decode(self._stream)):
                 index = self._index_of.get(frame.pts, count) if self._seekable else count
                 if index in pending:
-                    out[index] = frame.to_ndarray(format="rgb24")
+                    pending.discard(index)
+                    done.add(index)
+                    yield index, self._to_rgb(frame)
                 if index >= last:
                     break
         except (av.FFmpegError, OSError) as exc:
@@ -256,13 +292,9 @@ class FrameDirReader(VideoReader):
         except (OSError, UnidentifiedImageError) as exc:
             raise VideoDecodeError(f"cannot read frame {file}: {exc}") from exc
 
-    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
-        inds = self._check_indices(indices)
-        frames = {int(i): self._load(int(i)) for i in set(inds.tolist())}
-        shapes = {f.shape for f in frames.values()}
-        if len(shapes) > 1:
-            raise VideoDecodeError(f"{self.path}: frames have different sizes {sorted(shapes)}")
-        return _stack(frames, inds)
+    def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        for index in wanted:
+            yield index, self._load(index)
 
     def close(self) -> None:
         """Nothing is held open between reads."""
@@ -292,9 +324,8 @@ class DecordReader(VideoReader):
         h, w = self._reader[0].shape[:2]
         self.size = (int(w), int(h))
 
-    def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
-        inds = self._check_indices(indices)
-        return self._reader.get_batch(inds.tolist()).asnumpy()
+    def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        yield from zip(wanted, self._reader.get_batch(wanted).asnumpy(), strict=True)
 
     def close(self) -> None:
         del self._reader

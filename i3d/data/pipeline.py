@@ -9,20 +9,25 @@ overridden by keyword.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any, Literal, TypeVar
 
 import attrs
 import numpy as np
 import torch
+from einops import rearrange
 
 from i3d.data import transforms as T
 from i3d.data.decode import VideoReader, open_video
 from i3d.data.sampling import DenseSampleFrames, SampleFrames
+from i3d.utils.memory import empty_frames
 from i3d.weights.preprocessing import Preprocessing
 
 Mode = Literal["test", "val", "train"]
 MODES = ("test", "val", "train")
 CROP_COUNTS = (1, 3, 10)
+_CHUNK = 16  # decoded frames resized and placed together
+_Item = TypeVar("_Item")
 
 PIPELINE_OPTIONS = {
     "decoder": "pyav",
@@ -94,15 +99,49 @@ class Pipeline:
         )
 
     def _views(self, reader: VideoReader, rng: np.random.Generator | None) -> torch.Tensor:
+        """Decode each needed frame once and place its crops straight into the output views.
+
+        Frames stream from the decoder in chunks: each chunk is resized, cut into every crop
+        and copied to all the output positions that use it, so neither the whole video nor
+        all its decoded frames are ever held at once.
+        """
         if self.mode == "train" and rng is None:
             raise ValueError("the train pipeline needs a numpy Generator (see i3d.data.rng)")
         inds = self.frame_indices(reader, rng)
         unique, inverse = np.unique(inds, return_inverse=True)
-        frames = torch.from_numpy(reader.get_frames(unique))
-        frames = T.resize_short(
-            frames, self.preprocessing.resize_short, self.preprocessing.interpolation
-        )
-        height, width = frames.shape[1:3]
+        order = np.argsort(inverse.reshape(-1), kind="stable")
+        splits = np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]
+        rows = dict(zip(unique.tolist(), np.split(order, splits), strict=True))  # output rows
+        out: torch.Tensor | None = None
+        plan: list[tuple[T.Box, bool]] = []
+        p = self.preprocessing
+        buffer: torch.Tensor | None = None  # reused for every chunk: no fresh pages per chunk
+        for chunk in _chunks(reader.iter_frames(unique), _CHUNK):
+            if buffer is None:
+                buffer = torch.empty((_CHUNK, *chunk[0][1].shape), dtype=torch.uint8)
+            frames = buffer[: len(chunk)]
+            np.stack([frame for _, frame in chunk], out=frames.numpy())
+            frames = T.resize_short(frames, p.resize_short, p.interpolation)
+            if out is None:
+                plan = self._crop_plan(frames.shape[2], frames.shape[1], rng)
+                width, height = self._output_size(plan[0][0])
+                out = empty_frames((len(plan), inds.size, height, width, 3))
+            for k, (box, flipped) in enumerate(plan):
+                cut = T.crop(frames, box)
+                if self.mode == "train":
+                    cut = T.resize(cut, (self.crop_size, self.crop_size), p.interpolation)
+                if flipped:
+                    cut = T.flip(cut)
+                for i, (index, _) in enumerate(chunk):
+                    for row in rows[index]:  # per-row copies beat index_copy_ ~10x here
+                        out[k, row].copy_(cut[i])
+        assert out is not None
+        return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=self.clips_per_crop)
+
+    def _crop_plan(
+        self, width: int, height: int, rng: np.random.Generator | None
+    ) -> list[tuple[T.Box, bool]]:
+        """(box, flipped) of every spatial crop on the resized (width × height) frames."""
         if self.mode == "train":
             assert rng is not None
             box = T.multi_scale_box(
@@ -114,16 +153,31 @@ class Pipeline:
                 self.max_wh_scale_gap,
                 self.random_crop,
             )
-            size = (self.crop_size, self.crop_size)
-            crop = T.resize(T.crop(frames, box), size, self.preprocessing.interpolation)
-            crops = [T.flip(crop) if rng.random() < self.flip_ratio else crop]
-        elif self.num_crops == 1:
-            crops = [T.center_crop(frames, self.crop_size)]
-        elif self.num_crops == 3:
-            crops = T.three_crop(frames, self.crop_size)
-        else:
-            crops = T.ten_crop(frames, self.crop_size)
-        return T.to_views(crops, self.clips_per_crop, torch.from_numpy(inverse.reshape(-1)))
+            return [(box, bool(rng.random() < self.flip_ratio))]
+        if self.num_crops == 1:
+            return [(T.center_box(width, height, self.crop_size), False)]
+        if self.num_crops == 3:
+            return [(box, False) for box in T.three_boxes(width, height, self.crop_size)]
+        return [(box, f) for box in T.five_boxes(width, height, self.crop_size) for f in (0, 1)]
+
+    def _output_size(self, box: T.Box) -> tuple[int, int]:
+        """(width, height) of one view's frames."""
+        if self.mode == "train":
+            return self.crop_size, self.crop_size
+        x1, y1, x2, y2 = box
+        return x2 - x1, y2 - y1
+
+
+def _chunks(items: Iterator[_Item], size: int) -> Iterator[list[_Item]]:
+    """Consecutive lists of ``size`` items (the last one shorter)."""
+    chunk: list[_Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from i3d.utils.memory import empty_frames
+
 Box = tuple[int, int, int, int]
 """Crop box (x1, y1, x2, y2), as mmaction's ``crop_bbox``."""
 
@@ -215,7 +217,7 @@ def to_views(
     """
     first = crops[0]
     index = torch.arange(first.shape[0]) if index is None else index
-    out = torch.empty((len(crops), index.numel(), *first.shape[1:]), dtype=first.dtype)
+    out = empty_frames((len(crops), index.numel(), *first.shape[1:]), first.dtype)
     for k, cut in enumerate(crops):
         torch.index_select(cut, 0, index, out=out[k])
     return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=num_clips)

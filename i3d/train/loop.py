@@ -74,14 +74,18 @@ def _worker(ctx: DistContext, payload: tuple[TrainConfig, Hook | None]) -> dict[
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch from ``seed + epoch``) that can start mid-epoch."""
+    """DistributedSampler (shuffled per epoch from ``seed + epoch``) that can start mid-epoch.
+
+    It yields ``(epoch, index)`` keys, so the epoch whose random draws a sample uses travels
+    with the key and reaches persistent DataLoader workers.
+    """
 
     def __init__(self, dataset: VideoDataset, ctx: DistContext, seed: int) -> None:
         super().__init__(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
         self.start = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start :])
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start :]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -183,6 +187,7 @@ class Trainer:
         )
         self.train_set = VideoDataset(self.train_samples, train_pipe, seed=c.seed)
         self.sampler = EpochSampler(self.train_set, self.ctx, c.seed)
+        self.train_loader: DataLoader | None = None
         self.iters_per_epoch = self.sampler.num_samples // c.batch_size
         if self.iters_per_epoch < 1:
             raise ConfigError(
@@ -203,6 +208,7 @@ class Trainer:
             drop_last=train,
             pin_memory=self.ctx.device.type == "cuda",
             worker_init_fn=worker_init if c.workers else None,
+            persistent_workers=train and c.workers > 0,
             # a private generator: creating an iterator must not consume the global torch RNG
             generator=torch.Generator().manual_seed(c.seed),
         )
@@ -360,10 +366,11 @@ class Trainer:
         if self.batch_in_epoch >= self.iters_per_epoch:
             return
         self.sampler.set_epoch(self.epoch)
-        self.train_set.set_epoch(self.epoch)
         self.sampler.start = self.batch_in_epoch * c.batch_size
         self.model.train()
-        loader = iter(self._loader(self.train_set, self.sampler, train=True))
+        if self.train_loader is None:  # built once: its worker processes persist across epochs
+            self.train_loader = self._loader(self.train_set, self.sampler, train=True)
+        loader = iter(self.train_loader)
         progress = self._progress()
         task = progress.add_task(f"epoch {self.epoch + 1}/{c.epochs}", total=self.iters_per_epoch)
         progress.update(task, completed=self.batch_in_epoch)
