@@ -23,6 +23,7 @@ import torch
 
 from i3d.backends.base import BackendError, resolve_model
 from i3d.utils.files import atomic_path
+from i3d.weights.format import WeightsError, WeightsInfo
 
 INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
@@ -195,6 +196,23 @@ def _embed_weights_info(model: torch.nn.Module, dst: Path) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(dst))
+
+
+def read_onnx_info(path: str | os.PathLike[str]) -> WeightsInfo | None:
+    """The labels / preprocessing / config that ``export_onnx`` embedded, or None if absent."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have no common base class
+        raise ExportError(f"{path} is not a readable ONNX file: {exc}") from exc
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    if "i3d.config" not in meta:
+        return None
+    try:
+        return WeightsInfo.from_metadata(meta, path)
+    except WeightsError as exc:
+        raise ExportError(f"{path}: unreadable i3d metadata: {exc}") from exc
 
 
 def _simplify(dst: Path) -> None:

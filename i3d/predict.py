@@ -124,19 +124,31 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.weights = Path(weights) if weights is not None else default_weights()
-        self.info = read_info(self.weights)
         overrides = dict(pipeline_overrides)
         if clips is not None:
             overrides["num_clips"] = clips
         if crops is not None:
             overrides["num_crops"] = crops
-        self.pipeline: Pipeline = build_pipeline(self.info.preprocessing, "test", **overrides)
+        if self.weights.suffix == ".safetensors":
+            info = read_info(self.weights)
+            prep, self.labels = info.preprocessing, info.labels
+            self.num_classes: int | None = info.config.head.num_classes
+            self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
+            self.runner = load_classifier(self.weights, backend, device, batch_size)
+        else:  # an exported .onnx / .om: the runner reads what export recorded
+            self.runner = load_classifier(self.weights, backend, device, batch_size)
+            prep = getattr(self.runner, "preprocessing", None)
+            self.labels = getattr(self.runner, "labels", None)
+            self.num_classes = len(self.labels) if self.labels is not None else None
+            if prep is None:
+                raise InputError(
+                    f"{self.weights} records no preprocessing (test protocol); use the "
+                    ".safetensors weights, or a model written by `i3d export` (for .om, keep "
+                    "the .onnx export wrote beside it)"
+                )
+            self.pipeline = build_pipeline(prep, "test", **overrides)
+        self.average = prep.average_clips
         self.batch_size = batch_size
-        self.runner = load_classifier(self.weights, backend, device, batch_size)
-
-    @property
-    def labels(self) -> tuple[str, ...] | None:
-        return self.info.labels
 
     def scores(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Averaged class scores (K,) of one video."""
@@ -145,7 +157,7 @@ class Predictor:
             self.runner.predict(self.pipeline.normalize(chunk)[None])[0]
             for chunk in views.split(self.batch_size)
         ]
-        averaged = average_views(torch.cat(logits)[None], self.info.preprocessing.average_clips)
+        averaged = average_views(torch.cat(logits)[None], self.average)
         return averaged[0].numpy()
 
     def predict(self, path: str | os.PathLike[str]) -> Prediction:
@@ -290,6 +302,27 @@ def plot_confusion(
     plt.close(fig)
 
 
+def feature_device(backend: str, device: str | None) -> torch.device:
+    """Where ``i3d features`` runs the model: a torch (cpu/cuda/mps) or npu device.
+
+    Features need the model's layers, so exported backends (onnx, om), which only give
+    logits, are refused with what to use instead.
+    """
+    from i3d.backends import BackendError
+    from i3d.backends.npu_backend import import_torch_npu, npu_placement, parse_npu_device
+    from i3d.backends.torch_backend import resolve_device
+
+    if backend == "torch":
+        return resolve_device(device)
+    if backend == "npu":
+        import_torch_npu()
+        return npu_placement(parse_npu_device(device))[0]
+    raise BackendError(
+        f"features need the model's intermediate layers, which the {backend!r} backend does not "
+        "expose (exported models give logits only); use --backend torch (cpu, cuda) or npu"
+    )
+
+
 def video_features(
     model: torch.nn.Module,
     pipeline: Pipeline,
@@ -302,10 +335,12 @@ def video_features(
     if pool not in ("mean", "none"):
         raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
     views = pipeline.frames(path)
+    param = next(model.parameters())
     maps = []
     with torch.no_grad():
         for chunk in views.split(batch_size):
-            maps.append(model.endpoints(pipeline.normalize(chunk), [endpoint])[endpoint])
+            x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
+            maps.append(model.endpoints(x, [endpoint])[endpoint])
     features = torch.cat(maps)
     if pool == "none":
         return features

@@ -211,3 +211,42 @@ def test_om_without_ais_bench_says_how_to_install(tmp_path):
         BackendUnavailable, match="ais_bench is not installed; install the aclruntime"
     ):
         load_runner(om, backend="om")
+
+
+def test_predict_on_an_om_file_reads_labels_from_the_onnx_beside_it(fake_ais_bench, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    import attrs
+    from typer.testing import CliRunner
+    from videogen import write_video
+
+    from i3d.cli.main import app
+    from i3d.export import export_onnx
+    from i3d.weights.format import WeightsInfo, save_weights
+    from i3d.weights.preprocessing import MMACTION_K400
+
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 3, 8, 32, 32]
+    video = write_video(tmp_path / "v.mp4", 20, width=48, height=32)
+    args = ["predict", str(video), "--weights", str(om), "--backend", "om", "--json"]
+    result = CliRunner().invoke(app, [*args, "--top-k", "4"])
+    assert result.exit_code == 1 and "records no preprocessing" in result.output
+    config = get_preset("i3d_r50", base_channels=4, num_classes=4)
+    prep = attrs.evolve(
+        MMACTION_K400, clip_len=8, num_clips=2, num_crops=1, resize_short=32, crop_size=32
+    )
+    labels = ("up", "down", "left", "right")
+    weights = save_weights(
+        tmp_path / "w.safetensors",
+        build_model(config).state_dict(),
+        WeightsInfo(config, labels, prep),
+    )
+    export_onnx(weights, om.with_suffix(".onnx"), clip_len=8, size=32)  # as export_om leaves it
+    result = CliRunner().invoke(app, [*args, "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert sorted(t["label"] for t in record["top"]) == sorted(labels)
+    assert sum(t["score"] for t in record["top"]) == pytest.approx(1.0, abs=1e-5)
+    infers = [entry for entry in interface.LOG if entry[0] == "infer"]
+    assert len(infers) == 2 and infers[0][1] == (1, 3, 8, 32, 32)  # 2 clips × 1 crop

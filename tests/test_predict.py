@@ -14,9 +14,16 @@ from videogen import write_video
 
 from i3d import get_preset, load_model
 from i3d.cli.main import app
+from i3d.data.pipeline import build_pipeline
 from i3d.models import build_model
 from i3d.models.recognizer import average_views
-from i3d.predict import expand_inputs, predict_videos, read_predictions, summarize
+from i3d.predict import (
+    expand_inputs,
+    predict_videos,
+    read_predictions,
+    summarize,
+    video_features,
+)
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import MMACTION_K400
 
@@ -238,3 +245,41 @@ def test_features_npy_dir_full_maps(setup, tmp_path):
     assert "0 videos written" in runner.invoke(app, args).output
     result = runner.invoke(app, [*args[:3], "nope", *args[4:]])
     assert result.exit_code == 1 and "unknown endpoint" in result.output
+
+
+def test_features_follow_the_models_device_and_dtype(setup, tmp_path):
+    _root, weights, videos = setup
+    model = load_model(weights)
+    pipeline = build_pipeline(model.weights_info.preprocessing, "val")
+    single = video_features(model, pipeline, videos / "v0.mp4", "layer4")
+    double = video_features(
+        load_model(weights, dtype=torch.float64), pipeline, videos / "v0.mp4", "layer4"
+    )
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)
+    base = ["features", str(videos / "v0.mp4"), "--endpoint", "layer4", "--weights", str(weights)]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "f.safetensors"), "--backend", "onnx"])
+    assert result.exit_code == 1 and "use --backend torch" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(
+            app, [*base, "-o", str(tmp_path / "f.safetensors"), "--device", "cuda:0"]
+        )
+        assert result.exit_code == 1 and "CUDA is not available" in result.output
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_predict_on_an_exported_onnx_file(setup, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from i3d.export import export_onnx
+
+    _root, weights, videos = setup
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(weights, onnx_path, clip_len=8, size=32, batch="dynamic")
+    args = ["predict", str(videos / "v1.mp4"), "--json", "--top-k", "5", "--weights"]
+    ours = json.loads(runner.invoke(app, [*args, str(weights)]).output)
+    result = runner.invoke(app, [*args, str(onnx_path), "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    exported = json.loads(result.output)
+    assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
+    for a, b in zip(exported["top"], ours["top"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)

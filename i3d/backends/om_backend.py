@@ -28,6 +28,7 @@ from i3d.backends.base import (
     check_precision,
 )
 from i3d.backends.npu_backend import CANN_HINT, parse_npu_device
+from i3d.weights.format import WeightsInfo
 
 INSTALL_HINT = (
     "install the aclruntime and ais_bench wheels of ait's benchmark component "
@@ -54,7 +55,9 @@ class OmRunner(ClipRunner):
     backend = "om"
     precision = "fp32"
 
-    def __init__(self, session: Any, path: Path, device_index: int) -> None:
+    def __init__(
+        self, session: Any, path: Path, device_index: int, info: WeightsInfo | None = None
+    ) -> None:
         self.session = session
         self.path = path
         self.device = f"npu:{device_index}"
@@ -68,7 +71,10 @@ class OmRunner(ClipRunner):
             )
         self.input_shape = tuple(shape)
         clips_per_call = shape[0] * (shape[1] if len(shape) == 6 else 1)
-        super().__init__(clips_per_call, None, pad_multiple=clips_per_call)
+        super().__init__(
+            clips_per_call, info.preprocessing if info else None, pad_multiple=clips_per_call
+        )
+        self.labels = info.labels if info else None
 
     def _run(self, clips: torch.Tensor) -> torch.Tensor:
         clip_shape = tuple(clips.shape[1:])
@@ -91,6 +97,23 @@ class OmRunner(ClipRunner):
                 f"{clips.shape[0]} clips"
             )
         return torch.from_numpy(logits.reshape(clips.shape[0], -1))
+
+
+def om_info(path: Path) -> WeightsInfo | None:
+    """Labels and preprocessing of ``x.om`` from the ``x.onnx`` that ``i3d export`` left beside it.
+
+    ATC drops ONNX metadata, so the source ONNX is the record; None when it is gone or when
+    onnx is not installed (then inputs must be normalised floats and labels are indices).
+    """
+    source = path.with_suffix(".onnx")
+    if not source.is_file() or importlib.util.find_spec("onnx") is None:
+        return None
+    from i3d.export import ExportError, read_onnx_info
+
+    try:
+        return read_onnx_info(source)
+    except ExportError as exc:
+        raise BackendError(f"{path}: no labels/preprocessing from {source}: {exc}") from exc
 
 
 class OmBackend:
@@ -136,4 +159,5 @@ class OmBackend:
             session = infer_session(index, str(path))
         except Exception as exc:  # device or model load failure inside aclruntime
             raise BackendError(f"ais_bench could not load {path} on npu:{index}: {exc}") from exc
-        return OmRunner(session, path, index)  # a static model's own batch replaces batch_size
+        # a static model's own batch replaces batch_size
+        return OmRunner(session, path, index, om_info(path))

@@ -27,6 +27,7 @@ from i3d.predict import (
     default_weights,
     evaluate_samples,
     expand_inputs,
+    feature_device,
     plot_confusion,
     read_predictions,
     summarize,
@@ -207,7 +208,8 @@ def _run_evaluation(
     predictor = Predictor(weights, clips, crops, batch_size, backend, device)
     labels = predictor.labels
     samples = load_annotations(annotations, data_root, labels=labels)[:limit]
-    check_labels(samples, predictor.info.config.head.num_classes)
+    if predictor.num_classes is not None:
+        check_labels(samples, predictor.num_classes)
     scored: list[Scored] = []
     skipped: list[tuple[str, str]] = []
     hits = 0
@@ -237,14 +239,16 @@ def features(
     clips: ClipsOpt = None,
     crops: CropsOpt = None,
     batch_size: BatchOpt = 1,
-    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu, cuda:0.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
+    device: DeviceOpt = None,
 ) -> None:
     """Features of an endpoint per video (resumable: videos already written are skipped)."""
     from i3d.backends import BackendError
 
     with fail_on_errors(*ERRORS, BackendError):
         paths = expand_inputs(inputs)
-        model = load_model(weights if weights is not None else default_weights(), device)
+        where = feature_device(backend, device)
+        model = load_model(weights if weights is not None else default_weights(), where)
         if endpoint not in model.endpoint_names:
             raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
         prep = model.weights_info.preprocessing
