@@ -24,7 +24,13 @@ from i3d.data.decode import open_video
 from i3d.data.toy import TOY_CLASSES, ToySpec, make_toy_dataset
 from i3d.train import TrainConfig, TrainingError, TrainingInterrupted, train
 from i3d.train import checkpoint as ckpt
-from i3d.train.distributed import PG_BACKENDS, DistContext, DistributedError, device_for
+from i3d.train.distributed import (
+    PG_BACKENDS,
+    DistContext,
+    DistributedError,
+    _free_port,
+    device_for,
+)
 from i3d.train.loop import Trainer, amp_dtype
 from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import OutputError
@@ -232,6 +238,30 @@ def test_two_process_gloo_run(toy, tmp_path, monkeypatch):
     assert len(steps) == len(set(steps)) == 4 * 3 + 2  # one writer: no duplicated lines
     assert summary["steps"] == 12
     assert ckpt.load_checkpoint(summary["checkpoint"])["rng"].__len__() == 2
+
+
+def test_torchrun_job_is_joined_not_respawned(toy, tmp_path):
+    work = tmp_path / "torchrun"
+    args = ["--train-list", str(toy / "train.txt"), "--data-root", str(toy)]
+    args += ["--val-list", str(toy / "val.txt"), "--labels", str(toy / "labels.txt")]
+    args += ["--depth", "18", "--base-channels", "4", "--clip-len", "8", "--frame-interval", "1"]
+    args += ["--size", "32", "--short-side", "32", "--epochs", "2", "--batch-size", "2"]
+    args += ["--lr", "0.02", "--no-scale-lr", "--workers", "0", "--val-every", "2"]
+    args += ["--world-size", "5", "--work-dir", str(work)]  # ignored: torchrun decides
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-port", str(_free_port()), "-m", "i3d", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 6 steps") == 1, proc.stdout  # rank 0 alone reports
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 2 * 3  # 12 videos / (2 per device × 2 devices) per epoch
+    state = ckpt.load_checkpoint(summary["checkpoint"])
+    assert len(state["rng"]) == 2  # one RNG state per torchrun worker
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len({(r["kind"], r["step"]) for r in records}) == len(records)  # rank 0 writes
 
 
 def crash_on_rank1(event, ctx, info):

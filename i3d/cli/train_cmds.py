@@ -162,6 +162,8 @@ def train_command(
         except TrainingInterrupted as exc:
             err_console.print(f"[yellow]{exc}[/yellow]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
+    if summary["rank"] != 0:
+        return
     best = summary["best_top1"]
     best_text = f"best val top-1 {best:.2%}, " if best is not None else ""
     console.print(

@@ -339,6 +339,7 @@ class Trainer:
                 plot_curves(self.metrics, self.work_dir / "curves.png")
         last = self._export("last.safetensors")
         summary = {
+            "rank": self.ctx.rank,  # under torchrun every process gets its own summary
             "work_dir": str(self.work_dir),
             "epochs": self.config.epochs,
             "steps": self.step,
