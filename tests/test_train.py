@@ -330,6 +330,23 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(toy, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_from_an_inflated_2d_resnet(toy, tmp_path):
+    from test_inflate import _resnet2d
+
+    from i3d.weights.inflate import convert_torchvision_2d
+
+    torch.save(_resnet2d(18, 4).state_dict(), tmp_path / "r18_2d.pth")
+    init, _ = convert_torchvision_2d(tmp_path / "r18_2d.pth", tmp_path / "init.safetensors")
+    config = tiny(toy, tmp_path / "inflated", init=str(init), model_overrides={}, epochs=1)
+    train(attrs.evolve(config, val_list=None))
+    before, _ = load_weights(init)
+    after, info = load_weights(tmp_path / "inflated" / "last.safetensors")
+    assert info.config.depth == 18 and info.config.head.num_classes == 2
+    assert after["cls_head.fc_cls.weight"].shape == (2, 32)  # fresh 2-class head
+    stem = "backbone.conv1.conv.weight"
+    assert not torch.equal(before[stem], after[stem])  # the inflated backbone was trained
+
+
 def test_persistent_workers_draw_each_epochs_own_samples(toy, tmp_path):
     trainer = Trainer(tiny(toy, tmp_path / "w", workers=2), DistContext())
     loader = trainer._loader(trainer.train_set, trainer.sampler, train=True)
