@@ -31,7 +31,7 @@ from i3d.train.distributed import (
     _free_port,
     device_for,
 )
-from i3d.train.loop import Trainer, amp_dtype
+from i3d.train.loop import EpochSampler, Trainer, amp_dtype
 from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import OutputError
 from i3d.weights.format import load_model, load_weights
@@ -262,6 +262,38 @@ def test_torchrun_job_is_joined_not_respawned(toy, tmp_path):
     assert len(state["rng"]) == 2  # one RNG state per torchrun worker
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert len({(r["kind"], r["step"]) for r in records}) == len(records)  # rank 0 writes
+
+
+def test_epoch_position_carries_over_to_another_world_size(toy, tmp_path):
+    trainer = Trainer(tiny(toy, tmp_path / "w"), DistContext())
+    dataset, seed = trainer.train_set, 0
+
+    def remaining(world: int, batch: int, done_batches: int) -> list[int]:
+        keys = []
+        for rank in range(world):
+            sampler = EpochSampler(dataset, DistContext(rank=rank, world_size=world), seed)
+            sampler.set_epoch(3)
+            sampler.start = done_batches * batch
+            keys += [i for _, i in sampler]
+        return sorted(keys)
+
+    # 12 videos, global batch 4: after one step the same 8 samples remain, however split
+    assert remaining(2, 2, 1) == remaining(1, 4, 1) == remaining(4, 1, 1)
+    assert len(remaining(1, 4, 1)) == 8
+
+
+def test_resume_on_another_world_size_keeps_the_schedule(toy, tmp_path, capsys):
+    work = tmp_path / "elastic"
+    train(tiny(toy, work, world_size=2, batch_size=2, epochs=2, val_list=None))
+    capsys.readouterr()
+    config = tiny(toy, work, world_size=1, batch_size=4, epochs=3, val_list=None, resume="auto")
+    summary = train(config)
+    assert "written by 2 workers, this run has 1" in capsys.readouterr().out
+    assert summary["steps"] == 3 * 3
+    steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+    with pytest.raises(ckpt.CheckpointError, match="global batch 4"):
+        train(attrs.evolve(config, batch_size=2, epochs=4))
 
 
 def crash_on_rank1(event, ctx, info):

@@ -293,11 +293,19 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch"], state["step"]
         self.best_top1 = state["best_top1"]
         rngs = state["rng"]
-        if len(rngs) != self.ctx.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {len(rngs)} workers; resume with --world-size {len(rngs)}"
+        if len(rngs) == self.ctx.world_size:
+            ckpt.set_rng_state(rngs[self.ctx.rank])
+        else:
+            # Same global batch, so the same steps per epoch and LR schedule, and the samples
+            # already seen this epoch are the same prefix of the epoch's permutation. Only the
+            # per-rank random streams (dropout) cannot carry over: reseed them per rank.
+            self._seed_everything(self.config.seed + 1_000_003 * self.step + self.ctx.rank)
+            self.console.print(
+                f"[yellow]{path} was written by {len(rngs)} workers, this run has "
+                f"{self.ctx.world_size}: continuing with the same global batch and schedule; "
+                "dropout draws are reseeded, so the run is no longer bitwise-reproducible"
+                "[/yellow]"
             )
-        ckpt.set_rng_state(rngs[self.ctx.rank])
         self.last_checkpoint = path
         self.metrics.truncate(self.step)
         self.console.print(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
