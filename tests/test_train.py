@@ -32,6 +32,7 @@ from i3d.train.distributed import (
     device_for,
 )
 from i3d.train.loop import EpochSampler, Trainer, amp_dtype
+from i3d.train.recipe import ConfigError, get_recipe
 from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import OutputError
 from i3d.weights.format import load_model, load_weights
@@ -360,6 +361,33 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(toy, tmp_path):
     b, _ = load_weights(tmp_path / "killed" / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepmind_inception_recipe_trains(toy, tmp_path):
+    """The second recipe: Inception-v1 I3D, [-1, 1] inputs, no grad clip (T >= 9, 224 px)."""
+    two = tmp_path / "two.txt"
+    two.write_text("\n".join((toy / "train.txt").read_text().splitlines()[:2]))
+    config = get_recipe(
+        "deepmind_inception",
+        train_list=str(two),
+        data_root=str(toy),
+        labels=str(toy / "labels.txt"),
+        clip_len=10,
+        resize_short=224,
+        batch_size=2,
+        epochs=1,
+        workers=0,
+        lr=0.01,
+        scale_lr=False,
+        work_dir=str(tmp_path / "dm"),
+    )
+    summary = train(config)
+    model = load_model(tmp_path / "dm" / "last.safetensors")
+    assert summary["steps"] == 1 and model.config.arch == "inception_i3d"
+    assert model.config.head.num_classes == 2
+    assert model.weights_info.preprocessing.value_range == (-1.0, 1.0)
+    with pytest.raises(ConfigError, match="--freeze-stages applies to ResNet3d"):
+        train(attrs.evolve(config, freeze_stages=2))
 
 
 def test_init_from_an_inflated_2d_resnet(toy, tmp_path):

@@ -107,23 +107,34 @@ class ShardSampler(Sampler[int]):
 def model_config(config: TrainConfig, num_classes: int, base: Any | None = None) -> Any:
     """Architecture of the run: ``base`` (from --init) or the preset with overrides applied."""
     head = {"num_classes": num_classes, "dropout": config.dropout}
+    preset = base if base is not None else get_preset(config.preset)
+    freeze = _freeze_option(preset, config.freeze_stages)
     if base is not None:
         if config.model_overrides:
             raise ConfigError("model overrides cannot change the architecture of an --init file")
-        return attrs.evolve(
-            base, head=attrs.evolve(base.head, **head), frozen_stages=config.freeze_stages
-        )
+        return attrs.evolve(base, head=attrs.evolve(base.head, **head), **freeze)
     overrides = dict(config.model_overrides)
-    preset = get_preset(config.preset)
     if "depth" in overrides and overrides["depth"] != getattr(preset, "depth", None):
         # per-block flags of the preset do not fit another depth: keep one flag per stage
         for name in ("inflate", "non_local"):
             if hasattr(preset, name):
                 overrides.setdefault(name, tuple(int(any(s)) for s in preset.block_flags(name)))
     try:
-        return get_preset(config.preset, **overrides, **head, frozen_stages=config.freeze_stages)
+        return get_preset(config.preset, **overrides, **head, **freeze)
     except TypeError as exc:
         raise ConfigError(f"invalid model override: {exc}") from None
+
+
+def _freeze_option(model: Any, stages: int) -> dict[str, int]:
+    """``frozen_stages`` for architectures that have it (ResNet3d); -1 (none) fits every model."""
+    if any(f.name == "frozen_stages" for f in attrs.fields(type(model))):
+        return {"frozen_stages": stages}
+    if stages != -1:
+        raise ConfigError(
+            f"--freeze-stages applies to ResNet3d models; {type(model).__name__} has no stages "
+            "to freeze"
+        )
+    return {}
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
