@@ -24,7 +24,7 @@ from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accu
 from i3d.data.pipeline import Pipeline, build_pipeline
 from i3d.models.recognizer import average_views
 from i3d.utils.files import atomic_path
-from i3d.weights.format import WeightsError, read_info
+from i3d.weights.format import WeightsError, WeightsInfo, read_info
 
 DEFAULT_MODEL = "i3d_inception_k400_rgb"
 
@@ -108,6 +108,21 @@ class Prediction:
         }
 
 
+def check_video_model(path: Path, info: WeightsInfo) -> None:
+    """Videos give RGB frames only: refuse flow and two-stream weights with what to do."""
+    if getattr(info.config, "arch", None) == "two_stream":
+        raise InputError(
+            f"{path} is a two-stream (RGB + optical flow) model; videos give RGB frames only. "
+            "Predict with the RGB stream's weights, or compute flow yourself and call "
+            "model(rgb, flow) from Python"
+        )
+    if info.preprocessing.modality != "rgb":
+        raise InputError(
+            f"{path} is an optical-flow model; it takes (x, y) flow fields, not video frames. "
+            "Compute flow (e.g. TV-L1) yourself and call the model from Python"
+        )
+
+
 class Predictor:
     """Loads weights once; ``scores(path)`` runs one video through pipeline + model."""
 
@@ -131,6 +146,7 @@ class Predictor:
             overrides["num_crops"] = crops
         if self.weights.suffix == ".safetensors":
             info = read_info(self.weights)
+            check_video_model(self.weights, info)
             prep, self.labels = info.preprocessing, info.labels
             self.num_classes: int | None = info.config.head.num_classes
             self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)

@@ -132,6 +132,10 @@ def test_input_errors_are_specific(tiny):
         runner.predict(np.zeros((3, 8, 32, 32), dtype=np.float32))
     with pytest.raises(BackendError, match="failed on clips"):
         runner.predict(torch.zeros(1, 3, 2, 32, 32))  # too short for the temporal strides
+    two_stream = build_model(get_preset("inception_i3d_two_stream", num_classes=2))
+    with pytest.raises(BackendError, match=r"pass model\.rgb or model\.flow"):
+        load_runner(two_stream)
+    assert load_runner(two_stream.rgb).predict(torch.zeros(1, 3, 9, 224, 224)).shape == (1, 2)
 
 
 @pytest.mark.parametrize(

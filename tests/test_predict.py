@@ -283,3 +283,22 @@ def test_predict_on_an_exported_onnx_file(setup, tmp_path):
     assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
     for a, b in zip(exported["top"], ours["top"], strict=True):
         assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["inception_i3d_two_stream", "inception_i3d_flow"])
+def test_flow_models_are_refused_for_videos(setup, tmp_path, preset):
+    _root, _weights, videos = setup
+    config = get_preset(preset, num_classes=2)
+    modality = "flow" if preset.endswith("flow") else "rgb"
+    prep = attrs.evolve(MMACTION_K400, modality=modality)
+    path = save_weights(
+        tmp_path / "m.safetensors",
+        build_model(config).state_dict(),
+        WeightsInfo(config, None, prep),
+    )
+    expected = "two-stream" if modality == "rgb" else "optical-flow model"
+    result = runner.invoke(app, ["predict", str(videos / "v0.mp4"), "--weights", str(path)])
+    assert result.exit_code == 1 and expected in result.output
+    args = ["features", str(videos / "v0.mp4"), "--endpoint", "Mixed_5c", "--weights", str(path)]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "f.safetensors")])
+    assert result.exit_code == 1 and expected in result.output

@@ -96,8 +96,8 @@ def resolve_model(weights_or_model: Any) -> nn.Module:
     Backends copy a caller's module before changing its mode, device or dtype.
     """
     if isinstance(weights_or_model, nn.Module):
-        return weights_or_model
-    if isinstance(weights_or_model, str | os.PathLike):
+        model = weights_or_model
+    elif isinstance(weights_or_model, str | os.PathLike):
         path = Path(weights_or_model)
         if path.suffix in {".onnx", ".om"}:
             raise BackendError(
@@ -106,10 +106,17 @@ def resolve_model(weights_or_model: Any) -> nn.Module:
             )
         from i3d.weights.format import load_model
 
-        return load_model(path)
-    raise BackendError(
-        f"expected a model or a .safetensors weight file, got {type(weights_or_model).__name__}"
-    )
+        model = load_model(path)
+    else:
+        raise BackendError(
+            f"expected a model or a .safetensors weight file, got {type(weights_or_model).__name__}"
+        )
+    if getattr(getattr(model, "config", None), "arch", None) == "two_stream":
+        raise BackendError(
+            "a two-stream model takes two inputs (RGB clips and optical flow); backends run "
+            "one stream at a time: pass model.rgb or model.flow, or that stream's weights"
+        )
+    return model
 
 
 def preprocessing_of(model: nn.Module) -> Preprocessing | None:

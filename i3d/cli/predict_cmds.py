@@ -24,6 +24,7 @@ from i3d.predict import (
     InputError,
     Predictor,
     Scored,
+    check_video_model,
     default_weights,
     evaluate_samples,
     expand_inputs,
@@ -248,7 +249,9 @@ def features(
     with fail_on_errors(*ERRORS, BackendError):
         paths = expand_inputs(inputs)
         where = feature_device(backend, device)
-        model = load_model(weights if weights is not None else default_weights(), where)
+        path = weights if weights is not None else default_weights()
+        check_video_model(path, read_info(path))
+        model = load_model(path, where)
         if endpoint not in model.endpoint_names:
             raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
         prep = model.weights_info.preprocessing
