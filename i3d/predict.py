@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.data.datasets import Sample
+from i3d.data.datasets import Sample, auto_workers, iter_views
 from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import Pipeline, build_pipeline
@@ -168,7 +168,10 @@ class Predictor:
 
     def scores(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Averaged class scores (K,) of one video."""
-        views = self.pipeline.frames(path)
+        return self.scores_of_views(self.pipeline.frames(path))
+
+    def scores_of_views(self, views: torch.Tensor) -> np.ndarray:
+        """Averaged class scores (K,) of one video's uint8 views (V, C, T, H, W)."""
         logits = [
             self.runner.predict(self.pipeline.normalize(chunk)[None])[0]
             for chunk in views.split(self.batch_size)
@@ -178,10 +181,31 @@ class Predictor:
 
     def predict(self, path: str | os.PathLike[str]) -> Prediction:
         """Prediction for one video; a decode failure is recorded, not raised."""
-        try:
-            return Prediction(Path(path), self.scores(path), self.labels)
-        except VIDEO_ERRORS as exc:
-            return Prediction(Path(path), None, self.labels, error=str(exc))
+        return next(self.predict_many([path], workers=0))
+
+    def predict_many(
+        self, paths: Sequence[str | os.PathLike[str]], workers: int | None = None
+    ) -> Iterator[Prediction]:
+        """Predictions in order, videos decoded by ``workers`` processes ahead (None: auto)."""
+        for path, scores in zip(paths, self.iter_scores(paths, workers), strict=True):
+            if isinstance(scores, str):
+                yield Prediction(Path(path), None, self.labels, error=scores)
+            else:
+                yield Prediction(Path(path), scores, self.labels)
+
+    def iter_scores(
+        self, paths: Sequence[str | os.PathLike[str]], workers: int | None = None
+    ) -> Iterator[np.ndarray | str]:
+        """Scores of each video in order, or the error text of one that failed."""
+        workers = auto_workers(len(paths)) if workers is None else workers
+        for views in iter_views(paths, self.pipeline, workers, VIDEO_ERRORS):
+            if isinstance(views, str):
+                yield views
+                continue
+            try:
+                yield self.scores_of_views(views)
+            except VIDEO_ERRORS as exc:
+                yield str(exc)
 
 
 def predict_videos(
@@ -193,13 +217,16 @@ def predict_videos(
     backend: str = "torch",
     device: str | None = None,
     on_result: Callable[[Prediction], None] | None = None,
+    workers: int | None = None,
     **pipeline_overrides: Any,
 ) -> list[Prediction]:
-    """Predictions for videos (in order); failed videos carry ``error`` instead of scores."""
+    """Predictions for videos (in order); failed videos carry ``error`` instead of scores.
+
+    ``workers`` decoding processes run ahead of the model (None: 0 for one video, else auto).
+    """
     predictor = Predictor(weights, clips, crops, batch_size, backend, device, **pipeline_overrides)
     results = []
-    for path in paths:
-        result = predictor.predict(path)
+    for result in predictor.predict_many(paths, workers):
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -216,14 +243,15 @@ class Scored:
 
 
 def evaluate_samples(
-    samples: Sequence[Sample], predictor: Predictor
+    samples: Sequence[Sample], predictor: Predictor, workers: int | None = None
 ) -> Iterator[Scored | tuple[Sample, str]]:
-    """Score samples one by one; unreadable ones are yielded as (sample, error)."""
-    for sample in samples:
-        try:
-            yield Scored(str(sample.path), sample.label, predictor.scores(sample.path))
-        except VIDEO_ERRORS as exc:
-            yield sample, str(exc)
+    """Score samples in order; unreadable ones are yielded as (sample, error)."""
+    scores = predictor.iter_scores([s.path for s in samples], workers)
+    for sample, result in zip(samples, scores, strict=True):
+        if isinstance(result, str):
+            yield sample, result
+        else:
+            yield Scored(str(sample.path), sample.label, result)
 
 
 def summarize(scored: Sequence[Scored]) -> dict[str, float]:
@@ -342,15 +370,18 @@ def feature_device(backend: str, device: str | None) -> torch.device:
 def video_features(
     model: torch.nn.Module,
     pipeline: Pipeline,
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | torch.Tensor,
     endpoint: str,
     pool: str = "mean",
     batch_size: int = 1,
 ) -> torch.Tensor:
-    """Endpoint features of one video: (C,) pooled over views and space-time, or (V, C, t, h, w)."""
+    """Endpoint features of one video: (C,) pooled over views and space-time, or (V, C, t, h, w).
+
+    ``source`` is a video path or its uint8 views from ``pipeline.frames``.
+    """
     if pool not in ("mean", "none"):
         raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
-    views = pipeline.frames(path)
+    views = source if isinstance(source, torch.Tensor) else pipeline.frames(source)
     param = next(model.parameters())
     maps = []
     with torch.no_grad():

@@ -106,6 +106,22 @@ def test_predict_cli_table_json_csv(setup):
     assert len(csv_path.read_text().splitlines()) == 1 + 3 * 3
 
 
+def test_decoding_workers_keep_order_scores_and_failures(setup, tmp_path):
+    _root, weights, videos = setup
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage")
+    inputs = [videos / "v2.mp4", bad, videos / "v0.mp4", videos / "v1.mp4"]
+    serial = predict_videos(inputs, weights, workers=0)
+    ahead = predict_videos(inputs, weights, workers=2)
+    assert [p.path for p in ahead] == inputs
+    assert ahead[1].scores is None and "bad.mp4" in ahead[1].error
+    for a, b in zip(serial, ahead, strict=True):
+        assert a.error == b.error
+        assert (a.scores is None) == (b.scores is None)
+        if a.scores is not None:
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+
+
 def test_predict_cli_failures(setup, tmp_path):
     _root, weights, videos = setup
     bad = tmp_path / "bad.mp4"

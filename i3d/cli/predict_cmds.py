@@ -16,7 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from i3d.cli.common import err_console, fail_on_errors
-from i3d.data.datasets import AnnotationError, check_labels, load_annotations
+from i3d.data.datasets import (
+    AnnotationError,
+    auto_workers,
+    check_labels,
+    iter_views,
+    load_annotations,
+)
 from i3d.data.decode import VideoDecodeError
 from i3d.data.pipeline import build_pipeline
 from i3d.predict import (
@@ -61,6 +67,12 @@ CropsOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")]
 BackendOpt = Annotated[str, typer.Option(help="Execution backend (see `i3d backends`).")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0, help="Processes decoding ahead of the model (default: 0 for one video, else auto)."
+    ),
+]
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0 (default: the backend's).")
 ]
@@ -86,6 +98,7 @@ def predict(
     batch_size: BatchOpt = 1,
     backend: BackendOpt = "torch",
     device: DeviceOpt = None,
+    workers: WorkersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per video.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Also write the top-k table as CSV.")] = None,
 ) -> None:
@@ -98,8 +111,7 @@ def predict(
         results = []
         with _progress() as progress:
             task = progress.add_task("predicting", total=len(paths), visible=len(paths) > 1)
-            for path in paths:
-                result = predictor.predict(path)
+            for result in predictor.predict_many(paths, workers):
                 results.append(result)
                 if as_json:
                     typer.echo(json.dumps(result.to_json(top_k)))
@@ -158,6 +170,7 @@ def evaluate(
     batch_size: BatchOpt = 1,
     backend: BackendOpt = "torch",
     device: DeviceOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
     from i3d.backends import BackendError
@@ -171,8 +184,9 @@ def evaluate(
         else:
             if annotations is None:
                 raise InputError("give an annotation list, or --from-predictions FILE")
+            predictor = Predictor(weights, clips, crops, batch_size, backend, device)
             scored, skipped, labels = _run_evaluation(
-                annotations, weights, data_root, limit, clips, crops, batch_size, backend, device
+                predictor, annotations, data_root, limit, workers
             )
             if not scored:
                 raise InputError(f"none of the {len(skipped)} samples could be read")
@@ -196,17 +210,12 @@ def evaluate(
 
 
 def _run_evaluation(
+    predictor: Predictor,
     annotations: Path,
-    weights: Path | None,
     data_root: Path | None,
     limit: int | None,
-    clips: int | None,
-    crops: int | None,
-    batch_size: int,
-    backend: str,
-    device: str | None,
+    workers: int | None,
 ) -> tuple[list[Scored], list[tuple[str, str]], tuple[str, ...] | None]:
-    predictor = Predictor(weights, clips, crops, batch_size, backend, device)
     labels = predictor.labels
     samples = load_annotations(annotations, data_root, labels=labels)[:limit]
     if predictor.num_classes is not None:
@@ -216,7 +225,7 @@ def _run_evaluation(
     hits = 0
     with _progress() as progress:
         task = progress.add_task("evaluating", total=len(samples))
-        for item in evaluate_samples(samples, predictor):
+        for item in evaluate_samples(samples, predictor, workers):
             if isinstance(item, Scored):
                 scored.append(item)
                 hits += int(np.argmax(item.scores) == item.label)
@@ -242,6 +251,7 @@ def features(
     batch_size: BatchOpt = 1,
     backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
     device: DeviceOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Features of an endpoint per video (resumable: videos already written are skipped)."""
     from i3d.backends import BackendError
@@ -262,13 +272,19 @@ def features(
         failed: list[tuple[Path, str]] = []
         with _progress() as progress:
             task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
-            for i, path in enumerate(todo, 1):
+            count = auto_workers(len(todo)) if workers is None else workers
+            views_of = iter_views(todo, pipeline, count, VIDEO_ERRORS)
+            for i, (path, views) in enumerate(zip(todo, views_of, strict=True), 1):
                 try:
-                    feats = video_features(model, pipeline, path, endpoint, pool.value, batch_size)
+                    if isinstance(views, str):  # decoding failed; this is its message
+                        failed.append((path, views))
+                    else:
+                        feats = video_features(
+                            model, pipeline, views, endpoint, pool.value, batch_size
+                        )
+                        store.add(path, feats.to(device="cpu", dtype=torch.float32))
                 except VIDEO_ERRORS as exc:
                     failed.append((path, str(exc)))
-                else:
-                    store.add(path, feats.to(device="cpu", dtype=torch.float32))
                 if i % SAVE_EVERY == 0:
                     store.save(endpoint, pool.value)
                 progress.advance(task)

@@ -10,13 +10,13 @@ import csv
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError, open_frames_dir, open_video
 from i3d.data.pipeline import Pipeline
@@ -253,3 +253,53 @@ def skip_collate(batch: list[Any]) -> Any:
 def worker_init(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise)."""
     torch.set_num_threads(1)
+
+
+class _ViewsOf(Dataset):
+    """Test-time uint8 views of each source, or the error text when it cannot be read."""
+
+    def __init__(
+        self,
+        sources: Sequence[str | os.PathLike[str]],
+        pipeline: Pipeline,
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.sources, self.pipeline, self.errors = list(sources), pipeline, errors
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor | str:
+        try:
+            return self.pipeline.frames(self.sources[index])
+        except self.errors as exc:
+            return str(exc) or type(exc).__name__
+
+
+def auto_workers(count: int) -> int:
+    """Decoding processes for ``count`` videos: none for one, else half the cores (max 4)."""
+    return 0 if count <= 1 else min(4, max(1, (os.cpu_count() or 1) // 2))
+
+
+def iter_views(
+    sources: Sequence[str | os.PathLike[str]],
+    pipeline: Pipeline,
+    workers: int = 0,
+    errors: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError),
+) -> Iterator[torch.Tensor | str]:
+    """uint8 views (V, C, T, H, W) of each source in order; a failed source yields its error.
+
+    With ``workers`` > 0, DataLoader processes decode the next videos while the caller runs
+    the model on the current one (at most ``workers`` videos ahead, to bound memory).
+    """
+    dataset = _ViewsOf(sources, pipeline, errors)
+    if workers == 0:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    yield from DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=1,
+        worker_init_fn=worker_init,
+    )
