@@ -53,6 +53,7 @@ class OmExport:
     onnx: OnnxExport
     command: tuple[str, ...]
     om_path: Path | None
+    replaced_onnx: bool  # an earlier file at the ONNX path was overwritten
 
     @property
     def command_line(self) -> str:
@@ -108,6 +109,7 @@ def export_onnx(
             "export two-stream models one stream at a time"
         )
     shape = input_shape(clip_len, size, views, batch, channels)
+    _check_runs(model, _concrete(shape, 1))
     dynamic = batch == "dynamic"
     example = torch.randn(_concrete(shape, 2), generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as tmp:
@@ -125,6 +127,24 @@ def export_onnx(
     return OnnxExport(Path(path), shape, opset, max_abs, rel)
 
 
+def _check_runs(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    """Run ``model`` once on a batch-1 input so a clip it cannot process fails in one line.
+
+    The exporter traces with fake tensors and logs every failing op before raising; a clip
+    too short or too small for the network's strides is caught here instead.
+    """
+    clip_len, height, width = shape[-3:]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"the model cannot run on clips of {clip_len}×{height}×{width} (T×H×W): {reason}; "
+            "use a longer --clip-len or a larger --size"
+        ) from exc
+
+
 def _require(module: str, hint: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ExportError(f"ONNX export needs {module}: {hint}")
@@ -137,13 +157,14 @@ def _torch_export(
     # padding computed from the input shape (Inception's TF-SAME) becomes constants; only
     # the batch axis is symbolic with a dynamic batch.
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
-    # exporter notices ("torchvision is not installed", failed-trace logs): errors are raised
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # exporter progress and deprecation chatter
+    chatter = io.StringIO()  # progress, and graphs the tracer prints when it fails
+    with (
+        _quiet_torch_logs(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(chatter),
+        contextlib.redirect_stderr(chatter),
+    ):
+        warnings.simplefilter("ignore")  # exporter deprecation notices
         try:
             program = torch.onnx.export(
                 model,
@@ -158,10 +179,8 @@ def _torch_export(
             program.save(str(dst), external_data=False)  # one self-contained file
         except Exception as exc:  # the exporter raises many unrelated types
             root = _root_cause(exc)
-            raise ExportError(f"torch.onnx.export failed: {type(root).__name__}: {root}") from exc
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+            first = next((line for line in str(root).splitlines() if line.strip()), "")
+            raise ExportError(f"torch.onnx.export failed: {type(root).__name__}: {first}") from exc
     import onnx
 
     try:
@@ -175,6 +194,29 @@ def _torch_export(
             f"the exporter could not convert this model to opset {opset} (it produced "
             f"{produced}); use --opset {produced}"
         )
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Mute torch's loggers (exporter notices, fake-tensor tracebacks) for the block.
+
+    torch's loggers write to their own stderr handlers without propagating; failures are
+    raised as :class:`ExportError` instead, so their logs would only repeat them at length.
+    """
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger("torch")] + [
+        logger
+        for name, logger in list(manager.loggerDict.items())
+        if name.startswith("torch.") and isinstance(logger, logging.Logger)
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # loggers created later inherit the "torch" logger's level
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -215,6 +257,22 @@ def read_onnx_info(path: str | os.PathLike[str]) -> WeightsInfo | None:
         raise ExportError(f"{path}: unreadable i3d metadata: {exc}") from exc
 
 
+def onnx_input_shape(path: str | os.PathLike[str]) -> tuple[int | None, ...]:
+    """The first graph input's shape: an int per static dim, None per symbolic one."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf decode errors have no common base class
+        raise ExportError(f"{path} is not a readable ONNX file: {exc}") from exc
+    weights = {tensor.name for tensor in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    if not inputs:
+        raise ExportError(f"{path}: the ONNX graph has no input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
 def _simplify(dst: Path) -> None:
     import onnx
     import onnxsim
@@ -253,12 +311,17 @@ def atc_command(
     if any(isinstance(d, str) for d in shape):
         raise ExportError("OM models need a static batch; pass --batch N, not dynamic")
     dims = ",".join(str(d) for d in shape)
+    # ATC's --input_format for ONNX models accepts NCHW (the default), NCDHW and ND (ND only
+    # up to 4 dims): https://www.hiascend.com/document/detail/en/canncommercial/800/devaids/
+    # atc/atlasatcparam_16_0015.html. NCDHW is the layout of a (B, C, T, H, W) clip; the
+    # docs name no format for 6-D (B, V, C, T, H, W) input, which keeps the default NCHW.
+    layout = "NCDHW" if len(shape) == 5 else "NCHW"
     return (
         "atc",
         "--framework=5",
         f"--model={onnx_path}",
         f"--output={om_stem}",
-        "--input_format=NCHW",
+        f"--input_format={layout}",
         f"--input_shape={INPUT_NAME}:{dims}",
         f"--soc_version={soc}",
     )
@@ -277,19 +340,24 @@ def export_om(
 ) -> OmExport:
     """Write ``path`` minus .om + ``.onnx``, then run ATC if it is on PATH (else only plan it).
 
-    With ATC present the OM is produced under a temp name and renamed onto ``path``.
+    The ONNX file stays beside the OM on purpose: ATC drops ONNX metadata, so it is where
+    ``i3d predict`` finds the OM's labels and preprocessing. An existing file there is
+    replaced (``replaced_onnx`` says so). With ATC present the OM is produced under a temp
+    name and renamed onto ``path``.
     """
     path = Path(path)
     if path.suffix != ".om":
         raise ExportError(f"OM output must end in .om, got {path}")
     shape = input_shape(clip_len, size, views, batch)
     atc_command("model.onnx", "model", shape, soc)  # validates the static shape before exporting
+    onnx_path = path.with_suffix(".onnx")
+    replaced = onnx_path.exists()
     onnx_export = export_onnx(
-        weights_or_model, path.with_suffix(".onnx"), clip_len, size, views, batch, opset, simplify
+        weights_or_model, onnx_path, clip_len, size, views, batch, opset, simplify
     )
     final = atc_command(onnx_export.path, path.with_suffix(""), onnx_export.input_shape, soc)
     if shutil.which("atc") is None:
-        return OmExport(onnx_export, final, None)
+        return OmExport(onnx_export, final, None, replaced)
     with _atc_temp_stem(path) as stem:
         command = atc_command(onnx_export.path, stem, onnx_export.input_shape, soc)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -298,7 +366,7 @@ def export_om(
             tail = (result.stderr or result.stdout).strip()[-2000:]
             raise ExportError(f"atc failed (exit {result.returncode}): {tail}")
         os.replace(produced, path)
-    return OmExport(onnx_export, final, path)
+    return OmExport(onnx_export, final, path, replaced)
 
 
 @contextlib.contextmanager

@@ -79,7 +79,7 @@ def load_classifier(weights: Path, backend: str, device: str | None, batch_size:
     return load_runner(weights, backend=backend, device=device, batch_size=batch_size)
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)
 class Prediction:
     """Averaged class scores of one video (``error`` set instead when it could not be read)."""
 
@@ -94,6 +94,12 @@ class Prediction:
             return []
         order = np.argsort(-self.scores, kind="stable")[:k]
         return [(int(i), self.label_name(int(i)), float(self.scores[i])) for i in order]
+
+    def __repr__(self) -> str:
+        if self.error is not None:
+            return f"Prediction(path={str(self.path)!r}, error={self.error!r})"
+        top = ", ".join(f"{name!r}: {score:.4f}" for _, name, score in self.top(3))
+        return f"Prediction(path={str(self.path)!r}, top={{{top}}})"
 
     def label_name(self, index: int) -> str:
         return self.labels[index] if self.labels is not None else str(index)

@@ -197,3 +197,73 @@ def test_cli_bench_errors_are_one_line(tiny_weights):
     assert "error:" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench", "--backend", "nope", "-O", "x=1"])
     assert result.exit_code == 1 and "installed backends" in result.output
+
+
+def _bench_json(args: list[str]) -> dict:
+    result = CliRunner().invoke(app, ["bench", *args, "--iters", "2", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+def test_cli_bench_takes_the_clip_shape_from_an_onnx_file(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from i3d.export import export_onnx
+
+    path = tmp_path / "v2.onnx"
+    export_onnx(tiny, path, clip_len=8, size=32, views=2, batch="dynamic")
+    args = ["--backend", "onnx", "--weights", str(path)]
+    assert _bench_json(args)["input_shape"] == [1, 2, 3, 8, 32, 32]
+    report = _bench_json([*args, "--batch-size", "2", "--clip-len", "8"])
+    assert report["input_shape"] == [2, 2, 3, 8, 32, 32]
+    result = CliRunner().invoke(app, ["bench", *args, "--size", "64"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "compiled for clips of T×H×W = 8×32×32; --size 64 does not match" in result.output
+
+
+def test_bench_input_shape_prefers_options_then_static_dims_then_defaults():
+    from i3d.backends.bench import bench_input_shape
+
+    assert bench_input_shape(None) == (1, 3, 32, 224, 224)
+    assert bench_input_shape(None, 2, 8, 64) == (2, 3, 8, 64, 64)
+    assert bench_input_shape((4, 3, 16, 112, 112)) == (4, 3, 16, 112, 112)
+    assert bench_input_shape((None, 3, None, 112, 112), clip_len=12) == (1, 3, 12, 112, 112)
+    assert bench_input_shape((None, 2, 3, 8, 32, 32), batch_size=3) == (3, 2, 3, 8, 32, 32)
+    with pytest.raises(BackendError, match=r"m\.onnx was compiled for .* = 16×\?×\?; --clip-len 8"):
+        bench_input_shape((1, 3, 16, None, None), clip_len=8, source="m.onnx")
+    with pytest.raises(BackendError, match="input of rank 4"):
+        bench_input_shape((1, 3, 16, 16))
+
+
+class _FakeInferSession:
+    """ais_bench's InferSession for a static (B, V, C, T, H, W) OM: zero logits, 5 classes."""
+
+    shape = (2, 3, 3, 4, 16, 16)
+
+    def __init__(self, device_id: int, model_path: str) -> None:
+        self.device_id = device_id
+
+    def get_inputs(self) -> list:
+        return [type("Node", (), {"name": "clips", "shape": list(self.shape)})()]
+
+    def infer(self, feeds: list, mode: str = "static") -> list:
+        return [np.zeros((*self.shape[:2], 5), dtype=np.float32)]
+
+
+def test_cli_bench_takes_the_clip_shape_from_an_om_session(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    for name in ("ais_bench", "ais_bench.infer", "ais_bench.infer.interface"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["ais_bench.infer.interface"].InferSession = _FakeInferSession
+    om = tmp_path / "m.om"
+    om.write_bytes(b"not really an om")
+    report = _bench_json(["--backend", "om", "--weights", str(om)])
+    assert report["input_shape"] == [2, 3, 3, 4, 16, 16] and report["device"] == "npu:0"
+    result = CliRunner().invoke(
+        app, ["bench", "--backend", "om", "--weights", str(om), "--clip-len", "8"]
+    )
+    assert result.exit_code == 1 and "--clip-len 8 does not match" in result.output

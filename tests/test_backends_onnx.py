@@ -190,3 +190,61 @@ def test_export_om_runs_atc_when_present(tiny_weights, tmp_path):
     args = (tmp_path / "atc_args").read_text()
     assert "--input_shape=clips:1,2,3,8,32,32" in args and "--soc_version=Ascend310P3" in args
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_too_small_clip_fails_before_export_in_one_line(tiny_weights, tmp_path, capfd):
+    out = tmp_path / "small.onnx"
+    args = ["export", "--format", "onnx", "--weights", str(tiny_weights), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--clip-len", "1", "--size", "8"])
+    assert result.exit_code == 1
+    assert "cannot run on clips of 1×8×8 (T×H×W)" in result.output
+    assert "use a longer --clip-len or a larger --size" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    streams = capfd.readouterr()  # torch's loggers write to the process's own stderr
+    assert "fake_tensor" not in streams.err + streams.out
+
+
+class _DataDependent(nn.Module):
+    """Runs in eager mode but cannot be traced: its output width depends on the input's values."""
+
+    in_channels = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = int(x.mean() > 0) + 1
+        return self.fc(x.mean((2, 3, 4)))[:, :keep].repeat(1, 3 - keep)
+
+
+def test_exporter_failure_is_one_line_without_torch_chatter(tmp_path, capfd):
+    with pytest.raises(ExportError, match=r"torch\.onnx\.export failed: ") as info:
+        export_onnx(_DataDependent().eval(), tmp_path / "dd.onnx", clip_len=2, size=4)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+    streams = capfd.readouterr()
+    assert "def forward" not in streams.err and streams.err.strip() == ""
+
+
+def test_export_needs_weights_or_preset(tmp_path):
+    out = tmp_path / "x.onnx"
+    result = CliRunner().invoke(app, ["export", "--format", "onnx", "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert "--weights" in result.output and "--preset" in result.output
+
+
+def test_export_om_says_it_overwrote_the_onnx_beside_it(tiny_weights, tmp_path):
+    out = tmp_path / "model.om"
+    result = _cli_export_om(tiny_weights, out, str(tmp_path / "empty-bin"))
+    assert result.exit_code == 0, result.output
+    assert "overwrote" not in result.output and "stays beside the .om" in result.output
+    result = _cli_export_om(tiny_weights, out, str(tmp_path / "empty-bin"))
+    assert result.exit_code == 0, result.output
+    assert f"overwrote the existing {tmp_path / 'model.onnx'}" in result.output
+
+
+def test_atc_input_format_follows_the_input_rank():
+    five = atc_command("m.onnx", "m", (1, 3, 8, 32, 32), "Ascend310P3")
+    assert "--input_format=NCDHW" in five and "--input_shape=clips:1,3,8,32,32" in five
+    six = atc_command("m.onnx", "m", (1, 2, 3, 8, 32, 32), "Ascend310P3")
+    assert "--input_format=NCHW" in six

@@ -1,4 +1,4 @@
-"""Annotation lists, VideoDataset skipping, DataLoader collation, mmaction metrics."""
+"""Annotation lists, VideoDataset skipping, DataLoader collation, metrics, toy dataset."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 from videogen import pattern_frame, write_video
 
+from i3d.cli.main import app
 from i3d.data.datasets import (
     AnnotationError,
     VideoDataset,
@@ -21,6 +23,8 @@ from i3d.data.datasets import (
 )
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import build_pipeline
+from i3d.data.toy import ToySpec, make_toy_dataset
+from i3d.utils.files import OutputError
 from i3d.weights.labels import kinetics_labels
 from i3d.weights.preprocessing import MMACTION_K400
 
@@ -163,3 +167,76 @@ def test_metrics_match_mmaction(reference):
     assert per_class[:3].tolist() == [0.5, 1.0, 0.5] and np.isnan(per_class[3:]).all()
     with pytest.raises(ValueError, match="expected scores"):
         top_k_accuracy(np.zeros((3, 2)), [0, 1])
+
+
+def test_kinetics_csv_without_labels_is_refused(tmp_path):
+    (tmp_path / "test.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "abseiling,abc,5,15,test\n"
+        ",def,0,10,test\n"
+        ",ghi,3,13,test\n"
+    )
+    with pytest.raises(AnnotationError, match=r"test\.csv: 2 rows have no label.*test split"):
+        load_annotations(tmp_path / "test.csv", tmp_path)
+
+
+def test_class_folders_match_labels_with_underscores(tmp_path):
+    labels = ["moving up", "moving down"]
+    (tmp_path / "list.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "moving up,abc,10,20,val\n"
+        "moving_down,def,0,10,val\n"
+    )
+    for folder in ("moving_up", "moving down"):
+        (tmp_path / folder).mkdir()
+    up = tmp_path / "moving_up" / "abc_000010_000020.mp4"
+    down = tmp_path / "moving down" / "def_000000_000010.mp4"
+    up.write_bytes(b"")
+    down.write_bytes(b"")
+    samples = load_annotations(tmp_path / "list.csv", tmp_path, labels=labels)
+    assert [(s.path, s.label) for s in samples] == [(up, 0), (down, 1)]
+    folders = tmp_path / "folders"
+    for folder in ("moving_up", "moving_down"):
+        (folders / folder).mkdir(parents=True)
+        (folders / folder / "a.mp4").write_bytes(b"")
+    samples = load_annotations(folders, labels=labels)
+    assert [(s.path.parent.name, s.label) for s in samples] == [
+        ("moving_down", 1),
+        ("moving_up", 0),
+    ]
+    with pytest.raises(AnnotationError, match=r"not in the label list: \['moving_down'\]"):
+        load_annotations(folders, labels=["moving up", "moving sideways"])
+
+
+def test_toy_dataset_rewrite_replaces_old_videos(tmp_path):
+    out = tmp_path / "toy"
+    make_toy_dataset(out, ToySpec(classes=3, videos_per_class=2, val_per_class=1, frames=4))
+    assert len(list((out / "videos").iterdir())) == 9
+    paths = make_toy_dataset(out, ToySpec(classes=2, videos_per_class=1, val_per_class=1, frames=4))
+    named = {
+        line.split()[0]
+        for split in ("train", "val")
+        for line in paths[split].read_text().splitlines()
+    }
+    assert {f"videos/{p.name}" for p in (out / "videos").iterdir()} == named
+    assert len(named) == 4 and paths["labels"].read_text().splitlines() == [
+        "moving up",
+        "moving down",
+    ]
+
+
+def test_toy_dataset_refuses_a_folder_that_is_not_one(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    spec = ToySpec(classes=2, videos_per_class=1, val_per_class=1, frames=4)
+    with pytest.raises(OutputError, match=r"not empty.*not a toy dataset.*thesis\.tex"):
+        make_toy_dataset(tmp_path / "mine", spec)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    make_toy_dataset(tmp_path / "toy", spec)
+    (tmp_path / "toy" / "videos" / "holiday.mp4").write_bytes(b"")
+    with pytest.raises(OutputError, match=r"holiday\.mp4"):
+        make_toy_dataset(tmp_path / "toy", spec)
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(app, ["make-toy-dataset", str(tmp_path / "afile")])
+    assert result.exit_code == 1 and "is a file" in result.output
+    assert (tmp_path / "afile").read_text() == "x"

@@ -250,3 +250,50 @@ def test_load_model_device_and_dtype(tmp_path):
     assert not model.training
     assert next(model.parameters()).dtype == torch.float64
     assert attrs.has(type(model.weights_info))
+
+
+def test_output_never_replaces_the_input_or_a_folder(tmp_path):
+    src = tmp_path / "ckpt.pth"
+    model = build_model(get_preset("i3d_r50", base_channels=4, num_classes=5))
+    torch.save({"state_dict": model.state_dict()}, src)
+    before = src.read_bytes()
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "-o", str(src)])
+    assert result.exit_code == 1 and "is the input" in result.output
+    assert src.read_bytes() == before
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "-o", str(folder)])
+    assert result.exit_code == 1 and "is a directory" in result.output
+    assert list(folder.iterdir()) == []
+    with pytest.raises(OutputError, match="is a file"):
+        files.ensure_dir(src / "sub")
+
+
+def test_autodetect_explains_unsafe_and_unknown_files(tmp_path):
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "PWNED"
+    evil.write_bytes(b"cposix\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    unknown = tmp_path / "unknown.pth"
+    torch.save({"foo.weight": torch.zeros(2)}, unknown)
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert-weights", str(evil)])
+    assert result.exit_code == 1 and "posix.system" in result.output and not marker.exists()
+    result = runner.invoke(app, ["convert-weights", str(unknown)])
+    assert result.exit_code == 1 and "first keys: ['foo.weight']" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("walk\nrun jump\n\n", ("walk", "run jump")),
+        ("0 walk\n1 run jump\n", ("walk", "run jump")),  # mmaction label map
+        ("0,walk\n1,run\n", ("walk", "run")),
+        ("3 idiots\n5 people\n", ("3 idiots", "5 people")),  # numbers are part of the names
+        ("0 walk\n2 run\n", ("0 walk", "2 run")),
+    ],
+)
+def test_label_files_plain_or_indexed(tmp_path, text, expected):
+    from i3d.weights.labels import read_labels
+
+    (tmp_path / "labels.txt").write_text(text)
+    assert read_labels(tmp_path / "labels.txt") == expected

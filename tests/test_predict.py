@@ -173,6 +173,12 @@ def test_evaluate_and_rescore(setup, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads((again / "metrics.json").read_text())["top1"] == metrics["top1"]
+    rescore = ["evaluate", "--from-predictions", str(out / "predictions.jsonl")]
+    result = runner.invoke(app, [*rescore, "--limit", "2", "-o", str(tmp_path / "two")])
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["samples"] == 2
+    result = runner.invoke(app, [*rescore, str(tmp_path / "list.txt"), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "drop the annotation list" in result.output
+    assert not (tmp_path / "x").exists()  # nothing created for a refused run
 
 
 def test_evaluate_rejects_bad_lists(setup, tmp_path):
@@ -318,3 +324,42 @@ def test_flow_models_are_refused_for_videos(setup, tmp_path, preset):
     args = ["features", str(videos / "v0.mp4"), "--endpoint", "Mixed_5c", "--weights", str(path)]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "f.safetensors")])
     assert result.exit_code == 1 and expected in result.output
+
+
+def test_features_never_overwrite_other_files_or_mix_settings(setup, tmp_path):
+    _root, weights, videos = setup
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(weights.read_bytes())
+    base = ["features", str(videos / "v0.mp4"), "--weights", str(weights)]
+    for target, message in ((weights, "is the input"), (copy, "not an i3d features file")):
+        result = runner.invoke(app, [*base, "--endpoint", "layer4", "-o", str(target)])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert copy.read_bytes() == weights.read_bytes()
+    for out in (tmp_path / "f.safetensors", tmp_path / "npy"):
+        first = runner.invoke(app, [*base, "--endpoint", "layer4", "-o", str(out)])
+        assert first.exit_code == 0, first.output
+        for change in (["--endpoint", "layer3"], ["--endpoint", "layer4", "--pool", "none"]):
+            result = runner.invoke(app, [*base, *change, "-o", str(out)])
+            assert result.exit_code == 1 and "other settings" in result.output, result.output
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("mine")
+    result = runner.invoke(app, [*base, "--endpoint", "layer4", "-o", str(crowded)])
+    assert result.exit_code == 1 and "not an i3d features folder" in result.output
+
+
+def test_prediction_repr_top_k_and_output_checks(setup, tmp_path):
+    _root, weights, videos = setup
+    (prediction,) = predict_videos([videos / "v0.mp4"], weights)
+    best = prediction.top(1)[0][1]
+    assert repr(prediction).startswith("Prediction(path=") and f"'{best}':" in repr(prediction)
+    result = runner.invoke(
+        app,
+        ["predict", str(videos / "v0.mp4"), "--weights", str(weights), "--top-k", "50"],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 0 and "#5" in result.output and "#6" not in result.output
+    for csv, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.csv", "does not exist")):
+        args = ["predict", str(videos / "v0.mp4"), "--weights", str(weights), "--csv", str(csv)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in result.output

@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from i3d.cli.main import app
+from i3d.data.datasets import AnnotationError
 from i3d.data.decode import open_video
 from i3d.data.toy import TOY_CLASSES, ToySpec, make_toy_dataset
 from i3d.train import TrainConfig, TrainingError, TrainingInterrupted, train
@@ -480,3 +481,73 @@ def test_cli_make_toy_dataset_and_train_errors(tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
     result = runner.invoke(app, ["make-toy-dataset", str(out), "--size", "33"])
     assert result.exit_code == 1 and "even" in result.output
+
+
+class _Touch:
+    """Pickles to a call that creates ``marker``: loading it must not run that call."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_unreadable_checkpoint_is_refused_without_unsafe_advice(toy, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint\n")
+    marker = tmp_path / "ran"
+    code = tmp_path / "code.pth"
+    torch.save({"format": ckpt.CHECKPOINT_FORMAT, "model": _Touch(marker)}, code)
+    for path in (garbage, code):
+        with pytest.raises(ckpt.CheckpointError, match="is not a readable i3d training") as info:
+            ckpt.resolve_resume(str(path), tmp_path)
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    assert "refused" in str(info.value) and not marker.exists()
+    args = ["train", "--train-list", str(toy / "train.txt"), "--data-root", str(toy)]
+    args += ["--labels", str(toy / "labels.txt"), "--depth", "18", "--base-channels", "4"]
+    args += ["--clip-len", "8", "--size", "32", "--epochs", "1", "--batch-size", "4"]
+    args += ["--workers", "0", "--work-dir", str(tmp_path / "wd"), "--resume", str(garbage)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert f"{garbage} is not a readable i3d training checkpoint" in result.output
+    assert "weights_only" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--set", "depth=34", "--depth", "18"], "--set depth=34 conflicts with --depth 18"),
+        (["--set", "base_channels=abc"], '--set base_channels="abc": expected int, got str'),
+        (["--set", "base_channels=2.5"], "--set base_channels=2.5: expected int, got float"),
+        (["--set", "with_pool1=1"], "--set with_pool1=1: expected true or false, got int"),
+        (["--set", "style=keras"], '--set style="keras": expected one of "pytorch", "caffe"'),
+        (["--set", "inflate=3"], "--set inflate=3: expected a JSON list"),
+        (["--set", "depht=18"], "--set depht: ResNet3dConfig has no field 'depht'"),
+        (["--set", "frozen_stages=2"], "--set frozen_stages: use --freeze-stages instead"),
+        (["--set", 'head={"num_classes": 3}'], "--set head: head is a nested HeadConfig"),
+        (
+            ["--recipe", "deepmind_inception", "--set", "in_channels=rgb"],
+            '--set in_channels="rgb": expected int',
+        ),
+    ],
+)
+def test_cli_set_overrides_are_checked_by_name_and_type(tmp_path, options, message):
+    missing = tmp_path / "missing.txt"
+    result = CliRunner().invoke(app, ["train", "--train-list", str(missing), *options])
+    assert result.exit_code == 1
+    assert message in result.output and "not supported between" not in result.output
+
+
+def test_cli_set_agreeing_with_an_option_and_valid_values_pass_the_check(tmp_path):
+    missing = tmp_path / "missing.txt"
+    args = ["train", "--train-list", str(missing), "--set", "depth=18", "--depth", "18"]
+    result = CliRunner().invoke(app, [*args, "--set", "inflate=[1,1,1,1]", "--set", "style=caffe"])
+    assert result.exit_code == 1 and "does not exist" in result.output  # reached the data
+
+
+def test_a_run_failing_before_any_output_leaves_no_work_dir(toy, tmp_path):
+    work = tmp_path / "never"
+    with pytest.raises(AnnotationError, match=r"missing\.txt"):
+        train(tiny(toy, work, train_list=str(tmp_path / "missing.txt")))
+    assert not work.exists()

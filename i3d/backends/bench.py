@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import attrs
 import numpy as np
 import torch
 
-from i3d.backends.base import Runner
+from i3d.backends.base import BackendError, Runner
+
+DEFAULT_CLIP_LEN = 32
+DEFAULT_SIZE = 224
 
 
 @attrs.frozen
@@ -31,6 +36,63 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
+
+
+def compiled_input_shape(
+    runner: Runner, weights: str | os.PathLike[str] | None
+) -> tuple[int | None, ...] | None:
+    """The input a compiled .onnx/.om model was built for (None per symbolic dim), else None."""
+    shape = getattr(runner, "input_shape", None)  # the om runner's static session input
+    if shape is not None:
+        return tuple(int(d) for d in shape)
+    if weights is not None and Path(weights).suffix == ".onnx":
+        from i3d.export import onnx_input_shape
+
+        return onnx_input_shape(weights)
+    return None
+
+
+def bench_input_shape(
+    compiled: tuple[int | None, ...] | None,
+    batch_size: int | None = None,
+    clip_len: int | None = None,
+    size: int | None = None,
+    source: str = "the model",
+) -> tuple[int, ...]:
+    """Shape of the random benchmark batch: (B, C, T, S, S), or (B, V, C, T, H, W).
+
+    Options that are given win; otherwise a compiled model's static dims (batch, views,
+    channels, T, H, W) are used, then batch 1 and 32x224x224 clips. An option that
+    contradicts a static dim is an error, since the compiled model cannot run it.
+    """
+    if compiled is None:
+        side = size or DEFAULT_SIZE
+        return (batch_size or 1, 3, clip_len or DEFAULT_CLIP_LEN, side, side)
+    if len(compiled) not in (5, 6):
+        raise BackendError(
+            f"{source} takes input of rank {len(compiled)}; expected (B, C, T, H, W) or "
+            "(B, V, C, T, H, W)"
+        )
+    channels, frames, height, width = compiled[-4:]
+    for flag, value, dims in (
+        ("--clip-len", clip_len, (frames,)),
+        ("--size", size, (height, width)),
+    ):
+        if value is not None and any(d is not None and d != value for d in dims):
+            fixed = "×".join("?" if d is None else str(d) for d in (frames, height, width))
+            raise BackendError(
+                f"{source} was compiled for clips of T×H×W = {fixed}; {flag} {value} does "
+                f"not match (leave {flag} out to use the model's own shape)"
+            )
+    views = (compiled[1] or 1,) if len(compiled) == 6 else ()
+    return (
+        batch_size or compiled[0] or 1,
+        *views,
+        channels or 3,
+        clip_len or frames or DEFAULT_CLIP_LEN,
+        size or height or DEFAULT_SIZE,
+        size or width or DEFAULT_SIZE,
+    )
 
 
 def _peak_rss_mb() -> float:

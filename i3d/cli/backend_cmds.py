@@ -29,12 +29,20 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
-def _source(weights: Path | None, preset: str | None) -> Any:
-    """The weight file, or a randomly initialised preset model (for export and timing only)."""
+def _source(weights: Path | None, preset: str | None, required: bool = False) -> Any:
+    """The weight file, or a randomly initialised preset model (for export and timing only).
+
+    With neither given, ``required`` makes it an error; otherwise i3d_r50 is used.
+    """
     if weights is not None and preset is not None:
         raise BackendError("pass --weights or --preset, not both")
     if weights is not None:
         return weights
+    if preset is None and required:
+        raise BackendError(
+            "nothing to export: pass --weights FILE.safetensors, or --preset NAME for a "
+            "preset with random weights (see `i3d models`)"
+        )
     from i3d.models import build_model, get_preset
 
     name = preset or "i3d_r50"
@@ -84,7 +92,7 @@ def export(
         batch_value: int | str = batch if batch == "dynamic" else _positive_int(batch, "--batch")
         if fmt not in {"onnx", "om"}:
             raise ExportError(f"--format must be onnx or om, got {fmt!r}")
-        source = _source(weights, preset)
+        source = _source(weights, preset, required=True)
         if fmt == "onnx":
             result = export_onnx(
                 source, output, clip_len, size, views, batch_value, opset, simplify
@@ -102,6 +110,11 @@ def export(
         f"(relative {result.rel_diff:.3g})"
     )
     if fmt == "om":
+        why = "the om backend reads the .om's labels and preprocessing from it"
+        if om.replaced_onnx:
+            console.print(f"[yellow]overwrote[/yellow] the existing {result.path} ({why})")
+        else:
+            console.print(f"{result.path} stays beside the .om ({why})")
         if om.om_path is not None:
             console.print(f"[green]wrote[/green] {om.om_path}  (atc, soc {soc})")
         else:
@@ -121,9 +134,15 @@ def bench(
         str | None, typer.Option(help="cpu, cuda:N, npu:N (backend default).")
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    batch_size: Annotated[int, typer.Option(help="Clips per call.")] = 1,
-    clip_len: Annotated[int, typer.Option(help="Frames per clip (T).")] = 32,
-    size: Annotated[int, typer.Option(help="Clip height and width.")] = 224,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Samples per call [a compiled model's batch, else 1].")
+    ] = None,
+    clip_len: Annotated[
+        int | None, typer.Option(help="Frames per clip (T) [a compiled model's, else 32].")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Clip height and width [a compiled model's, else 224].")
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Weights (.safetensors) or a compiled .onnx/.om file.")
     ] = None,
@@ -136,21 +155,28 @@ def bench(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Time one backend: clips/s, latency p50/p90/p99 and peak memory on random clips."""
+    """Time one backend: clips/s, latency p50/p90/p99 and peak memory on random clips.
+
+    A compiled .onnx/.om file sets the clip shape (and views, batch) unless options say
+    otherwise; an option its static input cannot take is an error.
+    """
     import torch
 
     from i3d.backends import load_runner, require_backend
-    from i3d.backends.bench import benchmark
+    from i3d.backends.bench import bench_input_shape, benchmark, compiled_input_shape
 
-    with fail_on_errors(BackendError):
+    with fail_on_errors(BackendError, ExportError):
         options = parse_options(option)
-        if min(batch_size, clip_len, size, iters) < 1 or warmup < 0:
+        given = [v for v in (batch_size, clip_len, size) if v is not None]
+        if min([*given, iters]) < 1 or warmup < 0:
             raise BackendError("--batch-size, --clip-len, --size, --iters must be positive")
         require_backend(backend)
         runner = load_runner(
-            _source(weights, preset), backend, device, precision, batch_size, **options
+            _source(weights, preset), backend, device, precision, batch_size or 1, **options
         )
-        x = torch.randn(batch_size, 3, clip_len, size, size)
+        compiled = compiled_input_shape(runner, weights)
+        shape = bench_input_shape(compiled, batch_size, clip_len, size, str(weights))
+        x = torch.randn(shape)
         result = benchmark(runner, x, iters=iters, warmup=warmup)
     if as_json:
         print(json.dumps({**result.to_dict(), "options": options}))

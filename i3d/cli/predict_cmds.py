@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from enum import Enum
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
@@ -25,6 +25,7 @@ from i3d.data.datasets import (
 )
 from i3d.data.decode import VideoDecodeError
 from i3d.data.pipeline import build_pipeline
+from i3d.feature_files import FeatureSetting, open_feature_store
 from i3d.predict import (
     VIDEO_ERRORS,
     InputError,
@@ -42,7 +43,7 @@ from i3d.predict import (
     write_per_class,
     write_predictions,
 )
-from i3d.utils.files import atomic_path
+from i3d.utils.files import atomic_path, ensure_dir, refuse_overwriting, sha256_file
 from i3d.weights.format import load_model, read_info
 
 console = Console()
@@ -106,8 +107,14 @@ def predict(
     from i3d.backends import BackendError
 
     with fail_on_errors(*ERRORS, BackendError):
+        if csv is not None and csv.is_dir():
+            raise InputError(f"--csv {csv} is a folder; give a file path")
+        if csv is not None and not (csv.parent if str(csv.parent) else Path(".")).is_dir():
+            raise InputError(f"--csv {csv}: folder {csv.parent} does not exist; create it first")
         paths = expand_inputs(inputs)
         predictor = Predictor(weights, clips, crops, batch_size, backend, device)
+        if predictor.num_classes is not None:
+            top_k = min(top_k, predictor.num_classes)
         results = []
         with _progress() as progress:
             task = progress.add_task("predicting", total=len(paths), visible=len(paths) > 1)
@@ -124,8 +131,14 @@ def predict(
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(results)} inputs failed:[/red]")
         for r in failed:
-            err_console.print(f"  {r.path}: {r.error}", highlight=False, soft_wrap=True)
+            _print_failure(r.path, r.error)
         raise typer.Exit(1)
+
+
+def _print_failure(path: Path | str, error: str | None) -> None:
+    """One indented line per failed input; the path is not repeated when the error names it."""
+    line = error if error and str(path) in error else f"{path}: {error}"
+    err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _print_table(results: list, top_k: int) -> None:
@@ -176,9 +189,15 @@ def evaluate(
     from i3d.backends import BackendError
 
     with fail_on_errors(*ERRORS, BackendError):
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise InputError(f"--output-dir {output_dir} is a file; give a folder")
         if from_predictions is not None:
-            scored = read_predictions(from_predictions)
+            if annotations is not None or data_root is not None:
+                raise InputError(
+                    "--from-predictions re-scores the labels stored in that file; drop the "
+                    "annotation list / --data-root, or run without --from-predictions"
+                )
+            scored = read_predictions(from_predictions)[:limit]
             labels = read_info(weights).labels if weights is not None else None
             skipped: list[tuple[str, str]] = []
         else:
@@ -190,7 +209,9 @@ def evaluate(
             )
             if not scored:
                 raise InputError(f"none of the {len(skipped)} samples could be read")
+            ensure_dir(output_dir)
             write_predictions(output_dir / "predictions.jsonl", scored)
+        ensure_dir(output_dir)
         metrics = summarize(scored)
         write_per_class(output_dir / "per_class.csv", scored, labels)
         plot_confusion(output_dir / "confusion.png", scored, labels)
@@ -206,7 +227,7 @@ def evaluate(
     if skipped:
         err_console.print(f"[yellow]{len(skipped)} samples skipped (unreadable):[/yellow]")
         for path, error in skipped[:20]:
-            err_console.print(f"  {path}: {error}", highlight=False, soft_wrap=True)
+            _print_failure(path, error)
 
 
 def _run_evaluation(
@@ -246,8 +267,17 @@ def features(
         Pool.mean
     ),
     weights: WeightsOpt = None,
-    clips: ClipsOpt = None,
-    crops: CropsOpt = None,
+    clips: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Clips per video, with the weights' test crops (default: one centre clip).",
+        ),
+    ] = None,
+    crops: Annotated[
+        int | None,
+        typer.Option(help="Crops per clip, 1, 3 or 10 (default: one centre crop)."),
+    ] = None,
     batch_size: BatchOpt = 1,
     backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
     device: DeviceOpt = None,
@@ -260,14 +290,18 @@ def features(
         paths = expand_inputs(inputs)
         where = feature_device(backend, device)
         path = weights if weights is not None else default_weights()
+        refuse_overwriting(output, path)
         check_video_model(path, read_info(path))
         model = load_model(path, where)
         if endpoint not in model.endpoint_names:
             raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
         prep = model.weights_info.preprocessing
         overrides = {k: v for k, v in (("num_clips", clips), ("num_crops", crops)) if v}
-        pipeline = build_pipeline(prep, "test" if overrides else "val", **overrides)
-        store = _SafetensorsStore(output) if output.suffix == ".safetensors" else _NpyStore(output)
+        mode = "test" if overrides else "val"
+        pipeline = build_pipeline(prep, mode, **overrides)
+        views = f"{mode} {pipeline.clips_per_crop}x{pipeline.num_crops}"
+        setting = FeatureSetting(endpoint, pool.value, sha256_file(path), views)
+        store = open_feature_store(output, setting)
         todo = [p for p in paths if not store.has(p)]
         failed: list[tuple[Path, str]] = []
         with _progress() as progress:
@@ -286,9 +320,9 @@ def features(
                 except VIDEO_ERRORS as exc:
                     failed.append((path, str(exc)))
                 if i % SAVE_EVERY == 0:
-                    store.save(endpoint, pool.value)
+                    store.save()
                 progress.advance(task)
-        store.save(endpoint, pool.value)
+        store.save()
     console.print(
         f"{len(todo) - len(failed)} videos written to {output} "
         f"({len(paths) - len(todo)} already there)",
@@ -297,69 +331,8 @@ def features(
     if failed:
         err_console.print(f"[red]{len(failed)} videos failed:[/red]")
         for path, error in failed:
-            err_console.print(f"  {path}: {error}", highlight=False, soft_wrap=True)
+            _print_failure(path, error)
         raise typer.Exit(1)
-
-
-class _SafetensorsStore:
-    """One .safetensors: tensor ``"<i>"`` for video i of the ``i3d.videos`` metadata list."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.videos: list[str] = []
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as fh:
-                self.videos = json.loads((fh.metadata() or {}).get("i3d.videos", "[]"))
-                self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        self.done = set(self.videos)
-
-    def has(self, video: Path) -> bool:
-        return str(video) in self.done
-
-    def add(self, video: Path, features: torch.Tensor) -> None:
-        self.tensors[str(len(self.videos))] = features.contiguous()
-        self.videos.append(str(video))
-        self.done.add(str(video))
-
-    def save(self, endpoint: str, pool: str) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"i3d.videos": json.dumps(self.videos), "i3d.endpoint": endpoint, "i3d.pool": pool}
-        with atomic_path(self.path) as tmp:
-            save_file(self.tensors, str(tmp), metadata=meta)
-
-
-class _NpyStore:
-    """A directory of ``<stem>-<hash>.npy`` files plus ``index.json`` (file → video path)."""
-
-    def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        index = path / "index.json"
-        stored = json.loads(index.read_text()) if index.is_file() else {}
-        self.index: dict[str, str] = stored.get("files", {})
-
-    @staticmethod
-    def name(video: Path) -> str:
-        digest = hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:8]
-        return f"{video.stem}-{digest}.npy"
-
-    def has(self, video: Path) -> bool:
-        return (self.path / self.name(video)).is_file()
-
-    def add(self, video: Path, features: torch.Tensor) -> None:
-        name = self.name(video)
-        with atomic_path(self.path / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, features.numpy())
-        self.index[name] = str(video)
-
-    def save(self, endpoint: str, pool: str) -> None:
-        data = {"endpoint": endpoint, "pool": pool, "files": self.index}
-        with atomic_path(self.path / "index.json") as tmp:
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def register(app: typer.Typer) -> None:

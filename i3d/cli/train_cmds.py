@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +12,14 @@ import typer
 from rich.console import Console
 
 from i3d.cli.common import err_console, fail_on_errors
+from i3d.models.config import ConfigError
 
 console = Console()
+
+#: model config fields with their own ``i3d train`` option
+_OPTION_OF = {"depth": "--depth", "base_channels": "--base-channels"}
+#: model config fields ``i3d train`` sets itself, with the option that controls them
+_SET_BY_TRAIN = {"frozen_stages": "--freeze-stages"}
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -27,6 +34,75 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def _merge_options(sets: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``--set`` overrides plus dedicated options (None: not given); a key set both ways
+    to different values is an error."""
+    merged = dict(sets)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in sets and sets[key] != value:
+            raise ConfigError(
+                f"--set {key}={json.dumps(sets[key])} conflicts with {_OPTION_OF[key]} {value}; "
+                f"give {key} once"
+            )
+        merged[key] = value
+    return merged
+
+
+def _check_model_overrides(overrides: dict[str, Any], config_cls: type) -> None:
+    """Reject ``--set`` keys that ``config_cls`` lacks and values of the wrong type, by name.
+
+    A field with a converter accepts what the converter accepts; other fields need a value
+    of their annotated type (JSON integers for ints, ``true``/``false`` for bools).
+    """
+    hints = typing.get_type_hints(config_cls)
+    fields = {field.name: field for field in attrs.fields(config_cls)}
+    for key, value in overrides.items():
+        if key in _SET_BY_TRAIN:
+            raise ConfigError(f"--set {key}: use {_SET_BY_TRAIN[key]} instead")
+        field = fields.get(key)
+        if field is None:
+            raise ConfigError(
+                f"--set {key}: {config_cls.__name__} has no field {key!r}; its fields are "
+                f"{', '.join(fields)}"
+            )
+        hint = hints[key]
+        if attrs.has(hint):
+            raise ConfigError(f"--set {key}: {key} is a nested {hint.__name__}, not a value")
+        if not (_converts(field.converter, value) if field.converter else _matches(value, hint)):
+            got = (
+                "" if typing.get_origin(hint) is typing.Literal else f", got {type(value).__name__}"
+            )
+            raise ConfigError(f"--set {key}={json.dumps(value)}: expected {_type_name(hint)}{got}")
+
+
+def _converts(converter: Any, value: Any) -> bool:
+    try:
+        converter(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(json.dumps(v) for v in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a JSON list ({hint})"
+    if hint is bool:
+        return "true or false"
+    return getattr(hint, "__name__", str(hint))
 
 
 def train_command(
@@ -109,14 +185,16 @@ def train_command(
 ) -> None:
     """Train an I3D model (one process per device through torch.distributed)."""
     from i3d.data.datasets import AnnotationError
+    from i3d.models import get_preset
     from i3d.train import TrainingError, TrainingInterrupted, get_recipe, train
     from i3d.train.distributed import DistributedError
 
     with fail_on_errors(TrainingError, DistributedError, AnnotationError, ValueError):
-        model = _parse_set(set_ or [])
-        model.update(
-            {k: v for k, v in (("depth", depth), ("base_channels", base_channels)) if v is not None}
-        )
+        sets = _parse_set(set_ or [])
+        if init is None:  # an --init file fixes the architecture; the run rejects overrides
+            preset_config = get_preset(preset or get_recipe(recipe).preset)
+            _check_model_overrides(sets, type(preset_config))
+        model = _merge_options(sets, {"depth": depth, "base_channels": base_channels})
         resize = short_side or (round(size * 8 / 7 / 2) * 2 if size else None)
         config = get_recipe(
             recipe,
@@ -173,7 +251,10 @@ def train_command(
 
 
 def make_toy_dataset_command(
-    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Output folder: new, empty, or an earlier toy dataset to replace."),
+    ],
     classes: Annotated[int, typer.Option(help="Number of classes (2..6).")] = 4,
     videos_per_class: Annotated[int, typer.Option(help="Training videos per class.")] = 40,
     val_per_class: Annotated[int, typer.Option(help="Validation videos per class.")] = 10,
@@ -181,10 +262,15 @@ def make_toy_dataset_command(
     size: Annotated[int, typer.Option(help="Frame width and height (even).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Write a toy motion dataset (videos + mmaction lists) that one frame cannot solve."""
+    """Write a toy motion dataset (videos + mmaction lists) that one frame cannot solve.
+
+    An earlier toy dataset in OUT is replaced: old videos the new lists do not name are deleted.
+
+    A non-empty OUT holding anything else is refused and left untouched.
+    """
     from i3d.data.toy import ToySpec, make_toy_dataset
 
-    with fail_on_errors(ValueError):
+    with fail_on_errors(ValueError, OSError):
         spec = ToySpec(classes, videos_per_class, val_per_class, frames, size, seed=seed)
         paths = make_toy_dataset(out, spec)
     total = classes * (videos_per_class + val_per_class)

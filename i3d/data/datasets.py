@@ -34,7 +34,7 @@ class AnnotationError(ValueError):
 
 @attrs.frozen
 class Sample:
-    """One annotated video: file (or frame directory), class index (-1: unlabelled)."""
+    """One annotated video: file (or frame directory) and its class index."""
 
     path: Path
     label: int
@@ -54,8 +54,10 @@ def load_annotations(
 
     ``kind``: ``videos`` (``path label``), ``rawframes`` (``dir total_frames label``),
     ``kinetics_csv`` (``label,youtube_id,time_start,time_end,split``; names through
-    ``labels``, default the Kinetics-400 list), ``folders`` (``list_path`` is a directory of
-    one sub-directory per class; classes are ``labels`` or the sorted folder names).
+    ``labels``, default the Kinetics-400 list; rows without a label, as in the official test
+    split, are refused), ``folders`` (``list_path`` is a directory of one sub-directory per
+    class; classes are ``labels`` or the sorted folder names). Class folders match label
+    names with spaces and underscores treated alike.
     ``auto`` picks by a directory / ``.csv`` suffix / the number of fields per line.
     """
     list_path = Path(list_path)
@@ -108,19 +110,41 @@ def _list_line(list_path: Path, number: int, text: str, root: Path | None, kind:
     return Sample(_resolve(root, fields[0]), label, total, where)
 
 
+def _class_key(name: str) -> str:
+    """Folder/label name with underscores read as spaces (Kinetics folders use either)."""
+    return name.replace("_", " ")
+
+
+def _class_index(labels: Sequence[str]) -> dict[str, int]:
+    """Class name → index, each also under its :func:`_class_key` (read by :func:`_find_class`).
+
+    An exact name wins over a respelled one, so ``a_b`` and ``a b`` may both be classes.
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    for i, name in enumerate(labels):
+        index.setdefault(_class_key(name), i)
+    return index
+
+
+def _find_class(index: dict[str, int], name: str) -> int | None:
+    """Index of class ``name``: exact, else with spaces and underscores treated alike."""
+    found = index.get(name)
+    return found if found is not None else index.get(_class_key(name))
+
+
 def _kinetics_csv(path: Path, root: Path | None, labels: Sequence[str] | None) -> list[Sample]:
     if labels is None:
         from i3d.weights.labels import kinetics_labels
 
         labels = kinetics_labels(400)
-    index = {name: i for i, name in enumerate(labels)}
-    index.update({name.replace(" ", "_"): i for i, name in enumerate(labels)})
+    index = _class_index(labels)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise AnnotationError(f"cannot read Kinetics CSV {path}: {exc}") from exc
     samples = []
+    unlabelled = []
     for number, row in enumerate(rows, 2):
         where = f"{path}:{number}"
         try:
@@ -132,34 +156,55 @@ def _kinetics_csv(path: Path, root: Path | None, labels: Sequence[str] | None) -
                 f"integer times, got {row}"
             ) from None
         label_name = (row.get("label") or "").strip()
-        if label_name and label_name not in index:
+        if not label_name:
+            unlabelled.append(where)
+            continue
+        label = _find_class(index, label_name)
+        if label is None:
             raise AnnotationError(f"{where}: unknown class {label_name!r} (not in the label list)")
-        label = index[label_name] if label_name else -1
-        file = _resolve(root, name)
-        if label_name and not file.exists() and root is not None:
-            nested = root / label_name / name
-            file = nested if nested.exists() else file
-        samples.append(Sample(file, label, None, where))
+        samples.append(
+            Sample(_kinetics_file(root, name, label_name, labels[label]), label, None, where)
+        )
+    if unlabelled:
+        raise AnnotationError(
+            f"{path}: {len(unlabelled)} rows have no label (a test split?), first: "
+            f"{unlabelled[0]}; training and evaluation need labelled rows"
+        )
     if not samples:
         raise AnnotationError(f"Kinetics CSV {path} holds no rows")
     return samples
 
 
+def _kinetics_file(root: Path | None, name: str, label_name: str, label: str) -> Path:
+    """``root/<name>``, else ``root/<class folder>/<name>`` (spaces or underscores) if present."""
+    flat = _resolve(root, name)
+    if root is None or flat.exists():
+        return flat
+    for folder in dict.fromkeys((label_name, label, _class_key(label), label.replace(" ", "_"))):
+        nested = root / folder / name
+        if nested.exists():
+            return nested
+    return flat
+
+
 def folder_samples(
     root: str | os.PathLike[str], labels: Sequence[str] | None = None
 ) -> list[Sample]:
-    """Videos in ``root/<class name>/``; class index from ``labels`` or sorted folder names."""
+    """Videos in ``root/<class name>/``; class index from ``labels`` or sorted folder names.
+
+    Folder names match ``labels`` with spaces and underscores treated alike.
+    """
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(f"dataset folder {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    names = list(labels) if labels is not None else classes
-    index = {name: i for i, name in enumerate(names)}
-    unknown = [c for c in classes if c not in index]
+    index = _class_index(labels if labels is not None else classes)
+    found = {cls: _find_class(index, cls) for cls in classes}
+    unknown = [cls for cls, label in found.items() if label is None]
     if unknown:
         raise AnnotationError(f"{root}: class folders not in the label list: {unknown[:5]}")
     samples = [
-        Sample(file, index[cls], None, str(file))
+        Sample(file, found[cls], None, str(file))
         for cls in classes
         for file in sorted((root / cls).iterdir())
         if file.suffix.lower() in VIDEO_SUFFIXES

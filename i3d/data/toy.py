@@ -11,13 +11,20 @@ unchanged by a horizontal flip, so the standard train augmentation keeps every l
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import attrs
 import av
 import numpy as np
 
-from i3d.utils.files import atomic_path
+from i3d.utils.files import OutputError, atomic_path, ensure_dir
+
+#: files a toy dataset holds besides ``videos/``
+LIST_FILES = ("train.txt", "val.txt", "labels.txt")
+#: a file an interrupted atomic write left behind
+_TEMP_FILE = re.compile(r"\..+\.tmp")
+_TOY_VIDEO = re.compile(r"c\d+_\d{4}\.mp4")
 
 TOY_CLASSES: tuple[str, ...] = (
     "moving up",
@@ -106,9 +113,19 @@ def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 25)
 
 
 def make_toy_dataset(out: str | os.PathLike[str], spec: ToySpec) -> dict[str, Path]:
-    """Write videos/, train.txt, val.txt (mmaction ``path label`` lists) and labels.txt."""
+    """Write videos/, train.txt, val.txt (mmaction ``path label`` lists) and labels.txt.
+
+    ``out`` must be new, empty or an earlier toy dataset; an earlier one is replaced: its
+    lists go first (so an interrupted rewrite is not mistaken for a complete set), then every
+    old video the new lists do not name is removed. Any other content is refused untouched.
+    """
     out = Path(out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
+    videos = ensure_dir(out / "videos")
+    for name in LIST_FILES:
+        (out / name).unlink(missing_ok=True)
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
     lists: dict[str, list[str]] = {"train": [], "val": []}
     for label in range(spec.classes):
         for index in range(spec.videos_per_class + spec.val_per_class):
@@ -117,6 +134,10 @@ def make_toy_dataset(out: str | os.PathLike[str], spec: ToySpec) -> dict[str, Pa
             name = f"videos/c{label}_{index:04d}.mp4"
             write_video(out / name, render_video(label, spec, rng), spec.fps)
             lists[split].append(f"{name} {label}")
+    named = {line.split()[0] for lines in lists.values() for line in lines}
+    for stale in videos.iterdir():
+        if f"videos/{stale.name}" not in named:
+            stale.unlink()
     order = np.random.default_rng([spec.seed, 1 << 20]).permutation(len(lists["train"]))
     lists["train"] = [lists["train"][i] for i in order]
     paths = {"labels": out / "labels.txt"}
@@ -125,6 +146,37 @@ def make_toy_dataset(out: str | os.PathLike[str], spec: ToySpec) -> dict[str, Pa
         _write_text(paths[split], "\n".join(lines) + "\n")
     _write_text(paths["labels"], "\n".join(TOY_CLASSES[: spec.classes]) + "\n")
     return paths
+
+
+def _check_replaceable(out: Path) -> None:
+    """Raise :class:`OutputError` unless ``out`` is absent, empty or only toy-dataset files."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; give a folder path for the toy dataset")
+    if not out.is_dir():
+        return
+    foreign = [
+        p
+        for p in out.iterdir()
+        if not (p.name == "videos" and p.is_dir())
+        and not (p.is_file() and (p.name in LIST_FILES or _TEMP_FILE.fullmatch(p.name)))
+    ]
+    if (out / "videos").is_dir():
+        foreign += [
+            p
+            for p in (out / "videos").iterdir()
+            if not (p.is_file() and (_TOY_VIDEO.fullmatch(p.name) or _TEMP_FILE.fullmatch(p.name)))
+        ]
+    labels = out / "labels.txt"
+    if labels.is_file():
+        names = tuple(labels.read_text(encoding="utf-8", errors="replace").splitlines())
+        if names != TOY_CLASSES[: len(names)]:
+            foreign.append(labels)
+    if foreign:
+        shown = ", ".join(str(p.relative_to(out)) for p in foreign[:3])
+        raise OutputError(
+            f"{out} is not empty and is not a toy dataset (it holds {shown}); "
+            "choose a new or empty folder"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

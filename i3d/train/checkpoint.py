@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from i3d.weights.format import WeightsError
 
 CHECKPOINT_FORMAT = "i3d-train-1"
 _NAME = re.compile(r"^epoch(\d+)_step(\d+)\.pt$")
+#: lines of torch's load errors that suggest unsafe loading or filing a torch issue
+_TORCH_ADVICE = ("weights_only", "Please file an issue", "Check the documentation")
 
 
 class CheckpointError(WeightsError):
@@ -96,9 +100,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices for foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable i3d training checkpoint ({exc})") from exc
+        raise CheckpointError(
+            f"{path} is not a readable i3d training checkpoint ({_load_failure(exc)}); resume "
+            "from a checkpoints/epoch*_step*.pt file written by `i3d train`"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an i3d training checkpoint ({CHECKPOINT_FORMAT})")
     missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} - set(
@@ -107,6 +116,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks {sorted(missing)}; it is incomplete")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason torch gave, without its advice to unpickle with weights_only=False.
+
+    That advice would run the file's code; a checkpoint is untrusted input.
+    """
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [
+        line.removeprefix("WeightsUnpickler error:").strip()
+        for line in lines
+        if line and not any(marker in line for marker in _TORCH_ADVICE)
+    ]
+    reason = next((line for line in kept if line), type(exc).__name__).split(". ")[0].rstrip(".")
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"the restricted unpickler refused it: {reason}"
+    return reason
 
 
 def resolve_resume(

@@ -42,7 +42,7 @@ from i3d.train.distributed import DistContext, all_reduce_sum, barrier, launch
 from i3d.train.recipe import TrainConfig
 from i3d.train.report import MetricsLog, plot_curves
 from i3d.train.schedule import build_scheduler
-from i3d.utils.files import atomic_path
+from i3d.utils.files import atomic_path, ensure_dir
 from i3d.weights.format import Provenance, WeightsInfo, load_weights, save_weights
 from i3d.weights.labels import read_labels
 
@@ -64,8 +64,15 @@ def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
     ``hook(event, ctx, info)`` is called on every rank after each step (``"step"``) and each
     validation (``"val"``); it must be a module-level function when workers are spawned.
     """
-    Path(config.work_dir).mkdir(parents=True, exist_ok=True)
-    return launch(_worker, (config, hook), config.backend, config.world_size, config.timeout_s)
+    work_dir = Path(config.work_dir)
+    created = not work_dir.exists()
+    ensure_dir(work_dir)
+    try:
+        return launch(_worker, (config, hook), config.backend, config.world_size, config.timeout_s)
+    except BaseException:
+        if created and not any(work_dir.iterdir()):
+            work_dir.rmdir()  # a run that failed before writing anything leaves no folder
+        raise
 
 
 def _worker(ctx: DistContext, payload: tuple[TrainConfig, Hook | None]) -> dict[str, Any]:

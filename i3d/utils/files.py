@@ -22,6 +22,8 @@ def atomic_path(dst: str | os.PathLike[str]) -> Iterator[Path]:
     crash or a full disk never leaves a truncated ``dst`` behind.
     """
     dst = Path(dst)
+    if dst.is_dir():
+        raise OutputError(f"output {dst} is a directory; give a file path")
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory {parent} does not exist; create it first")
@@ -39,6 +41,32 @@ def atomic_path(dst: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create output folder ``path`` (and parents) if needed; a file in the way is an error."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"cannot make output folder {path}: {folder} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot make output folder {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def refuse_overwriting(dst: str | os.PathLike[str], *sources: str | os.PathLike[str]) -> None:
+    """Raise :class:`OutputError` if output ``dst`` is one of the input files ``sources``."""
+    dst = Path(dst)
+    for src in sources:
+        src = Path(src)
+        same = dst.exists() and src.exists() and os.path.samefile(dst, src)
+        if same or dst.resolve() == src.resolve():
+            raise OutputError(
+                f"the output {dst} is the input {src}; writing it would destroy the input — "
+                "choose another output path"
+            )
 
 
 def _umask() -> int:

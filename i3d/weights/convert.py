@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from i3d.utils.files import refuse_overwriting
 from i3d.weights.format import WeightsError
 
 Converter = Callable[..., Any]
@@ -76,10 +77,27 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     for marker, name in _MARKERS:
         if marker in blob:
             return name
+    _explain_unknown(path)
+    raise AssertionError("unreachable")  # _explain_unknown always raises
+
+
+def _explain_unknown(path: Path) -> None:
+    """Raise the most useful error for a file no marker matched: unsafe, unreadable or unknown."""
+    from i3d.weights.safe_pickle import load_checkpoint
+
+    content = load_checkpoint(path)  # restricted: its errors say what is unsafe or unreadable
+    keys = _some_keys(content)
     raise WeightsError(
-        f"cannot tell what kind of checkpoint {path} is; pass --from with one of: "
-        f"{', '.join(sorted(CONVERTERS))}"
+        f"cannot tell what kind of checkpoint {path} is (first keys: {keys or 'none'}); pass "
+        f"--from with one of: {', '.join(sorted(CONVERTERS))}"
     )
+
+
+def _some_keys(content: Any, limit: int = 4) -> list[str]:
+    """A few key names of a (possibly nested ``state_dict``) checkpoint, for messages."""
+    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
+        content = content["state_dict"]
+    return [str(k) for k in list(content)[:limit]] if isinstance(content, dict) else []
 
 
 def convert(
@@ -90,6 +108,7 @@ def convert(
     labels: tuple[str, ...] | None = None,
 ) -> Any:
     """Convert ``src`` (any supported checkpoint) to a project ``.safetensors`` at ``dst``."""
+    refuse_overwriting(dst, src)
     if source_format == "auto":
         source_format = detect_format(src)
     converter = CONVERTERS.get(source_format)

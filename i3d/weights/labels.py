@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,11 @@ def kinetics_labels(num_classes: int) -> tuple[str, ...]:
 
 
 def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """One class name per line (blank lines ignored); the order is the model's class order."""
+    """One class name per line (blank lines ignored); the order is the model's class order.
+
+    Lines may also be ``index name`` / ``index,name`` (mmaction's label maps) when every line
+    starts with its 0-based index in order; otherwise lines are kept whole ("3 idiots").
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -29,6 +34,9 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not labels:
         raise WeightsError(f"label file {path} holds no class names")
+    numbered = [re.fullmatch(r"(\d+)[ ,\t]\s*(.+)", line) for line in labels]
+    if all(m is not None and int(m.group(1)) == i for i, m in enumerate(numbered)):
+        return tuple(m.group(2).strip() for m in numbered if m is not None)
     return labels
 
 

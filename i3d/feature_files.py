@@ -1,0 +1,149 @@
+"""Where ``i3d features`` writes: one ``.safetensors`` or a folder of ``.npy``, resumable.
+
+A store records how its features were made (endpoint, pooling, weights, views); reopening it
+with other settings is refused instead of mixing features, and a file that is not a features
+file (model weights, say) is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from i3d.utils.files import OutputError, atomic_path, ensure_dir
+
+SETTING_KEYS = ("endpoint", "pool", "weights", "views")
+
+
+@attrs.frozen
+class FeatureSetting:
+    """How features were made: stored with them and checked when a run resumes."""
+
+    endpoint: str
+    pool: str
+    weights: str
+    """SHA-256 of the weights file."""
+    views: str
+    """The view protocol, e.g. ``val 1x1`` or ``test 10x3`` (clips × crops)."""
+
+    def as_dict(self) -> dict[str, str]:
+        return attrs.asdict(self)
+
+    def check(self, path: Path, stored: dict[str, str]) -> None:
+        """Raise :class:`OutputError` if ``stored`` settings differ from these."""
+        ours = self.as_dict()
+        diff = [
+            f"{k} {stored[k]!r} (now {ours[k]!r})"
+            for k in SETTING_KEYS
+            if stored.get(k, ours[k]) != ours[k]
+        ]
+        if diff:
+            raise OutputError(
+                f"{path} holds features made with other settings: {', '.join(diff)}; "
+                "write to another -o, or delete it to start over"
+            )
+
+
+class SafetensorsFeatures:
+    """One .safetensors: tensor ``"<i>"`` for video i of the ``i3d.videos`` metadata list."""
+
+    def __init__(self, path: Path, setting: FeatureSetting) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path, self.setting = path, setting
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.videos: list[str] = []
+        if path.exists():
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                    if "i3d.videos" not in meta or "i3d.endpoint" not in meta:
+                        raise OutputError(
+                            f"{path} exists and is not an i3d features file; refusing to "
+                            "overwrite it (choose another -o)"
+                        )
+                    stored = {k: meta[f"i3d.{k}"] for k in SETTING_KEYS if f"i3d.{k}" in meta}
+                    setting.check(path, stored)
+                    self.videos = json.loads(meta["i3d.videos"])
+                    self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError, ValueError) as exc:
+                if isinstance(exc, OutputError):
+                    raise
+                raise OutputError(
+                    f"{path} exists and is not a readable features file ({exc}); refusing to "
+                    "overwrite it (choose another -o)"
+                ) from exc
+        self.done = set(self.videos)
+
+    def has(self, video: Path) -> bool:
+        return str(video) in self.done
+
+    def add(self, video: Path, features: torch.Tensor) -> None:
+        self.tensors[str(len(self.videos))] = features.contiguous()
+        self.videos.append(str(video))
+        self.done.add(str(video))
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        meta = {f"i3d.{k}": v for k, v in self.setting.as_dict().items()}
+        meta["i3d.videos"] = json.dumps(self.videos)
+        with atomic_path(self.path) as tmp:
+            save_file(self.tensors, str(tmp), metadata=meta)
+
+
+class NpyFeatures:
+    """A folder of ``<stem>-<hash>.npy`` files plus ``index.json`` (settings, file → video)."""
+
+    def __init__(self, path: Path, setting: FeatureSetting) -> None:
+        self.path, self.setting = path, setting
+        index = path / "index.json"
+        if path.is_dir() and not index.is_file() and any(path.iterdir()):
+            raise OutputError(
+                f"{path} is a non-empty folder without index.json, not an i3d features folder; "
+                "choose another -o"
+            )
+        ensure_dir(path)
+        try:
+            stored = json.loads(index.read_text()) if index.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{index} is not a readable features index ({exc})") from exc
+        setting.check(path, {k: v for k, v in stored.items() if k in SETTING_KEYS})
+        self.index: dict[str, str] = stored.get("files", {})
+
+    @staticmethod
+    def name(video: Path) -> str:
+        digest = hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:8]
+        return f"{video.stem}-{digest}.npy"
+
+    def has(self, video: Path) -> bool:
+        return (self.path / self.name(video)).is_file()
+
+    def add(self, video: Path, features: torch.Tensor) -> None:
+        name = self.name(video)
+        with atomic_path(self.path / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, features.numpy())
+        self.index[name] = str(video)
+
+    def save(self) -> None:
+        data = {**self.setting.as_dict(), "files": self.index}
+        with atomic_path(self.path / "index.json") as tmp:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def open_feature_store(
+    path: str | os.PathLike[str], setting: FeatureSetting
+) -> SafetensorsFeatures | NpyFeatures:
+    """The store at ``path`` (``.safetensors`` → one file, else a folder of ``.npy``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return SafetensorsFeatures(path, setting)
+    if path.is_file():
+        raise OutputError(f"{path} is a file; give a .safetensors path or a folder for .npy")
+    return NpyFeatures(path, setting)
