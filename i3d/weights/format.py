@@ -172,6 +172,8 @@ def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
 
 def _open(path: str | os.PathLike[str]):
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder; give a .safetensors weight file")
     if not path.is_file():
         raise WeightsError(f"weight file {path} does not exist")
     try:
