@@ -257,22 +257,6 @@ def read_onnx_info(path: str | os.PathLike[str]) -> WeightsInfo | None:
         raise ExportError(f"{path}: unreadable i3d metadata: {exc}") from exc
 
 
-def onnx_input_shape(path: str | os.PathLike[str]) -> tuple[int | None, ...]:
-    """The first graph input's shape: an int per static dim, None per symbolic one."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # protobuf decode errors have no common base class
-        raise ExportError(f"{path} is not a readable ONNX file: {exc}") from exc
-    weights = {tensor.name for tensor in graph.initializer}
-    inputs = [value for value in graph.input if value.name not in weights]
-    if not inputs:
-        raise ExportError(f"{path}: the ONNX graph has no input")
-    dims = inputs[0].type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-
-
 def _simplify(dst: Path) -> None:
     import onnx
     import onnxsim

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import attrs
 import numpy as np
@@ -38,18 +36,10 @@ class BenchResult:
         return attrs.asdict(self)
 
 
-def compiled_input_shape(
-    runner: Runner, weights: str | os.PathLike[str] | None
-) -> tuple[int | None, ...] | None:
+def compiled_input_shape(runner: Runner) -> tuple[int | None, ...] | None:
     """The input a compiled .onnx/.om model was built for (None per symbolic dim), else None."""
-    shape = getattr(runner, "input_shape", None)  # the om runner's static session input
-    if shape is not None:
-        return tuple(int(d) for d in shape)
-    if weights is not None and Path(weights).suffix == ".onnx":
-        from i3d.export import onnx_input_shape
-
-        return onnx_input_shape(weights)
-    return None
+    shape = getattr(runner, "input_shape", None)  # onnx / om runners of a compiled file
+    return None if shape is None else tuple(None if d is None else int(d) for d in shape)
 
 
 def bench_input_shape(

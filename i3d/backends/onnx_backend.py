@@ -178,6 +178,14 @@ class OnnxRunner(ClipRunner):
         else:
             raise BackendError("OnnxRunner needs an ONNX file or a model")
 
+    @property
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """An ONNX file's input shape (None per symbolic dim); None for a model exported here."""
+        if self._fixed is None:
+            return None
+        dims = self._fixed[0].get_inputs()[0].shape
+        return tuple(d if isinstance(d, int) else None for d in dims)
+
     def _session_for(self, clip: tuple[int, ...]) -> tuple[Any, _Layout]:
         if self._fixed is not None:
             self._fixed[1].check(clip)

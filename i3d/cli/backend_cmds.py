@@ -174,7 +174,7 @@ def bench(
         runner = load_runner(
             _source(weights, preset), backend, device, precision, batch_size or 1, **options
         )
-        compiled = compiled_input_shape(runner, weights)
+        compiled = compiled_input_shape(runner)
         shape = bench_input_shape(compiled, batch_size, clip_len, size, str(weights))
         x = torch.randn(shape)
         result = benchmark(runner, x, iters=iters, warmup=warmup)
