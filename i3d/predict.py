@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from i3d.data.datasets import Sample, auto_workers, iter_views
-from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError
+from i3d.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoDecodeError
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import Pipeline, build_pipeline
 from i3d.models.recognizer import average_views
@@ -57,9 +57,15 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             videos = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
             )
-            if not videos:
-                raise InputError(f"directory {path} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
-            found += videos
+            if videos:
+                found += videos
+            elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+                found.append(path)  # a folder of extracted frames is one video
+            else:
+                raise InputError(
+                    f"directory {path} holds no videos ({', '.join(VIDEO_SUFFIXES)}) and no "
+                    "extracted frames"
+                )
         elif path.exists():
             found.append(path)
         elif glob.has_magic(str(item)):

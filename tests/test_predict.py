@@ -297,14 +297,18 @@ def test_predict_on_an_exported_onnx_file(setup, tmp_path):
     _root, weights, videos = setup
     onnx_path = tmp_path / "tiny.onnx"
     export_onnx(weights, onnx_path, clip_len=8, size=32, batch="dynamic")
+    cli_path = tmp_path / "cli.onnx"  # clip length and size default to the weights' protocol
+    result = runner.invoke(app, ["export", "--weights", str(weights), "-o", str(cli_path)])
+    assert result.exit_code == 0 and "(1, 3, 8, 32, 32)" in result.output, result.output
     args = ["predict", str(videos / "v1.mp4"), "--json", "--top-k", "5", "--weights"]
     ours = json.loads(runner.invoke(app, [*args, str(weights)]).output)
-    result = runner.invoke(app, [*args, str(onnx_path), "--backend", "onnx"])
-    assert result.exit_code == 0, result.output
-    exported = json.loads(result.output)
-    assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
-    for a, b in zip(exported["top"], ours["top"], strict=True):
-        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    for path in (onnx_path, cli_path):
+        result = runner.invoke(app, [*args, str(path), "--backend", "onnx"])
+        assert result.exit_code == 0, result.output
+        exported = json.loads(result.output)
+        assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
+        for a, b in zip(exported["top"], ours["top"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["inception_i3d_two_stream", "inception_i3d_flow"])
@@ -363,3 +367,25 @@ def test_prediction_repr_top_k_and_output_checks(setup, tmp_path):
         args = ["predict", str(videos / "v0.mp4"), "--weights", str(weights), "--csv", str(csv)]
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and message in result.output
+
+
+def test_predict_on_a_folder_of_extracted_frames(setup, tmp_path):
+    from PIL import Image
+
+    from i3d.data.decode import open_video
+
+    _root, weights, videos = setup
+    frames = tmp_path / "clip_frames"
+    frames.mkdir()
+    with open_video(videos / "v1.mp4") as reader:
+        for i, frame in enumerate(reader.get_frames(range(reader.num_frames))):
+            Image.fromarray(frame).save(frames / f"img_{i + 1:05d}.jpg", quality=98)
+    args = ["predict", str(frames), "--weights", str(weights), "--json", "--top-k", "5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    from_frames = json.loads(result.output)
+    from_video = predict_videos([videos / "v1.mp4"], weights)[0]
+    assert from_frames["path"] == str(frames)
+    frame_scores = {t["label"]: t["score"] for t in from_frames["top"]}
+    gaps = [abs(frame_scores[name] - score) for _, name, score in from_video.top(5)]
+    assert max(gaps) < 0.01  # the same clip, up to JPEG re-encoding

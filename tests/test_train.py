@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import importlib.machinery
+import importlib.util
 import json
 import math
 import os
@@ -326,10 +328,17 @@ def interrupt_at_step_2(event, ctx, info):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(toy, tmp_path):
+    config = tiny(toy, tmp_path / "int", dropout=0.3, deterministic=True, val_list=None)
     with pytest.raises(TrainingInterrupted, match="resume auto"):
-        train(tiny(toy, tmp_path / "int"), hook=interrupt_at_step_2)
+        train(config, hook=interrupt_at_step_2)
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "int")[0])
     assert (state["step"], state["batch"]) == (2, 2)
+    assert (tmp_path / "int" / "last.safetensors").is_file()
+    train(attrs.evolve(config, resume="auto"))
+    train(attrs.evolve(config, work_dir=str(tmp_path / "full")))
+    a, _ = load_weights(tmp_path / "full" / "last.safetensors")
+    b, _ = load_weights(tmp_path / "int" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the interrupted run resumed exactly
 
 
 _KILLED_RUN = """
@@ -455,7 +464,9 @@ def test_npu_plumbing_with_a_fake_torch_npu(monkeypatch):
     fake = types.SimpleNamespace(
         is_available=lambda: True, device_count=lambda: 8, set_device=calls.append
     )
-    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    module = types.ModuleType("torch_npu")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)  # find_spec sees it
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
     monkeypatch.setattr(torch, "npu", fake, raising=False)
     if torch._C._get_privateuse1_backend_name() != "npu":
         torch.utils.rename_privateuse1_backend("npu")  # what torch_npu does on import
@@ -464,9 +475,10 @@ def test_npu_plumbing_with_a_fake_torch_npu(monkeypatch):
     assert PG_BACKENDS[device.type] == "hccl" and amp_dtype(device) == torch.float16
     with pytest.raises(DistributedError, match="only 8 npu devices"):
         device_for("npu", 8)
-    monkeypatch.setitem(sys.modules, "torch_npu", None)
-    with pytest.raises(DistributedError, match="torch_npu"):
-        device_for("npu", 0)
+    monkeypatch.delitem(sys.modules, "torch_npu")
+    if importlib.util.find_spec("torch_npu") is None:  # the same install hint as the backend
+        with pytest.raises(DistributedError, match="torch_npu is not installed; pip install"):
+            device_for("npu", 0)
     assert amp_dtype(torch.device("cpu")) == torch.bfloat16
 
 
@@ -551,3 +563,21 @@ def test_a_run_failing_before_any_output_leaves_no_work_dir(toy, tmp_path):
     with pytest.raises(AnnotationError, match=r"missing\.txt"):
         train(tiny(toy, work, train_list=str(tmp_path / "missing.txt")))
     assert not work.exists()
+
+
+def test_class_names_follow_labels_or_the_dataset(toy, tmp_path):
+    tree = tmp_path / "tree"
+    lines = (toy / "train.txt").read_text().splitlines()
+    for line in lines:
+        rel, label = line.split()
+        folder = tree / TOY_CLASSES[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(rel).name).symlink_to(toy / rel)
+    config = tiny(toy, tmp_path / "w", train_list=str(tree), val_list=None, labels=None)
+    trainer = Trainer(config, DistContext())
+    assert trainer.labels == tuple(sorted(TOY_CLASSES[:2]))  # the folder names
+    (tmp_path / "labels.txt").write_text("\n".join(reversed(sorted(TOY_CLASSES[:2]))))
+    trainer = Trainer(attrs.evolve(config, labels=str(tmp_path / "labels.txt")), DistContext())
+    assert trainer.labels == tuple(reversed(sorted(TOY_CLASSES[:2])))
+    for sample in trainer.train_samples:
+        assert trainer.labels[sample.label] == sample.path.parent.name

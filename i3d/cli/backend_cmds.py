@@ -14,6 +14,7 @@ from rich.table import Table
 from i3d.backends.base import BackendError
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.export import ExportError
+from i3d.weights.format import read_info
 
 console = Console()
 
@@ -75,8 +76,16 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx or om.")] = "onnx",
     weights: Annotated[Path | None, typer.Option(help="Weights (.safetensors).")] = None,
     preset: Annotated[str | None, typer.Option(help="Preset with random weights.")] = None,
-    clip_len: Annotated[int, typer.Option(help="Frames per clip (T).")] = 32,
-    size: Annotated[int, typer.Option(help="Clip height and width.")] = 256,
+    clip_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Frames per clip T (default: the weights' clip length, else 32)."),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Clip height and width (default: the weights' test crop, else 256)."
+        ),
+    ] = None,
     views: Annotated[
         int | None, typer.Option(help="Views per sample: input (B, V, C, T, H, W).")
     ] = None,
@@ -93,6 +102,11 @@ def export(
         if fmt not in {"onnx", "om"}:
             raise ExportError(f"--format must be onnx or om, got {fmt!r}")
         source = _source(weights, preset, required=True)
+        prep = read_info(weights).preprocessing if weights is not None else None
+        if clip_len is None:
+            clip_len = prep.clip_len if prep is not None and prep.clip_len else 32
+        if size is None:
+            size = prep.crop_size if prep is not None else 256
         if fmt == "onnx":
             result = export_onnx(
                 source, output, clip_len, size, views, batch_value, opset, simplify

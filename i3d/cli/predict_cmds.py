@@ -91,7 +91,10 @@ def _progress() -> Progress:
 
 
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Video files, directories or globs.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Video files, directories, globs, or folders of extracted frames."),
+    ],
     weights: WeightsOpt = None,
     clips: ClipsOpt = None,
     crops: CropsOpt = None,
@@ -258,7 +261,10 @@ def _run_evaluation(
 
 
 def features(
-    inputs: Annotated[list[str], typer.Argument(help="Video files, directories or globs.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Video files, directories, globs, or folders of extracted frames."),
+    ],
     endpoint: Annotated[str, typer.Option(help="Layer to read, e.g. layer4 or Mixed_5c.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="A .safetensors file, or a directory of .npy.")

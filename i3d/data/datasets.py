@@ -187,6 +187,21 @@ def _kinetics_file(root: Path | None, name: str, label_name: str, label: str) ->
     return flat
 
 
+def dataset_class_names(list_path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """Class names a dataset implies without a label file (None for mmaction lists).
+
+    Sorted class folders for a folder-per-class tree, the Kinetics-400 list for a Kinetics CSV.
+    """
+    path = Path(list_path)
+    if path.is_dir():
+        return tuple(sorted(p.name for p in path.iterdir() if p.is_dir()))
+    if path.suffix.lower() == ".csv":
+        from i3d.weights.labels import kinetics_labels
+
+        return kinetics_labels(400)
+    return None
+
+
 def folder_samples(
     root: str | os.PathLike[str], labels: Sequence[str] | None = None
 ) -> list[Sample]:

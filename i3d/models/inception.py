@@ -269,7 +269,8 @@ class InceptionI3d(Recognizer):
             raise InputShapeError(
                 f"Inception I3D classifies clips of at least {MIN_FRAMES} frames and "
                 f"{MIN_SIZE}x{MIN_SIZE} pixels (224x224 as trained), got T={t}, H={h}, W={w}; "
-                "use features()/endpoints() for shorter or smaller clips"
+                "give a longer video (or more --frames / a larger --clip-len); shorter clips "
+                "still give feature maps (model.features() / endpoints())"
             )
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:

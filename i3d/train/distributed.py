@@ -51,13 +51,13 @@ def device_for(backend: str, local_rank: int = 0) -> torch.device:
     if backend == "cpu":
         return torch.device("cpu")
     if backend == "npu":
+        from i3d.backends import BackendUnavailable
+        from i3d.backends.npu_backend import import_torch_npu
+
         try:
-            import torch_npu  # noqa: F401  (registers torch.npu and the "npu" device)
-        except ImportError as exc:
-            raise DistributedError(
-                "--backend npu needs Ascend's torch_npu package matching your torch and CANN "
-                "versions (pip install torch-npu); it is not installed"
-            ) from exc
+            import_torch_npu()  # registers torch.npu and the "npu" device
+        except BackendUnavailable as exc:
+            raise DistributedError(f"--backend npu: {exc}") from None
     if backend not in ("cuda", "npu"):
         raise DistributedError(f"unknown backend {backend!r}; use cpu, cuda or npu")
     module = getattr(torch, backend)

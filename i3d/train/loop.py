@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from i3d.data.datasets import (
     VideoDataset,
     check_labels,
+    dataset_class_names,
     load_annotations,
     skip_collate,
     worker_init,
@@ -189,11 +190,16 @@ class Trainer:
         if c.train_list is None:
             raise ConfigError("no training data: pass --train-list (an mmaction-style list)")
         root = c.data_root or None
-        self.train_samples = load_annotations(c.train_list, root)
-        self.val_samples = load_annotations(c.val_list, root) if c.val_list else []
+        names = read_labels(c.labels) if c.labels else dataset_class_names(c.train_list)
+        self.train_samples = load_annotations(c.train_list, root, labels=names)
+        self.val_samples = (
+            load_annotations(c.val_list, root, labels=names or dataset_class_names(c.val_list))
+            if c.val_list
+            else []
+        )
         self.init_tensors, self.init_info = load_weights(c.init) if c.init else (None, None)
-        if c.labels:
-            self.labels: tuple[str, ...] = read_labels(c.labels)
+        if names is not None:
+            self.labels: tuple[str, ...] = names
         else:
             top = max(s.label for s in self.train_samples + self.val_samples)
             self.labels = tuple(f"class_{i}" for i in range(top + 1))
@@ -352,6 +358,7 @@ class Trainer:
                     self.save_checkpoint()
         except TrainingInterrupted:
             self.save_checkpoint()
+            self._export("last.safetensors")
             raise TrainingInterrupted(
                 f"interrupted at step {self.step}; checkpoint {self.last_checkpoint} written — "
                 f"continue with --resume auto --work-dir {self.work_dir}"
@@ -404,6 +411,8 @@ class Trainer:
         window = _Window()
         with progress:
             while self.batch_in_epoch < self.iters_per_epoch:
+                if self.stop_requested and not ctx.distributed:  # ranks agree inside _step
+                    raise TrainingInterrupted
                 tic = time.perf_counter()
                 try:
                     batch = next(loader)
@@ -415,7 +424,7 @@ class Trainer:
                     raise
                 waited = time.perf_counter() - tic
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss = self._step(batch)
+                loss, stop = self._step(batch)
                 self.batch_in_epoch += 1
                 self.step += 1
                 window.add(time.perf_counter() - tic, waited, loss, c.global_batch)
@@ -430,9 +439,15 @@ class Trainer:
                     self.hook("step", ctx, {"step": self.step, "epoch": self.epoch, "loss": loss})
                 if c.save_every_steps and self.step % c.save_every_steps == 0:
                     self.save_checkpoint()
+                if stop:  # after a whole step, so the checkpoint resumes exactly
+                    raise TrainingInterrupted
 
-    def _step(self, batch: Any) -> float:
-        """One optimiser step; returns the (all-rank mean) loss, raising on NaN/inf or Ctrl-C."""
+    def _step(self, batch: Any) -> tuple[float, bool]:
+        """One optimiser step: (all-rank mean loss, whether any rank asked to stop).
+
+        A NaN/inf loss raises before the weights change. A Ctrl-C lets the step finish, so
+        the checkpoint saved on stopping holds no half-done step (dropout draws, BN stats).
+        """
         c, ctx = self.config, self.ctx
         if batch is None:
             raise TrainingError(f"every video of the batch at step {self.step + 1} was unreadable")
@@ -462,8 +477,6 @@ class Trainer:
                 f"{self.batch_in_epoch + 1}); stopped without updating the weights; {kept}. "
                 "Lower --lr, keep --grad-clip on, or check the data"
             )
-        if stop_all:
-            raise TrainingInterrupted
         self.scaler.scale(loss).backward()
         if c.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -472,7 +485,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return value
+        return value, stop_all
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
