@@ -283,3 +283,40 @@ def test_failed_conversion_keeps_verified_download(server, cache):
             hub.pull(entry, mirror=server.url)
     assert server.hits == {entry.filename: 1} and len(calls) == 2
     assert not hub.is_pulled(entry)
+
+
+def test_damaged_cache_is_reported_and_pulled_again(cache, tmp_path, monkeypatch):
+    entry = _entry()
+    monkeypatch.setitem(hub.REGISTRY, entry.name, entry)
+    local = tmp_path / "w.pth"
+    local.write_bytes(PAYLOAD)
+    path = hub.pull(entry, from_file=local)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+    assert not hub.is_pulled(entry) and hub.damage(entry) is not None
+    with pytest.raises(
+        hub.HubError, match=r"damaged .*`i3d weights pull tiny_test_weights --force`"
+    ):
+        hub.resolve(entry.name)
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["weights", "list", "--json"]).output)
+    row = next(r for r in listed if r["name"] == entry.name)
+    assert row["pulled"] is False and row["damaged"] is True
+    table = runner.invoke(app, ["weights", "list"], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "damaged" in table.output
+    result = runner.invoke(app, ["weights", "pull", entry.name, "--from-file", str(local)])
+    assert result.exit_code == 0, result.output
+    assert "damaged" in result.output and "already pulled" not in result.output
+    assert hub.resolve(entry.name) == path and hub.is_pulled(entry)
+    assert load_model(path).weights_info.provenance.source_sha256 == sha256_file(local)
+
+
+def test_from_file_folder_says_a_file_is_needed(cache, tmp_path):
+    entry = _entry()
+    with pytest.raises(hub.HubError, match=r"is a folder; give the downloaded file itself"):
+        hub.pull(entry, from_file=tmp_path, force=True)
+    result = CliRunner().invoke(
+        app, ["weights", "pull", "i3d_r50_k400_rgb", "--from-file", str(tmp_path), "--force"]
+    )
+    assert result.exit_code == 1 and "is a folder" in result.output
+    assert "does not exist" not in result.output

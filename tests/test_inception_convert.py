@@ -257,3 +257,23 @@ def test_bn_scale_is_kept_from_pytorch_i3d_but_not_exportable_to_deepmind(tmp_pa
     assert torch.equal(tensors["Mixed_3b.b0.bn.weight"], state["Mixed_3b.b0.bn.weight"])
     with pytest.raises(WeightsError, match="no BN scale"):
         state_dict_to_deepmind(state)
+
+
+def test_preset_contradicting_the_checkpoint_is_refused(rgb_state, deepmind_file, tmp_path):
+    pt = tmp_path / "rgb.pt"
+    torch.save(rgb_state, pt)
+    dst = tmp_path / "flow.safetensors"
+    for src in (pt, deepmind_file):
+        with pytest.raises(
+            WeightsError,
+            match=r"preset 'inception_i3d_flow' takes 2 input channels \(flow\), but .* has 3 "
+            r".*--preset inception_i3d_rgb",
+        ):
+            convert(src, dst, preset="inception_i3d_flow")
+    assert not dst.exists()
+    flow = tmp_path / "flow.pt"
+    torch.save(random_state("inception_i3d_flow", num_classes=5), flow)
+    with pytest.raises(WeightsError, match=r"takes 3 input channels \(rgb\), but .* has 2"):
+        convert_pytorch_i3d(flow, dst, preset="inception_i3d_rgb")
+    matching = convert_pytorch_i3d(pt, tmp_path / "rgb.safetensors", preset="inception_i3d_rgb")
+    assert load_weights(matching)[1].config.in_channels == 3

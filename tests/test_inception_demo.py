@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 from typer.testing import CliRunner
+from videogen import write_video
 
-from i3d.cli.demo_cmd import DEFAULT_MODEL, SAMPLE_GIF, frames_to_input, read_gif
+from i3d.cli.demo_cmd import DEFAULT_MODEL, SAMPLE_GIF, clip_views
 from i3d.cli.main import app
+from i3d.data.pipeline import build_pipeline
 from i3d.models import build_model, get_preset
 from i3d.utils.files import sha256_file
 from i3d.weights.deepmind import convert_deepmind
@@ -70,14 +73,16 @@ def k400_model(k400_weights) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def sample_clip() -> torch.Tensor:
-    return frames_to_input(read_gif(ASSETS / SAMPLE_GIF), DEEPMIND_K400)
+    return clip_views(ASSETS / SAMPLE_GIF, DEEPMIND_K400)
 
 
 def test_sample_clip_decodes_like_deepmind(sample_clip):
+    """The stored clip is already 224x224 at 25 fps: only the [-1, 1] scaling applies."""
     assert tuple(sample_clip.shape) == (1, 3, 79, 224, 224)
-    frames = read_gif(ASSETS / SAMPLE_GIF)
+    with Image.open(ASSETS / SAMPLE_GIF) as gif:
+        frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)])
     want = frames.astype(np.float32)[None] / 255.0 * 2.0 - 1.0  # README §3
-    assert np.array_equal(sample_clip.permute(0, 2, 3, 4, 1).numpy(), want)
+    np.testing.assert_allclose(sample_clip.permute(0, 2, 3, 4, 1).numpy(), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("frames", [79, 64, 32])
@@ -135,3 +140,48 @@ def test_demo_command_errors_are_one_line(tmp_path, monkeypatch):
     result = runner.invoke(app, ["demo", "--weights", str(path), "--clip", str(bad_clip)])
     assert result.exit_code == 1 and "cannot read" in result.output
     assert "Traceback" not in result.output
+
+
+def _tiny_weights(path: Path, preprocessing) -> Path:
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50", depth=18, base_channels=4, inflate=(1, 0, 0, 0), num_classes=2)
+    info = WeightsInfo(config, labels=("p", "q"), preprocessing=preprocessing)
+    return save_weights(path, build_model(config).state_dict(), info)
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory) -> Path:
+    """A randomly initialised full-size Inception I3D with DeepMind's preprocessing."""
+    torch.manual_seed(0)
+    config = get_preset("inception_i3d_rgb", num_classes=3)
+    info = WeightsInfo(config, labels=("a", "b", "c"), preprocessing=DEEPMIND_K400)
+    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
+    return save_weights(path, build_model(config).state_dict(), info)
+
+
+def test_demo_classifies_an_mp4_as_the_weights_expect(tmp_path):
+    video = write_video(tmp_path / "v30.mp4", 20, width=64, height=48, fps=50)
+    views = clip_views(video, DEEPMIND_K400)
+    # 50 fps -> 25 fps, short side 48 -> 256, centre 224: exactly what `i3d predict` feeds
+    assert tuple(views.shape) == (1, 3, 10, 224, 224)
+    assert torch.equal(views, build_pipeline(DEEPMIND_K400, "test")(video))
+    assert torch.equal(clip_views(video, DEEPMIND_K400, frames=4), views[:, :, :4])
+    weights = _tiny_weights(tmp_path / "tiny.safetensors", DEEPMIND_K400)
+    result = runner.invoke(app, ["demo", "--weights", str(weights), "--clip", str(video)])
+    assert result.exit_code == 0, result.output
+    assert "10 frames" in result.output
+
+
+def test_demo_resizes_small_clips_and_explains_short_ones(random_inception, tmp_path):
+    gif = write_video(tmp_path / "small.gif", 12, width=60, height=40, codec="gif")
+    args = ["demo", "--weights", str(random_inception), "--clip", str(gif), "--top-k", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "12 frames" in result.output
+    short = runner.invoke(app, [*args, "--frames", "4"])
+    assert short.exit_code == 1
+    assert "4 frames of 224x224" in short.output and "raise --frames" in short.output
+    assert "features()" not in short.output and "Traceback" not in short.output
+    tiny = write_video(tmp_path / "tiny.gif", 5, width=60, height=40, codec="gif")
+    result = runner.invoke(app, ["demo", "--weights", str(random_inception), "--clip", str(tiny)])
+    assert result.exit_code == 1 and "use a longer clip" in result.output

@@ -1,7 +1,9 @@
-"""``i3d demo``: classify DeepMind's cricket sample clip and print the top classes."""
+"""``i3d demo``: classify DeepMind's cricket sample (or any video) and print the top classes."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -9,12 +11,13 @@ from typing import Annotated
 import numpy as np
 import torch
 import typer
-from PIL import Image, ImageSequence, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
 from i3d.cli.common import fail_on_errors
-from i3d.models.recognizer import Recognizer
+from i3d.data.decode import VideoDecodeError, VideoReader, open_video
+from i3d.data.pipeline import Pipeline, build_pipeline
+from i3d.models.recognizer import InputShapeError, Recognizer, average_views
 from i3d.weights.format import WeightsError, load_model
 from i3d.weights.preprocessing import Preprocessing
 
@@ -25,27 +28,80 @@ console = Console()
 
 
 class ClipError(ValueError):
-    """The clip file cannot be decoded into equally sized RGB frames."""
+    """The clip cannot be decoded, or is too short or small for the model."""
 
 
-def read_gif(path: Path) -> np.ndarray:
-    """Every frame of a GIF as RGB uint8, shape (T, H, W, 3)."""
+class _FirstFrames(VideoReader):
+    """The first ``count`` frames of another reader, so nothing after them is decoded."""
+
+    def __init__(self, reader: VideoReader, count: int) -> None:
+        self._reader = reader
+        self.path, self.fps, self.size = reader.path, reader.fps, reader.size
+        self.num_frames = min(count, reader.num_frames)
+
+    def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        return self._reader.iter_frames(wanted)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def demo_pipeline(prep: Preprocessing, size: tuple[int, int]) -> Pipeline:
+    """The weights' test pipeline; a clip already cut to the crop size is used as it is.
+
+    DeepMind's sample clip is stored 224x224 after their resize-256 + centre-224 step, so
+    scaling it up again would blur it; such a clip only gets the value scaling.
+    """
+    pipeline = build_pipeline(prep, "test")
+    if pipeline.num_crops == 1 and size == (pipeline.crop_size, pipeline.crop_size):
+        return build_pipeline(prep, "test", resize_short=pipeline.crop_size)
+    return pipeline
+
+
+def _source_frames(pipeline: Pipeline, reader: VideoReader, frames: int) -> int:
+    """How many source frames give the first ``frames`` frames after fps resampling."""
+    target, fps = pipeline.preprocessing.fps, reader.fps
+    if target is None or fps is None:
+        return frames
+    return math.ceil(frames * fps / target) + 1
+
+
+def clip_views(path: Path, prep: Preprocessing, frames: int | None = None) -> torch.Tensor:
+    """Normalised views (V, C, T, H, W) of the video ``path`` as the weights expect them.
+
+    With ``frames``, only the first ``frames`` frames of each view are kept (and, for an
+    every-frame protocol, only the frames they come from are decoded).
+    """
     try:
-        with Image.open(path) as image:
-            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ClipError(f"cannot read {path} as an image sequence: {exc}") from exc
-    if len({f.shape for f in frames}) != 1:
-        raise ClipError(f"{path}: frames have different sizes")
-    return np.stack(frames)
+        with open_video(path) as reader:
+            pipeline = demo_pipeline(prep, reader.size)
+            source: VideoReader = reader
+            if frames is not None and pipeline.sampler is None:
+                source = _FirstFrames(reader, _source_frames(pipeline, reader, frames))
+            views = pipeline.frames(source)
+    except VideoDecodeError as exc:
+        raise ClipError(f"cannot read {path} as a video: {exc}") from None
+    if frames is not None:
+        views = views[:, :, :frames]
+    return pipeline.normalize(views)
 
 
-def frames_to_input(frames: np.ndarray, prep: Preprocessing) -> torch.Tensor:
-    """(T, H, W, 3) uint8 → (1, 3, T, H, W) float32 scaled to ``value_range`` and normalised."""
-    low, high = prep.value_range
-    x = torch.from_numpy(frames).float() / 255.0 * (high - low) + low
-    x = (x - torch.tensor(prep.mean)) / torch.tensor(prep.std)
-    return x.permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+def classify(
+    model: Recognizer, views: torch.Tensor, source: str, frames: int | None
+) -> torch.Tensor:
+    """Class probabilities (K,) of one clip's views, averaged as the weights say."""
+    prep = model.weights_info.preprocessing
+    try:
+        with torch.no_grad():
+            scores = average_views(model(views[None]), prep.average_clips)[0]
+    except InputShapeError as exc:
+        _, _, t, h, w = views.shape
+        fix = "raise --frames" if frames is not None else "use a longer clip"
+        raise ClipError(
+            f"{source} gives {t} frames of {w}x{h} after preprocessing, too few or too small "
+            f"for this model ({str(exc).split(';')[0]}); {fix}"
+        ) from None
+    return scores if prep.average_clips == "prob" else scores.softmax(dim=-1)
 
 
 def default_weights() -> Path:
@@ -65,10 +121,14 @@ def demo(
     ] = None,
     clip: Annotated[
         Path | None,
-        typer.Option(help="GIF clip to classify (default: the bundled cricket clip)."),
+        typer.Option(
+            help="Video (mp4, webm, avi, gif, ...) or frame folder to classify "
+            "(default: the bundled cricket clip)."
+        ),
     ] = None,
     frames: Annotated[
-        int | None, typer.Option(min=1, help="Use only the first N frames (default: all).")
+        int | None,
+        typer.Option(min=1, help="Use only the first N frames after preprocessing (default: all)."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many classes to show.")] = 5,
 ) -> None:
@@ -80,14 +140,13 @@ def demo(
             raise WeightsError(f"{path} is not a single-stream RGB model; the demo clip is RGB")
         info = model.weights_info
         source = clip if clip is not None else resources.files("i3d.assets").joinpath(SAMPLE_GIF)
-        video = read_gif(Path(str(source)))
-        if frames is not None:
-            video = video[:frames]
-        with torch.no_grad():
-            probs = model(frames_to_input(video, info.preprocessing)).softmax(dim=-1)[0]
+        name = Path(str(source)).name
+        views = clip_views(Path(str(source)), info.preprocessing, frames)
+        probs = classify(model, views, name, frames)
     labels = info.labels or tuple(f"class {i}" for i in range(probs.numel()))
     values, indices = probs.topk(min(top_k, probs.numel()))
-    table = Table(title=f"{Path(str(source)).name}: {len(video)} frames, {path.name}")
+    shown = f"{views.shape[2]} frames" + (f" x {views.shape[0]} views" if len(views) > 1 else "")
+    table = Table(title=f"{name}: {shown}, {path.name}")
     table.add_column("rank", justify="right")
     table.add_column("class")
     table.add_column("probability", justify="right")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
@@ -41,6 +42,7 @@ def list_weights(
             "top1_note": e.top1_note,
             "license": e.license,
             "pulled": hub.is_pulled(e),
+            "damaged": hub.damage(e) is not None,
         }
         for e in hub.REGISTRY.values()
     ]
@@ -59,9 +61,11 @@ def list_weights(
             _sha(entry),
             "-" if entry.top1 is None else f"{entry.top1:.2f}",
             entry.license,
-            "yes" if row["pulled"] else "",
+            "yes" if row["pulled"] else "damaged" if row["damaged"] else "",
         )
     console.print(table)
+    if any(row["damaged"] for row in rows):
+        console.print("damaged: the cached file is unreadable; `i3d weights pull NAME` replaces it")
     for note in dict.fromkeys(e.top1_note for e in hub.REGISTRY.values() if e.top1_note):
         console.print(f"top-1 as reported: {note}")
 
@@ -90,6 +94,11 @@ def pull(
             status.print(f"{entry.name} is already pulled (use --force to convert again)")
             typer.echo(str(hub.weights_path(entry)))
             return
+        problem = hub.damage(entry)
+        if problem is not None:
+            status.print(
+                f"the cached copy of {entry.name} is damaged ({escape(problem)}); pulling again"
+            )
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),

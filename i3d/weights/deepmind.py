@@ -229,19 +229,36 @@ def _read_ckpt_bytes(path: Path) -> bytes:
 def inception_config(
     state_dict: Mapping[str, torch.Tensor], preset: str | None = None, source: str = "weights"
 ) -> InceptionI3dConfig:
-    """Inception I3D config fitting a state dict: input channels and class count from its shapes."""
+    """Inception I3D config fitting a state dict: input channels and class count from its shapes.
+
+    A ``preset`` must agree with the shapes: an RGB checkpoint is never written as a flow
+    model (or back) because the preset said so.
+    """
     for key in ("Conv3d_1a_7x7.conv3d.weight", "logits.conv3d.weight"):
         if key not in state_dict or state_dict[key].ndim != 5:
             raise WeightsError(f"{source} lacks {key} (5-D); is it an Inception I3D checkpoint?")
     base = get_preset(preset) if preset is not None else InceptionI3dConfig()
     if not isinstance(base, InceptionI3dConfig):
         raise WeightsError(f"preset {preset!r} is not an Inception I3D stream ({base.arch})")
+    in_channels = int(state_dict["Conv3d_1a_7x7.conv3d.weight"].shape[1])
+    if preset is not None and base.in_channels != in_channels:
+        raise WeightsError(
+            f"preset {preset!r} takes {base.in_channels} input channels ({base.modality}), but "
+            f"{source} has {in_channels} (Conv3d_1a_7x7); "
+            f"{_channels_hint(in_channels)}"
+        )
     num_classes = int(state_dict["logits.conv3d.weight"].shape[0])
     return attrs.evolve(
-        base,
-        in_channels=int(state_dict["Conv3d_1a_7x7.conv3d.weight"].shape[1]),
-        head=attrs.evolve(base.head, num_classes=num_classes),
+        base, in_channels=in_channels, head=attrs.evolve(base.head, num_classes=num_classes)
     )
+
+
+def _channels_hint(in_channels: int) -> str:
+    """What to pass instead when a preset contradicts a checkpoint's input channels."""
+    fits = {3: "inception_i3d_rgb", 2: "inception_i3d_flow"}.get(in_channels)
+    if fits is None:
+        return "leave out --preset to keep the checkpoint's own input channels"
+    return f"use --preset {fits} or leave --preset out"
 
 
 def _save(

@@ -182,11 +182,32 @@ def weights_path(entry: HubEntry | str, cache: str | os.PathLike[str] | None = N
     return Path(cache or cache_dir()) / "weights" / f"{name}.safetensors"
 
 
+def damage(entry: HubEntry | str, cache: str | os.PathLike[str] | None = None) -> str | None:
+    """Why the cached file of ``entry`` is unreadable (truncated, corrupt), or None if it is not.
+
+    None also when nothing is cached: only a file that exists can be damaged.
+    """
+    path = weights_path(entry, cache)
+    if not path.is_file():
+        return None
+    try:
+        read_info(path)
+    except WeightsError as exc:  # the cause, not read_info's advice for user-given files
+        return str(exc.__cause__ or exc)
+    return None
+
+
 def resolve(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """The converted ``.safetensors`` of a pulled entry (error naming the pull command if not)."""
     path = weights_path(name, cache)
     if not path.is_file():
         raise HubError(f"weights {name!r} are not pulled yet; run `i3d weights pull {name}`")
+    problem = damage(name, cache)
+    if problem is not None:
+        raise HubError(
+            f"the cached weights {name!r} ({path}) are damaged ({problem}); run "
+            f"`i3d weights pull {name} --force` to fetch them again"
+        )
     return path
 
 
@@ -336,6 +357,11 @@ def _source_file(
     downloads = root / "downloads"
     made: list[Path] = []
     if from_file is not None:
+        if from_file.is_dir():
+            wanted = entry.filename + (f" (or {Path(entry.member).name})" if entry.member else "")
+            raise HubError(
+                f"--from-file {from_file} is a folder; give the downloaded file itself: {wanted}"
+            )
         if not from_file.is_file():
             raise HubError(f"--from-file {from_file} does not exist")
         digest = sha256_file(from_file)
@@ -375,11 +401,14 @@ def pull(
     cache: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Fetch, verify and convert ``entry`` into the cache (no-op if already there) → its path."""
+    """Fetch, verify and convert ``entry`` into the cache → its path.
+
+    A no-op if a readable copy is already there; a damaged copy is replaced.
+    """
     entry = get_entry(entry) if isinstance(entry, str) else entry
     root = Path(cache or cache_dir())
     dst = weights_path(entry, root)
-    if dst.is_file() and not force:
+    if not force and is_pulled(entry, root):
         return dst
     src, made = _source_file(
         entry, root, Path(from_file) if from_file is not None else None, mirror, progress
@@ -397,5 +426,5 @@ def pull(
 
 
 def is_pulled(entry: HubEntry | str, cache: str | os.PathLike[str] | None = None) -> bool:
-    """Whether the converted file of ``entry`` is in the cache."""
-    return weights_path(entry, cache).is_file()
+    """Whether a readable converted file of ``entry`` is in the cache."""
+    return weights_path(entry, cache).is_file() and damage(entry, cache) is None
