@@ -249,10 +249,8 @@ def read_onnx_info(path: str | os.PathLike[str]) -> WeightsInfo | None:
     except Exception as exc:  # protobuf decode errors have no common base class
         raise ExportError(f"{path} is not a readable ONNX file: {exc}") from exc
     meta = {prop.key: prop.value for prop in proto.metadata_props}
-    if "i3d.config" not in meta:
-        return None
     try:
-        return WeightsInfo.from_metadata(meta, path)
+        return WeightsInfo.from_metadata_if_any(meta, path)
     except WeightsError as exc:
         raise ExportError(f"{path}: unreadable i3d metadata: {exc}") from exc
 

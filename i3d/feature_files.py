@@ -72,9 +72,9 @@ class SafetensorsFeatures:
                     setting.check(path, stored)
                     self.videos = json.loads(meta["i3d.videos"])
                     self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+            except OutputError:
+                raise
             except (SafetensorError, OSError, ValueError) as exc:
-                if isinstance(exc, OutputError):
-                    raise
                 raise OutputError(
                     f"{path} exists and is not a readable features file ({exc}); refusing to "
                     "overwrite it (choose another -o)"

@@ -161,7 +161,6 @@ class Predictor:
             check_video_model(self.weights, info)
             prep, self.labels = info.preprocessing, info.labels
             self.num_classes: int | None = info.config.head.num_classes
-            self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
             self.runner = load_classifier(self.weights, backend, device, batch_size)
         else:  # an exported .onnx / .om: the runner reads what export recorded
             self.runner = load_classifier(self.weights, backend, device, batch_size)
@@ -174,7 +173,7 @@ class Predictor:
                     ".safetensors weights, or a model written by `i3d export` (for .om, keep "
                     "the .onnx export wrote beside it)"
                 )
-            self.pipeline = build_pipeline(prep, "test", **overrides)
+        self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
         self.average = prep.average_clips
         self.batch_size = batch_size
 

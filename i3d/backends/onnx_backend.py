@@ -105,10 +105,8 @@ def open_session(
 def _weights_info(session: Any, path: str | os.PathLike[str]) -> WeightsInfo | None:
     """The i3d metadata ``export_onnx`` embedded (labels, preprocessing), if any."""
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    if "i3d.config" not in meta:
-        return None
     try:
-        return WeightsInfo.from_metadata(meta, path)
+        return WeightsInfo.from_metadata_if_any(meta, path)
     except WeightsError as exc:
         raise BackendError(f"{path}: unreadable i3d metadata: {exc}") from exc
 

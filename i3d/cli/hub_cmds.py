@@ -26,26 +26,28 @@ def _sha(entry: hub.HubEntry) -> str:
     return entry.sha256 if len(entry.sha256) == 64 else f"{entry.sha256}... (prefix)"
 
 
+def _row(e: hub.HubEntry, problem: str | None) -> dict[str, object]:
+    """One entry of `i3d weights list`; ``problem``: why its cached file is unreadable."""
+    return {
+        "name": e.name,
+        "architecture": e.architecture,
+        "source": e.source,
+        "url": e.where,
+        "sha256": e.sha256,
+        "top1": e.top1,
+        "top1_note": e.top1_note,
+        "license": e.license,
+        "pulled": hub.weights_path(e).is_file() and problem is None,
+        "damaged": problem is not None,
+    }
+
+
 @weights_app.command("list")
 def list_weights(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the pullable weights: architecture, source, SHA-256, reported top-1, license."""
-    rows = [
-        {
-            "name": e.name,
-            "architecture": e.architecture,
-            "source": e.source,
-            "url": e.where,
-            "sha256": e.sha256,
-            "top1": e.top1,
-            "top1_note": e.top1_note,
-            "license": e.license,
-            "pulled": hub.is_pulled(e),
-            "damaged": hub.damage(e) is not None,
-        }
-        for e in hub.REGISTRY.values()
-    ]
+    rows = [_row(e, hub.damage(e)) for e in hub.REGISTRY.values()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -212,9 +212,9 @@ def evaluate(
             )
             if not scored:
                 raise InputError(f"none of the {len(skipped)} samples could be read")
-            ensure_dir(output_dir)
+        ensure_dir(output_dir)  # only now: a refused or failed run leaves no folder
+        if from_predictions is None:
             write_predictions(output_dir / "predictions.jsonl", scored)
-        ensure_dir(output_dir)
         metrics = summarize(scored)
         write_per_class(output_dir / "per_class.csv", scored, labels)
         plot_confusion(output_dir / "confusion.png", scored, labels)

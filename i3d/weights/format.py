@@ -75,6 +75,13 @@ class WeightsInfo:
         }
 
     @classmethod
+    def from_metadata_if_any(
+        cls, meta: dict[str, str] | None, path: str | os.PathLike[str]
+    ) -> WeightsInfo | None:
+        """Like :meth:`from_metadata`, but None when ``meta`` carries no i3d config at all."""
+        return cls.from_metadata(meta, path) if meta and "i3d.config" in meta else None
+
+    @classmethod
     def from_metadata(
         cls, meta: dict[str, str] | None, path: str | os.PathLike[str]
     ) -> WeightsInfo:
