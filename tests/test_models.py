@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import attrs
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,6 +15,7 @@ from typer.testing import CliRunner
 from i3d.cli.main import app
 from i3d.models import (
     ConfigError,
+    HeadConfig,
     InputShapeError,
     ResNet3dConfig,
     average_views,
@@ -18,6 +23,7 @@ from i3d.models import (
     config_from_dict,
     config_to_dict,
     get_preset,
+    preset_names,
 )
 from i3d.models.nonlocal_block import NonLocal3d
 
@@ -152,3 +158,101 @@ def test_models_command_lists_presets_with_params():
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["i3d_r50"]["parameters"] == 28_043_472
     assert rows["i3d_r50_nl_gaussian"]["parameters"] == 31_723_728
+
+
+def _two_stream(**kw):
+    from i3d.models.inception import TwoStreamConfig
+
+    return TwoStreamConfig(**kw)
+
+
+def _inception(**kw):
+    from i3d.models.inception import InceptionI3dConfig
+
+    return InceptionI3dConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ResNet3dConfig(base_channels="abc"), 'base_channels must be an int, got "abc"'),
+        (lambda: ResNet3dConfig(depth=True), "depth must be an int, got True"),
+        (
+            lambda: get_preset("i3d_r50", depth="50"),
+            'ResNet3dConfig.depth must be an int, got "50"',
+        ),
+        (lambda: HeadConfig(num_classes=3.7), "HeadConfig.num_classes must be an int, got 3.7"),
+        (lambda: HeadConfig(num_classes="400"), 'num_classes must be an int, got "400"'),
+        (lambda: get_preset("i3d_r50", num_classes=400.0), "num_classes must be an int"),
+        (lambda: HeadConfig(dropout="0.5"), 'HeadConfig.dropout must be a number, got "0.5"'),
+        (lambda: HeadConfig(init_std=False), "init_std must be a number, got False"),
+        (lambda: ResNet3dConfig(with_pool1=1), "with_pool1 must be true or false, got 1 (int)"),
+        (lambda: HeadConfig(spatial_pool="yes"), "spatial_pool must be true or false"),
+        (lambda: ResNet3dConfig(style=3), 'style must be one of "pytorch", "caffe", got 3'),
+        (lambda: ResNet3dConfig(style="keras"), 'style must be one of "pytorch", "caffe"'),
+        (lambda: ResNet3dConfig(non_local_mode="softmax"), "non_local_mode must be one of"),
+        (lambda: HeadConfig(average_clips="mean"), 'average_clips must be one of "prob", "score"'),
+        (lambda: ResNet3dConfig(arch="vit"), 'arch must be one of "resnet3d"'),
+        (lambda: ResNet3dConfig(head={"num_classes": 3}), "head must be an instance of HeadConfig"),
+        (lambda: _two_stream(rgb=None), "TwoStreamConfig.rgb must be an instance of Inception"),
+        (lambda: ResNet3dConfig(conv1_kernel="577"), 'conv1_kernel must be a list of ints, got "5'),
+        (lambda: ResNet3dConfig(conv1_kernel=b"577"), "conv1_kernel must be a list of ints"),
+        (lambda: ResNet3dConfig(conv1_kernel=5), "conv1_kernel must be a list of ints, got 5"),
+        (lambda: ResNet3dConfig(spatial_strides=(1, 2.5, 2, 2)), "spatial_strides[1] must be"),
+        (lambda: ResNet3dConfig(dilations=(1, True, 1, 1)), "dilations[1] must be an int"),
+        (lambda: ResNet3dConfig(inflate=3), "inflate must be a list with one entry per stage"),
+        (lambda: ResNet3dConfig(inflate="1111"), "inflate must be a list with one entry"),
+        (lambda: ResNet3dConfig(inflate=(1, 2, 1, 1)), "inflate[1] must be a 0/1 flag"),
+        (lambda: ResNet3dConfig(non_local=(0, 0, "a", 0)), "non_local[2] must be a 0/1 flag"),
+        (lambda: ResNet3dConfig(inflate=(1, (1, 0.5, 1, 0), 1, 1)), "inflate[1][1] must be"),
+        (lambda: _inception(in_channels="rgb"), "InceptionI3dConfig.in_channels must be an int"),
+        (lambda: _inception(in_channels=2.0), "in_channels must be an int, got 2.0"),
+        (lambda: _inception(head=None), "InceptionI3dConfig.head must be an instance of"),
+        (lambda: get_preset("inception_i3d_rgb", in_channels=[3]), "in_channels must be an int"),
+        (lambda: get_preset("inception_i3d_two_stream", num_classes="7"), "num_classes must be"),
+        (lambda: _two_stream(arch="resnet3d"), 'arch must be one of "two_stream"'),
+    ],
+)
+def test_config_fields_are_checked_against_their_types(build, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        build()
+    assert "\n" not in str(info.value)
+
+
+def test_config_field_edge_cases_are_accepted_and_normalised():
+    config = ResNet3dConfig(
+        depth=np.int64(18),
+        base_channels=np.int32(8),
+        conv1_kernel=[np.int64(3), 7, 7],
+        inflate=[(1, 0), 1, [True, True], (0, 0)],
+        non_local=(0, (1, 0), 0, 0),
+        head=HeadConfig(num_classes=np.int16(5), dropout=0, init_std=np.float32(0.5)),
+    )
+    assert type(config.depth) is int and type(config.base_channels) is int
+    assert config.conv1_kernel == (3, 7, 7) and type(config.conv1_kernel[0]) is int
+    assert config.inflate == ((1, 0), 1, 1, 0) and config.non_local == (0, (1, 0), 0, 0)
+    assert type(config.head.num_classes) is int and config.head.num_classes == 5
+    assert type(config.head.dropout) is float and config.head.dropout == 0.0
+    assert type(config.head.init_std) is float and config.head.init_std == 0.5
+    assert config == ResNet3dConfig(**{**attrs.asdict(config, recurse=False)})
+    assert json.loads(json.dumps(config_to_dict(config)))["depth"] == 18
+    assert config_from_dict(config_to_dict(config)) == config
+    uniform = ResNet3dConfig(inflate=((1, 1, 1), (1,) * 4, [1] * 6, (0, 0, 0)))
+    assert uniform.inflate == (1, 1, 1, 0)
+    assert get_preset("inception_i3d_flow", num_classes=np.int64(7)).head.num_classes == 7
+
+
+def test_every_preset_round_trips_through_its_dict():
+    for name in preset_names():
+        config = get_preset(name)
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def test_weights_metadata_with_a_mistyped_config_is_reported_as_corrupt():
+    from i3d.weights.format import FORMAT_VERSION, WeightsError, WeightsInfo
+
+    data = config_to_dict(get_preset("i3d_r50"))
+    data["head"]["num_classes"] = "400"
+    meta = {"i3d.format": FORMAT_VERSION, "i3d.config": json.dumps(data)}
+    with pytest.raises(WeightsError, match=r"corrupt .*HeadConfig\.num_classes must be an int"):
+        WeightsInfo.from_metadata(meta, "w.safetensors")

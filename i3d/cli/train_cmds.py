@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 
 from i3d.cli.common import err_console, fail_on_errors
-from i3d.models.config import ConfigError
+from i3d.models.config import ConfigError, check_field_value, field_types
 
 console = Console()
 
@@ -55,54 +54,24 @@ def _merge_options(sets: dict[str, Any], options: dict[str, Any]) -> dict[str, A
 def _check_model_overrides(overrides: dict[str, Any], config_cls: type) -> None:
     """Reject ``--set`` keys that ``config_cls`` lacks and values of the wrong type, by name.
 
-    A field with a converter accepts what the converter accepts; other fields need a value
-    of their annotated type (JSON integers for ints, ``true``/``false`` for bools).
+    Types are checked by the config class itself (what building the model would say), with
+    the ``--set KEY=VALUE`` that gave the value in front.
     """
-    hints = typing.get_type_hints(config_cls)
-    fields = {field.name: field for field in attrs.fields(config_cls)}
+    types = field_types(config_cls)
     for key, value in overrides.items():
         if key in _SET_BY_TRAIN:
             raise ConfigError(f"--set {key}: use {_SET_BY_TRAIN[key]} instead")
-        field = fields.get(key)
-        if field is None:
+        if key not in types:
             raise ConfigError(
                 f"--set {key}: {config_cls.__name__} has no field {key!r}; its fields are "
-                f"{', '.join(fields)}"
+                f"{', '.join(types)}"
             )
-        hint = hints[key]
-        if attrs.has(hint):
-            raise ConfigError(f"--set {key}: {key} is a nested {hint.__name__}, not a value")
-        if not (_converts(field.converter, value) if field.converter else _matches(value, hint)):
-            got = (
-                "" if typing.get_origin(hint) is typing.Literal else f", got {type(value).__name__}"
-            )
-            raise ConfigError(f"--set {key}={json.dumps(value)}: expected {_type_name(hint)}{got}")
-
-
-def _converts(converter: Any, value: Any) -> bool:
-    try:
-        converter(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return not isinstance(hint, type) or isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(json.dumps(v) for v in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return f"a JSON list ({hint})"
-    if hint is bool:
-        return "true or false"
-    return getattr(hint, "__name__", str(hint))
+        if attrs.has(types[key]):
+            raise ConfigError(f"--set {key}: {key} is a nested {types[key].__name__}, not a value")
+        try:
+            check_field_value(config_cls, key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {key}={json.dumps(value)}: {exc}") from None
 
 
 def train_command(
@@ -152,8 +121,12 @@ def train_command(
     ] = None,
     amp: Annotated[
         bool,
-        typer.Option("--amp", help="Mixed precision (fp16+GradScaler on cuda/npu, bf16 on cpu)."),
+        typer.Option("--amp", help="Mixed precision (autocast; see --amp-dtype)."),
     ] = False,
+    amp_dtype: Annotated[
+        str,
+        typer.Option(help="auto (fp16 + loss scaling on cuda/npu, bf16 on cpu) | fp16 | bf16."),
+    ] = "auto",
     grad_clip: Annotated[float | None, typer.Option(help="Max grad norm (0 disables).")] = None,
     work_dir: Annotated[
         Path, typer.Option(help="Checkpoints, metrics, curves and exported weights.")
@@ -220,6 +193,7 @@ def train_command(
             milestones=[int(m) for m in milestones.split(",")] if milestones else None,
             warmup_epochs=warmup_epochs,
             amp=amp or None,
+            amp_dtype=amp_dtype,
             work_dir=str(work_dir),
             seed=seed,
             deterministic=deterministic or None,

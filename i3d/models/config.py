@@ -7,6 +7,11 @@ weight files.
 
 from __future__ import annotations
 
+import functools
+import json
+import numbers
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -20,51 +25,179 @@ RESNET_STAGE_BLOCKS: dict[int, tuple[int, ...]] = {
 }
 NonLocalMode = Literal["dot_product", "embedded_gaussian", "gaussian"]
 AverageClips = Literal["prob", "score"]
+Pattern = tuple[int | tuple[int, ...], ...]
+"""Per-stage flags: one 0/1 flag for every block of a stage, or a tuple with one per block."""
 
 
 class ConfigError(ValueError):
     """A model config that cannot describe a valid network."""
 
 
-def _int_tuple(value: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
+def _show(value: Any) -> str:
+    """``"abc" (str)``: a value and its type for one-line error messages."""
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{text} ({name})"
 
 
-def normalize_pattern(value: Any) -> tuple[int | tuple[int, ...], ...]:
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def _as_int(value: Any, where: str) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise ConfigError(f"{where} must be an int, got {_show(value)}")
+
+
+def _as_float(value: Any, where: str) -> float:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{where} must be a number, got {_show(value)}")
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} must be true or false, got {_show(value)}")
+
+
+def _one_of(options: tuple[Any, ...], value: Any, where: str) -> Any:
+    if any(type(value) is type(o) and value == o for o in options):
+        return value
+    listed = ", ".join(json.dumps(o) if isinstance(o, str) else repr(o) for o in options)
+    raise ConfigError(f"{where} must be one of {listed}, got {_show(value)}")
+
+
+def _instance_of(cls: type, value: Any, where: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    raise ConfigError(f"{where} must be an instance of {cls.__name__}, got {_show(value)}")
+
+
+def _int_tuple(value: Any, where: str) -> tuple[int, ...]:
+    if not _is_sequence(value):
+        raise ConfigError(f"{where} must be a list of ints, got {_show(value)}")
+    return tuple(_as_int(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _flag(value: Any, where: str) -> int:
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return int(value)
+    raise ConfigError(f"{where} must be a 0/1 flag, got {_show(value)}")
+
+
+def normalize_pattern(value: Any, where: str = "pattern") -> Pattern:
     """Normalise an mmaction per-stage pattern: an int per stage or a tuple per block.
 
     A stage whose blocks all share one flag becomes that int, so equal architectures have
-    equal configs and a uniform pattern fits any depth.
+    equal configs and a uniform pattern fits any depth. Anything but 0/1 flags is a
+    :class:`ConfigError` naming ``where``.
     """
+    if not _is_sequence(value):
+        raise ConfigError(
+            f"{where} must be a list with one entry per stage (a 0/1 flag, or a list of "
+            f"per-block 0/1 flags), got {_show(value)}"
+        )
     out: list[int | tuple[int, ...]] = []
-    for stage in value:
-        if isinstance(stage, (list, tuple)):
-            flags = tuple(int(bool(int(b))) for b in stage)
+    for i, stage in enumerate(value):
+        if _is_sequence(stage):
+            flags = tuple(_flag(b, f"{where}[{i}][{j}]") for j, b in enumerate(stage))
             out.append(flags[0] if len(set(flags)) == 1 else flags)
+        elif isinstance(stage, numbers.Integral) and stage in (0, 1):
+            out.append(int(stage))
         else:
-            out.append(int(bool(int(stage))))
+            raise ConfigError(
+                f"{where}[{i}] must be a 0/1 flag or a list of per-block 0/1 flags, "
+                f"got {_show(stage)}"
+            )
     return tuple(out)
+
+
+_Check = Callable[[Any, str], Any]
+
+
+def _check_for(hint: Any) -> _Check:
+    """The strict check (and normalisation) of values annotated ``hint``."""
+    if hint is bool:
+        return _as_bool
+    if hint is int:
+        return _as_int
+    if hint is float:
+        return _as_float
+    if typing.get_origin(hint) is Literal:
+        return functools.partial(_one_of, typing.get_args(hint))
+    if isinstance(hint, type) and attrs.has(hint):
+        return functools.partial(_instance_of, hint)
+    if hint == tuple[int, ...]:
+        return _int_tuple
+    if hint == Pattern:
+        return normalize_pattern
+    raise TypeError(f"no config value check for the annotation {hint!r}")
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotation of every field of attrs class ``cls`` (read once per class)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _field_checks(cls: type) -> dict[str, _Check]:
+    """Per field of attrs class ``cls``, the check of its annotated type."""
+    return {name: _check_for(hint) for name, hint in field_types(cls).items()}
+
+
+def check_field_value(cls: type, name: str, value: Any) -> Any:
+    """``value`` as field ``name`` of config class ``cls`` stores it; ConfigError if mistyped.
+
+    ints must be ints (numpy integers too, never bools), floats ints or floats, bools bools,
+    ``Literal`` fields one of their values, nested configs instances of their class, tuples
+    sequences of ints and patterns sequences of 0/1 flags.
+    """
+    return _field_checks(cls)[name](value, f"{cls.__name__}.{name}")
+
+
+def check_fields(config: Any) -> None:
+    """Raise ConfigError unless every field of a config holds its annotated type.
+
+    Called first in ``__attrs_post_init__``; numpy numbers (and ints in float fields) are
+    stored as Python numbers so configs compare, hash and serialise alike.
+    """
+    cls = type(config)
+    for field in attrs.fields(cls):
+        if field.converter is None:  # converted fields were checked by their converter
+            value = check_field_value(cls, field.name, getattr(config, field.name))
+            object.__setattr__(config, field.name, value)
+
+
+def _convert_field(value: Any, config: Any, field: attrs.Attribute) -> Any:
+    return check_field_value(type(config), field.name, value)
+
+
+_STRICT = attrs.Converter(_convert_field, takes_self=True, takes_field=True)
+"""attrs converter of tuple fields: the field's strict check, with errors naming the field."""
 
 
 @attrs.frozen
 class HeadConfig:
     """mmaction2 ``I3DHead``: spatio-temporal average pool, dropout, linear classifier."""
 
-    num_classes: int = attrs.field(default=400, converter=int)
-    dropout: float = attrs.field(default=0.5, converter=float)
-    init_std: float = attrs.field(default=0.01, converter=float)
+    num_classes: int = 400
+    dropout: float = 0.5
+    init_std: float = 0.01
     spatial_pool: bool = True
     average_clips: AverageClips = "prob"
 
     def __attrs_post_init__(self) -> None:
+        check_fields(self)
         if self.num_classes < 1:
             raise ConfigError(f"head.num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"head.dropout must be in [0, 1), got {self.dropout}")
-        if self.average_clips not in ("prob", "score"):
-            raise ConfigError(
-                f"head.average_clips must be 'prob' or 'score', got {self.average_clips!r}"
-            )
 
 
 @attrs.frozen
@@ -80,7 +213,7 @@ class ResNet3dConfig:
     base_channels: int = 64
     in_channels: int = 3
     num_stages: int = 4
-    conv1_kernel: tuple[int, ...] = attrs.field(default=(5, 7, 7), converter=_int_tuple)
+    conv1_kernel: tuple[int, ...] = attrs.field(default=(5, 7, 7), converter=_STRICT)
     conv1_stride_s: int = 2
     conv1_stride_t: int = 2
     pool1_stride_s: int = 2
@@ -88,17 +221,15 @@ class ResNet3dConfig:
     with_pool1: bool = True
     with_pool2: bool = True
     style: Literal["pytorch", "caffe"] = "pytorch"
-    spatial_strides: tuple[int, ...] = attrs.field(default=(1, 2, 2, 2), converter=_int_tuple)
-    temporal_strides: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_int_tuple)
-    dilations: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_int_tuple)
-    inflate: tuple[int | tuple[int, ...], ...] = attrs.field(
+    spatial_strides: tuple[int, ...] = attrs.field(default=(1, 2, 2, 2), converter=_STRICT)
+    temporal_strides: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_STRICT)
+    dilations: tuple[int, ...] = attrs.field(default=(1, 1, 1, 1), converter=_STRICT)
+    inflate: Pattern = attrs.field(
         default=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
-        converter=normalize_pattern,
+        converter=_STRICT,
     )
     inflate_style: Literal["3x1x1", "3x3x3"] = "3x1x1"
-    non_local: tuple[int | tuple[int, ...], ...] = attrs.field(
-        default=(0, 0, 0, 0), converter=normalize_pattern
-    )
+    non_local: Pattern = attrs.field(default=(0, 0, 0, 0), converter=_STRICT)
     non_local_mode: NonLocalMode = "embedded_gaussian"
     non_local_sub_sample: bool = True
     non_local_use_scale: bool = False
@@ -108,6 +239,7 @@ class ResNet3dConfig:
     head: HeadConfig = attrs.field(factory=HeadConfig)
 
     def __attrs_post_init__(self) -> None:
+        check_fields(self)
         if self.depth not in RESNET_STAGE_BLOCKS:
             raise ConfigError(
                 f"depth must be one of {sorted(RESNET_STAGE_BLOCKS)}, got {self.depth}"
@@ -135,17 +267,6 @@ class ResNet3dConfig:
                         f"{name}[{i}] has {len(stage)} flags but stage {i + 1} of a depth-"
                         f"{self.depth} ResNet has {blocks} blocks"
                     )
-        if self.inflate_style not in ("3x1x1", "3x3x3"):
-            raise ConfigError(
-                f"inflate_style must be '3x1x1' or '3x3x3', got {self.inflate_style!r}"
-            )
-        if self.non_local_mode not in ("dot_product", "embedded_gaussian", "gaussian"):
-            raise ConfigError(
-                "non_local_mode must be 'dot_product', 'embedded_gaussian' or 'gaussian', "
-                f"got {self.non_local_mode!r}"
-            )
-        if self.style not in ("pytorch", "caffe"):
-            raise ConfigError(f"style must be 'pytorch' or 'caffe', got {self.style!r}")
         if not -1 <= self.frozen_stages <= self.num_stages:
             raise ConfigError(
                 f"frozen_stages must be -1..{self.num_stages}, got {self.frozen_stages}"

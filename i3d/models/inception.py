@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from i3d.models.config import ConfigError, HeadConfig
+from i3d.models.config import ConfigError, HeadConfig, check_fields
 from i3d.models.layers import kaiming_normal_fan_out
 from i3d.models.recognizer import InputShapeError, Recognizer, average_views
 
@@ -70,10 +70,11 @@ class InceptionI3dConfig:
     """One Inception-v1 I3D stream: ``in_channels`` 3 for RGB, 2 for optical flow (x, y)."""
 
     arch: Literal["inception_i3d"] = "inception_i3d"
-    in_channels: int = attrs.field(default=3, converter=int)
+    in_channels: int = 3
     head: HeadConfig = attrs.field(factory=HeadConfig)
 
     def __attrs_post_init__(self) -> None:
+        check_fields(self)
         if self.in_channels < 1:
             raise ConfigError(
                 f"in_channels must be >= 1 (3 for RGB, 2 for flow), got {self.in_channels}"
@@ -97,6 +98,7 @@ class TwoStreamConfig:
     flow: InceptionI3dConfig = attrs.field(factory=_flow_stream)
 
     def __attrs_post_init__(self) -> None:
+        check_fields(self)
         if self.rgb.head.num_classes != self.flow.head.num_classes:
             raise ConfigError(
                 f"the two streams must share the class list: rgb has {self.rgb.head.num_classes} "

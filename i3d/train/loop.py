@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,8 @@ def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
 
     ``hook(event, ctx, info)`` is called on every rank after each step (``"step"``) and each
     validation (``"val"``); it must be a module-level function when workers are spawned.
+    With ``world_size > 1`` workers are spawned, so a script calling this needs the
+    ``if __name__ == "__main__":`` guard.
     """
     work_dir = Path(config.work_dir)
     created = not work_dir.exists()
@@ -145,9 +150,21 @@ def _freeze_option(model: Any, stages: int) -> dict[str, int]:
     return {}
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """Autocast dtype: fp16 on accelerators (with a GradScaler), bf16 on cpu."""
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """Autocast dtype: ``auto`` is fp16 on accelerators (with a GradScaler), bf16 on cpu."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def choose_algorithms(deterministic: bool) -> None:
+    """Deterministic kernels for bitwise-reproducible runs; otherwise let cuDNN autotune its
+    convolutions (training clips all have one shape, so the search pays off after a step)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class Trainer:
@@ -159,8 +176,7 @@ class Trainer:
         self.console = Console(quiet=not ctx.is_main)
         self.stop_requested = False
         self._seed_everything(config.seed + ctx.rank)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        choose_algorithms(config.deterministic)
         self._build_data()
         self._build_model()
         self.optimizer = torch.optim.SGD(
@@ -170,7 +186,8 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = build_scheduler(self.optimizer, config, self.iters_per_epoch)
-        self.amp_dtype = amp_dtype(ctx.device)
+        self.amp_dtype = amp_dtype(ctx.device, config.amp_dtype)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range
         use_scaler = config.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -313,7 +330,7 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_scaler(state["scaler"], path)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch"], state["step"]
         self.best_top1 = state["best_top1"]
         rngs = state["rng"]
@@ -333,6 +350,17 @@ class Trainer:
         self.last_checkpoint = path
         self.metrics.truncate(self.step)
         self.console.print(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
+
+    def _load_scaler(self, saved: dict[str, Any], path: Path) -> None:
+        """Restore the loss scale; a run that switches fp16 AMP on or off starts afresh."""
+        if bool(saved) == self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
+            return
+        now = "uses" if self.scaler.is_enabled() else "does not use"
+        self.console.print(
+            f"[yellow]{path} was {'not ' if not saved else ''}saved with fp16 loss scaling and "
+            f"this run {now} it: the loss scale starts afresh[/yellow]"
+        )
 
     # ---------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
@@ -430,7 +458,12 @@ class Trainer:
                 window.add(time.perf_counter() - tic, waited, loss, c.global_batch)
                 progress.update(task, advance=1, info=window.describe(lr, self._eta(window)))
                 if self.step % c.log_every == 0 or self.batch_in_epoch == self.iters_per_epoch:
-                    self.metrics.write("train", self.epoch, self.step, **window.summary(lr))
+                    scale = (
+                        {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+                    )
+                    self.metrics.write(
+                        "train", self.epoch, self.step, **window.summary(lr), **scale
+                    )
                     if not self.console.is_terminal:
                         line = window.describe(lr, self._eta(window))
                         self.console.print(f"epoch {self.epoch + 1} step {self.step}: {line}")
@@ -484,7 +517,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # the scaler skips the optimiser step when fp16 gradients overflow; the schedule
+            # still advances per iteration (as in mmengine), which torch would warn about
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
         return value, stop_all
 
     @torch.no_grad()

@@ -74,6 +74,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     grad_clip: float | None = 40.0
     amp: bool = False
+    amp_dtype: Literal["auto", "fp16", "bf16"] = "auto"
     # devices and bookkeeping
     backend: Literal["cpu", "cuda", "npu"] = "cpu"
     world_size: int = 1
@@ -104,6 +105,13 @@ class TrainConfig:
         if self.normalisation not in ("mmaction", "deepmind"):
             raise ConfigError(
                 f"normalisation must be 'mmaction' or 'deepmind', got {self.normalisation!r}"
+            )
+        if self.amp_dtype not in ("auto", "fp16", "bf16"):
+            raise ConfigError(f"amp dtype must be auto, fp16 or bf16, got {self.amp_dtype!r}")
+        if self.sync_bn and self.backend == "cpu":
+            raise ConfigError(
+                "sync-bn needs cuda or npu devices (SyncBatchNorm has no cpu kernels); "
+                "drop --sync-bn on cpu"
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError("grad-clip must be positive (omit it to disable clipping)")
