@@ -35,7 +35,13 @@ from i3d.train.distributed import (
     _free_port,
     device_for,
 )
-from i3d.train.loop import EpochSampler, Trainer, amp_dtype, choose_algorithms
+from i3d.train.loop import (
+    EpochSampler,
+    Trainer,
+    amp_dtype,
+    choose_algorithms,
+    grad_scaler,
+)
 from i3d.train.recipe import ConfigError, get_recipe
 from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import OutputError
@@ -467,6 +473,8 @@ def test_npu_plumbing_with_a_fake_torch_npu(monkeypatch):
     )
     module = types.ModuleType("torch_npu")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)  # find_spec sees it
+    scaler = types.SimpleNamespace(GradScaler=lambda enabled: ("torch_npu scaler", enabled))
+    module.npu = types.SimpleNamespace(amp=scaler)
     monkeypatch.setitem(sys.modules, "torch_npu", module)
     monkeypatch.setattr(torch, "npu", fake, raising=False)
     if torch._C._get_privateuse1_backend_name() != "npu":
@@ -474,6 +482,8 @@ def test_npu_plumbing_with_a_fake_torch_npu(monkeypatch):
     device = device_for("npu", 3)
     assert (device.type, device.index, calls) == ("npu", 3, [3])
     assert PG_BACKENDS[device.type] == "hccl" and amp_dtype(device) == torch.float16
+    assert grad_scaler(device, True) == ("torch_npu scaler", True)
+    assert grad_scaler(torch.device("cpu"), True).is_enabled()
     with pytest.raises(DistributedError, match="only 8 npu devices"):
         device_for("npu", 8)
     monkeypatch.delitem(sys.modules, "torch_npu")

@@ -157,6 +157,15 @@ def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaler for ``device``: torch_npu's own on Ascend (its documented form)."""
+    if device.type == "npu":
+        import torch_npu  # imported by device_for already; this only looks it up
+
+        return torch_npu.npu.amp.GradScaler(enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def choose_algorithms(deterministic: bool) -> None:
     """Deterministic kernels for bitwise-reproducible runs; otherwise let cuDNN autotune its
     convolutions (training clips all have one shape, so the search pays off after a step)."""
@@ -189,7 +198,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(ctx.device, config.amp_dtype)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range
         use_scaler = config.amp and self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+        self.scaler = grad_scaler(ctx.device, use_scaler)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best_top1 = -1.0
         self.last_checkpoint: Path | None = None
