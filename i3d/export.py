@@ -95,6 +95,8 @@ def export_onnx(
     Weights loaded from a file keep their metadata (labels, preprocessing) in the ONNX file.
     ``batch="dynamic"`` makes the batch axis symbolic; clip length and size stay fixed.
     """
+    if Path(path).suffix != ".onnx":
+        raise ExportError(f"ONNX output must end in .onnx (the onnx backend needs it), got {path}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset must be at least {MIN_OPSET}, got {opset}")
     if simplify and importlib.util.find_spec("onnxsim") is None:
@@ -251,8 +253,8 @@ def read_onnx_info(path: str | os.PathLike[str]) -> WeightsInfo | None:
     meta = {prop.key: prop.value for prop in proto.metadata_props}
     try:
         return WeightsInfo.from_metadata_if_any(meta, path)
-    except WeightsError as exc:
-        raise ExportError(f"{path}: unreadable i3d metadata: {exc}") from exc
+    except WeightsError as exc:  # its message names the file already
+        raise ExportError(str(exc)) from exc
 
 
 def _simplify(dst: Path) -> None:

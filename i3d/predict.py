@@ -78,6 +78,14 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
+def check_path_list(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse one path given where a list of paths is expected (a str would be split in chars)."""
+    if isinstance(paths, str | bytes | os.PathLike):
+        raise InputError(
+            f"expected a list of video paths, got the single path {paths!r}; pass [path]"
+        )
+
+
 def load_classifier(weights: Path, backend: str, device: str | None, batch_size: int) -> Any:
     """A runner whose ``predict`` maps float clips (N, V, C, T, H, W) to logits (N, V, K)."""
     from i3d.backends import load_runner
@@ -208,6 +216,7 @@ class Predictor:
         self, paths: Sequence[str | os.PathLike[str]], workers: int | None = None
     ) -> Iterator[np.ndarray | str]:
         """Scores of each video in order, or the error text of one that failed."""
+        check_path_list(paths)
         workers = auto_workers(len(paths)) if workers is None else workers
         for views in iter_views(paths, self.pipeline, workers, VIDEO_ERRORS):
             if isinstance(views, str):
@@ -235,6 +244,7 @@ def predict_videos(
 
     ``workers`` decoding processes run ahead of the model (None: 0 for one video, else auto).
     """
+    check_path_list(paths)
     predictor = Predictor(weights, clips, crops, batch_size, backend, device, **pipeline_overrides)
     results = []
     for result in predictor.predict_many(paths, workers):

@@ -267,3 +267,20 @@ def test_cli_bench_takes_the_clip_shape_from_an_om_session(tmp_path, monkeypatch
         app, ["bench", "--backend", "om", "--weights", str(om), "--clip-len", "8"]
     )
     assert result.exit_code == 1 and "--clip-len 8 does not match" in result.output
+
+
+@pytest.mark.parametrize("threads", ["abc", "-4", "0", "1.5"])
+def test_bad_thread_counts_are_one_line_errors(tiny_weights, threads):
+    with pytest.raises(BackendError, match="option threads must be a positive integer"):
+        load_runner(tiny_weights, threads=threads)
+    args = ["bench", "--weights", str(tiny_weights), "-O", f"threads={threads}"]
+    result = CliRunner().invoke(app, [*args, "--clip-len", "8", "--size", "32", "--iters", "1"])
+    assert result.exit_code == 1 and result.exception is not None
+    assert isinstance(result.exception, SystemExit)
+    assert f"option threads must be a positive integer, got '{threads}'" in result.output
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_load_runner_refuses_non_positive_batch_sizes(tiny, batch_size):
+    with pytest.raises(BackendError, match=f"batch size must be at least 1, got {batch_size}"):
+        load_runner(tiny, batch_size=batch_size)

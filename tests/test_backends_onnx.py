@@ -248,3 +248,41 @@ def test_atc_input_format_follows_the_input_rank():
     assert "--input_format=NCDHW" in five and "--input_shape=clips:1,3,8,32,32" in five
     six = atc_command("m.onnx", "m", (1, 2, 3, 8, 32, 32), "Ascend310P3")
     assert "--input_format=NCHW" in six
+
+
+def test_export_never_writes_over_its_weights_or_to_a_non_onnx_name(tiny_weights, tmp_path):
+    before = tiny_weights.read_bytes()
+    base = ["export", "--weights", str(tiny_weights), "--clip-len", "8", "--size", "32"]
+    result = CliRunner().invoke(app, [*base, "-o", str(tiny_weights)])
+    assert result.exit_code == 1 and "is the input" in result.output
+    assert tiny_weights.read_bytes() == before
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"keep me")
+    result = CliRunner().invoke(app, [*base, "-o", str(other)])
+    assert result.exit_code == 1 and "ONNX output must end in .onnx" in result.output
+    assert other.read_bytes() == b"keep me"
+    with pytest.raises(ExportError, match=r"must end in \.onnx"):
+        export_onnx(tiny_weights, tmp_path / "model.txt", clip_len=8, size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
+
+
+def test_onnx_options_are_checked_when_loading(tiny_weights, tmp_path):
+    with pytest.raises(BackendError, match="option threads must be a positive integer, got 'x'"):
+        load_runner(tiny_weights, backend="onnx", threads="x")
+    with pytest.raises(BackendError, match="optimization must be all, extended, basic"):
+        load_runner(tiny_weights, backend="onnx", optimization="max")
+
+
+def test_corrupt_onnx_metadata_is_named_once(tiny_weights, tmp_path):
+    import onnx
+
+    path = tmp_path / "meta.onnx"
+    export_onnx(tiny_weights, path, clip_len=8, size=32)
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "i3d.labels":
+            prop.value = "{not json"
+    onnx.save(proto, str(path))
+    with pytest.raises(BackendError, match="corrupt i3d metadata") as info:
+        load_runner(path, backend="onnx")
+    assert str(info.value).count(str(path)) == 1

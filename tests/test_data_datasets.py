@@ -240,3 +240,24 @@ def test_toy_dataset_refuses_a_folder_that_is_not_one(tmp_path):
     result = CliRunner().invoke(app, ["make-toy-dataset", str(tmp_path / "afile")])
     assert result.exit_code == 1 and "is a file" in result.output
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_lists_and_csvs_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "list.txt").write_text("a b.mp4 1\r\nc.mp4\t0\r\n", encoding="utf-8-sig")
+    samples = load_annotations(tmp_path / "list.txt", tmp_path)
+    assert [(s.path, s.label) for s in samples] == [
+        (tmp_path / "a b.mp4", 1),
+        (tmp_path / "c.mp4", 0),
+    ]
+    names = kinetics_labels(400)
+    (tmp_path / "val.csv").write_text(
+        f"label,youtube_id,time_start,time_end,split\n{names[3]},abc,5,15,val\n",
+        encoding="utf-8-sig",
+    )
+    assert load_annotations(tmp_path / "val.csv", tmp_path)[0].label == 3
+
+
+def test_zero_frame_count_is_not_called_negative(tmp_path):
+    (tmp_path / "frames.txt").write_text("clip_dir 0 1\n")
+    with pytest.raises(AnnotationError, match=r"frame counts >= 1, got 'clip_dir 0 1'"):
+        load_annotations(tmp_path / "frames.txt", tmp_path)

@@ -214,3 +214,21 @@ def test_frames_of_different_sizes_are_refused(tmp_path):
     reader = open_frames_dir(tmp_path, "img_{:05d}.png")
     with pytest.raises(VideoDecodeError, match="one size"):
         reader.get_frames([0, 1])
+
+
+def test_16_bit_grey_frames_are_scaled_not_clipped(tmp_path):
+    grey = pattern_frame(3, 48, 32)[..., 0]
+    for i in (1, 2):
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / f"img_{i:05d}.png")
+    with open_frames_dir(tmp_path, "img_{:05d}.png") as reader:
+        frames = reader.get_frames([0, 1])
+    assert frames.dtype == np.uint8 and frames.shape == (2, 32, 48, 3)
+    np.testing.assert_array_equal(frames[0], np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_frame_folder_with_other_names_says_how_to_name_them(tmp_path):
+    Image.fromarray(pattern_frame(0, 48, 32)).save(tmp_path / "frame1.jpg")
+    with pytest.raises(
+        VideoDecodeError, match=r"'img_00001\.jpg', 'img_00002\.jpg', \.\.\.; rename"
+    ):
+        open_video(tmp_path)

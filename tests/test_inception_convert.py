@@ -277,3 +277,11 @@ def test_preset_contradicting_the_checkpoint_is_refused(rgb_state, deepmind_file
         convert_pytorch_i3d(flow, dst, preset="inception_i3d_rgb")
     matching = convert_pytorch_i3d(pt, tmp_path / "rgb.safetensors", preset="inception_i3d_rgb")
     assert load_weights(matching)[1].config.in_channels == 3
+
+
+def test_a_torch_checkpoint_given_as_deepmind_says_what_it_is(tmp_path):
+    src = tmp_path / "model.pth"
+    torch.save({"state_dict": {"layer1.0.conv1.weight": torch.zeros(1)}}, src)
+    with pytest.raises(WeightsError, match=r"PyTorch \(zip\) checkpoint, not a DeepMind"):
+        convert(src, tmp_path / "out.safetensors", source_format="deepmind")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -297,3 +297,135 @@ def test_label_files_plain_or_indexed(tmp_path, text, expected):
 
     (tmp_path / "labels.txt").write_text(text)
     assert read_labels(tmp_path / "labels.txt") == expected
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory) -> Path:
+    """A tiny saved model whose metadata and tensors the hostile-file tests tamper with."""
+    from i3d.weights.format import WeightsInfo, save_weights
+
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50", base_channels=4, num_classes=3)
+    path = tmp_path_factory.mktemp("hostile") / "small.safetensors"
+    return save_weights(
+        path, build_model(config).state_dict(), WeightsInfo(config, ("a", "b", "c"))
+    )
+
+
+def _tampered(src: Path, dst: Path, meta: dict | None = None, **tensors) -> Path:
+    """Copy of ``src`` with metadata entries and tensors replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), "pt") as fh:
+        metadata = {**fh.metadata(), **(meta or {})}
+    save_file({**load_file(str(src)), **tensors}, str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("i3d.labels", "5", "labels must be a list of class names, got int"),
+        ("i3d.labels", '"abc"', "labels must be a list of class names, got str"),
+        (
+            "i3d.labels",
+            '{"a": 1, "b": 2, "c": 3}',
+            "labels must be a list of class names, got dict",
+        ),
+        ("i3d.preprocessing", "[1]", "i3d.preprocessing must be a JSON object, got list"),
+        ("i3d.provenance", '"x"', "i3d.provenance must be a JSON object, got str"),
+    ],
+)
+def test_metadata_of_the_wrong_json_type_is_refused(small_weights, tmp_path, key, value, message):
+    bad = _tampered(small_weights, tmp_path / "bad.safetensors", {key: value})
+    with pytest.raises(WeightsError, match=message):
+        load_model(bad)
+    result = runner.invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 1 and message in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_hostile_config_is_refused_without_allocating(small_weights, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(small_weights), "pt") as fh:
+        config = json.loads(fh.metadata()["i3d.config"])
+    overflow = _tampered(
+        small_weights,
+        tmp_path / "overflow.safetensors",
+        {"i3d.config": json.dumps({**config, "base_channels": 10**9})},
+    )
+    result = runner.invoke(app, ["inspect", str(overflow)])
+    assert result.exit_code == 1 and "cannot be built" in result.output
+    with pytest.raises(WeightsError, match="cannot be built"):
+        load_model(overflow)
+    # ~10^12 parameters: inspect counts them on the meta device instead of allocating 4 TB
+    huge = _tampered(
+        small_weights,
+        tmp_path / "huge.safetensors",
+        {"i3d.config": json.dumps({**config, "base_channels": 100_000})},
+    )
+    result = runner.invoke(app, ["inspect", str(huge), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["parameters"] > 10**12
+    with pytest.raises(WeightsError, match="shape mismatches"):
+        load_model(huge)
+
+
+def test_weight_values_are_checked_on_load(small_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(small_weights))
+    key = "backbone.conv1.bn.bias"
+    nan = _tampered(
+        small_weights, tmp_path / "nan.safetensors", **{key: torch.full_like(tensors[key], np.nan)}
+    )
+    with pytest.raises(WeightsError, match=rf"NaN or infinite values in 1 tensors: {key}"):
+        load_model(nan)
+    ints = _tampered(
+        small_weights, tmp_path / "int.safetensors", **{key: tensors[key].to(torch.int32)}
+    )
+    with pytest.raises(WeightsError, match=rf"dtype mismatches \(1\): {key}: file torch.int32"):
+        load_model(ints)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    model = load_model(_tampered(small_weights, tmp_path / "half.safetensors", **half))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        expected = load_model(small_weights)(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_save_weights_names_what_is_not_a_state_dict(small_weights, tmp_path):
+    from i3d.weights.format import save_weights
+
+    model = load_model(small_weights)
+    state = {**model.state_dict(), "backbone.conv1.conv.weight": [1, 2]}
+    with pytest.raises(
+        WeightsError, match=r"'backbone\.conv1\.conv\.weight' is a list, not a tensor"
+    ):
+        save_weights(tmp_path / "x.safetensors", state, model.weights_info)
+    with pytest.raises(WeightsError, match=r"expected a state dict \(model.state_dict\(\)\)"):
+        save_weights(tmp_path / "x.safetensors", model, model.weights_info)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_checkpoint_missing_a_block_conv_or_with_odd_keys(tmp_path):
+    src = tmp_path / "ckpt.pth"
+    sd = _mmaction_checkpoint(src, "i3d_r50")
+    damaged = {**sd, "backbone.layer1.0.conv1.conv.weight": [1, 2, 3], 7: torch.zeros(1)}
+    torch.save({"state_dict": damaged}, src)
+    result = runner.invoke(app, ["convert-weights", str(src)])
+    assert result.exit_code == 1
+    assert "incomplete mmaction ResNet3d checkpoint: no 5-D 'backbone.layer1.0.conv1" in (
+        result.output
+    )
+
+
+def test_label_file_with_a_byte_order_mark(tmp_path):
+    from i3d.weights.labels import read_labels
+
+    (tmp_path / "labels.txt").write_text("0 walk\n1 run\n", encoding="utf-8-sig")
+    assert read_labels(tmp_path / "labels.txt") == ("walk", "run")

@@ -389,3 +389,26 @@ def test_predict_on_a_folder_of_extracted_frames(setup, tmp_path):
     frame_scores = {t["label"]: t["score"] for t in from_frames["top"]}
     gaps = [abs(frame_scores[name] - score) for _, name, score in from_video.top(5)]
     assert max(gaps) < 0.01  # the same clip, up to JPEG re-encoding
+
+
+def test_evaluate_on_only_unreadable_videos_names_the_first_error(setup, tmp_path):
+    _root, weights, _videos = setup
+    (tmp_path / "text.mp4").write_text("not a video\n")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("text.mp4 0\nempty.mp4 1\nmissing.mp4 2\n")
+    args = ["evaluate", str(tmp_path / "list.txt"), "--weights", str(weights)]
+    args += ["--data-root", str(tmp_path), "-o", str(tmp_path / "out"), "--workers", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "none of the 3 samples could be read; first:" in result.output
+    assert "text.mp4: not a readable video" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_path_string_is_not_split_into_characters(setup):
+    _root, weights, videos = setup
+    path = str(videos / "v0.mp4")
+    with pytest.raises(ValueError, match="expected a list of video paths, got the single path"):
+        predict_videos(path, weights)
+    [result] = predict_videos([path], weights)
+    assert result.error is None and result.scores.shape == (5,)

@@ -90,6 +90,8 @@ def load_runner(
     ``device=None`` picks the backend's default (``cpu`` for torch/onnx, ``npu:0`` for
     npu/om); ``batch_size`` caps the clips per forward call (views are folded into clips).
     """
+    if batch_size is not None and batch_size < 1:
+        raise BackendError(f"batch size must be at least 1, got {batch_size}")
     impl = require_backend(backend)
     return impl.load(weights_or_model, device, precision, batch_size, **options)
 

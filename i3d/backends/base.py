@@ -90,6 +90,22 @@ def check_options(options: dict[str, Any], accepted: dict[str, str], backend: st
         )
 
 
+def thread_count(options: dict[str, Any], backend: str) -> int | None:
+    """The ``threads`` option as a positive int (it may arrive as a string), None if absent."""
+    if "threads" not in options:
+        return None
+    value = options["threads"]
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or isinstance(value, bool | float):
+        raise BackendError(
+            f"backend {backend!r}: option threads must be a positive integer, got {value!r}"
+        )
+    return count
+
+
 def resolve_model(weights_or_model: Any) -> nn.Module:
     """The caller's ``nn.Module`` as is, or an eval-mode CPU model from a ``.safetensors`` file.
 

@@ -26,6 +26,7 @@ from i3d.backends.base import (
     labels_of,
     preprocessing_of,
     resolve_model,
+    thread_count,
 )
 from i3d.weights.format import WeightsError, WeightsInfo
 
@@ -76,8 +77,9 @@ def _session_options(options: dict[str, Any]) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if "threads" in options:
-        so.intra_op_num_threads = int(options["threads"])
+    threads = thread_count(options, "onnx")
+    if threads is not None:
+        so.intra_op_num_threads = threads
     level = str(options.get("optimization", "all")).lower()
     if level == "disable":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -96,8 +98,9 @@ def open_session(
 
     if not Path(path).is_file():
         raise BackendError(f"ONNX model {path} does not exist")
+    session_options = _session_options(options)
     try:
-        return ort.InferenceSession(str(path), _session_options(options), providers=providers)
+        return ort.InferenceSession(str(path), session_options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
 
@@ -107,8 +110,8 @@ def _weights_info(session: Any, path: str | os.PathLike[str]) -> WeightsInfo | N
     meta = dict(session.get_modelmeta().custom_metadata_map)
     try:
         return WeightsInfo.from_metadata_if_any(meta, path)
-    except WeightsError as exc:
-        raise BackendError(f"{path}: unreadable i3d metadata: {exc}") from exc
+    except WeightsError as exc:  # its message names the file already
+        raise BackendError(str(exc)) from exc
 
 
 class _Layout:
@@ -240,6 +243,7 @@ class OnnxBackend:
         check_precision(precision, ("fp32",), self.name)
         if importlib.util.find_spec("onnxruntime") is None:
             raise BackendUnavailable(f"onnxruntime is not installed; {INSTALL_HINT}")
+        _session_options(options)  # bad values fail here, not at the first export
         dev = device or "cpu"
         providers = providers_for(dev)
         if (

@@ -20,6 +20,7 @@ from i3d.backends.base import (
     labels_of,
     preprocessing_of,
     resolve_model,
+    thread_count,
 )
 from i3d.models.layers import ConvBN
 
@@ -109,8 +110,9 @@ class TorchRunner(ClipRunner):
         self.dtype = TORCH_DTYPES[precision]
         self.channels_last = parse_flag(options, "channels_last", False)
         self.autocast = parse_flag(options, "autocast", True) and precision != "fp32"
-        if "threads" in options:
-            torch.set_num_threads(int(options["threads"]))
+        threads = thread_count(options, self.backend)
+        if threads is not None:
+            torch.set_num_threads(threads)
         model = copy.deepcopy(model).eval()
         if parse_flag(options, "fuse_bn", False):
             fuse_conv_bn(model)

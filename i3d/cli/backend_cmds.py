@@ -14,6 +14,7 @@ from rich.table import Table
 from i3d.backends.base import BackendError
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.export import ExportError
+from i3d.utils.files import refuse_overwriting
 from i3d.weights.format import read_info
 
 console = Console()
@@ -101,6 +102,8 @@ def export(
         batch_value: int | str = batch if batch == "dynamic" else _positive_int(batch, "--batch")
         if fmt not in {"onnx", "om"}:
             raise ExportError(f"--format must be onnx or om, got {fmt!r}")
+        if weights is not None:
+            refuse_overwriting(output, weights)
         source = _source(weights, preset, required=True)
         prep = read_info(weights).preprocessing if weights is not None else None
         if clip_len is None:

@@ -211,7 +211,11 @@ def evaluate(
                 predictor, annotations, data_root, limit, workers
             )
             if not scored:
-                raise InputError(f"none of the {len(skipped)} samples could be read")
+                first, error = skipped[0]  # annotation lists are never empty
+                detail = error if first in error else f"{first}: {error}"
+                raise InputError(
+                    f"none of the {len(skipped)} samples could be read; first: {detail}"
+                )
         ensure_dir(output_dir)  # only now: a refused or failed run leaves no folder
         if from_predictions is None:
             write_predictions(output_dir / "predictions.jsonl", scored)

@@ -17,7 +17,7 @@ from i3d.cli.common import fail_on_errors
 from i3d.models import build_model, get_preset, preset_names
 from i3d.models.config import config_to_dict
 from i3d.models.presets import PRESET_DESCRIPTIONS
-from i3d.weights.format import read_info
+from i3d.weights.format import parameter_count, read_info
 from i3d.weights.labels import read_labels
 from i3d.weights.stats import count_flops, count_parameters
 
@@ -69,7 +69,7 @@ def inspect(
 
     with fail_on_errors():
         info = read_info(path)
-        params = count_parameters(build_model(info.config))
+        params = parameter_count(info.config)  # meta device: a hostile config allocates nothing
     data = {
         "path": str(path),
         "config": config_to_dict(info.config),

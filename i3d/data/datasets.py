@@ -79,7 +79,7 @@ def load_annotations(
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM is not part of the first path
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"cannot read annotation list {path}: {exc}") from exc
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -106,7 +106,7 @@ def _list_line(list_path: Path, number: int, text: str, root: Path | None, kind:
             f"{where}: expected '{expected}' (space-separated, integer label), got {text!r}"
         ) from None
     if label < 0 or (total is not None and total < 1):
-        raise AnnotationError(f"{where}: negative label or frame count in {text!r}")
+        raise AnnotationError(f"{where}: labels must be >= 0 and frame counts >= 1, got {text!r}")
     return Sample(_resolve(root, fields[0]), label, total, where)
 
 
@@ -139,7 +139,7 @@ def _kinetics_csv(path: Path, root: Path | None, labels: Sequence[str] | None) -
         labels = kinetics_labels(400)
     index = _class_index(labels)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise AnnotationError(f"cannot read Kinetics CSV {path}: {exc}") from exc

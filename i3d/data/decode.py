@@ -275,8 +275,9 @@ class FrameDirReader(VideoReader):
                 num_frames += 1
         if num_frames <= 0:
             raise VideoDecodeError(
-                f"{self.path}: no frames named like {template.format(start_index)!r}; set the "
-                "frame name template / start index to match the files"
+                f"{self.path}: no frames named like {template.format(start_index)!r}, "
+                f"{template.format(start_index + 1)!r}, ...; rename the frames to that pattern, "
+                "or set the frame name template / start index to match the files"
             )
         self.num_frames = num_frames
         first = self._load(0)
@@ -288,6 +289,9 @@ class FrameDirReader(VideoReader):
         file = self.path / self.template.format(self.start_index + index)
         try:
             with Image.open(file) as img:
+                if img.mode.startswith("I"):  # 16/32-bit grey: RGB conversion would clip at 255
+                    grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                    return np.repeat(grey[..., None], 3, axis=-1)
                 return np.asarray(img.convert("RGB"))
         except (OSError, UnidentifiedImageError) as exc:
             raise VideoDecodeError(f"cannot read frame {file}: {exc}") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,11 @@ def load_deepmind_variables(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
+    if zipfile.is_zipfile(path):
+        raise WeightsError(
+            f"{path} is a PyTorch (zip) checkpoint, not a DeepMind numpy pickle; pass "
+            "--from pytorch-i3d, mmaction or torchvision-2d, or leave --from out to detect it"
+        )
     data = _read_ckpt_bytes(path)
     try:
         variables = loads_restricted(data)

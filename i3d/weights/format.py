@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,26 @@ def _package_version() -> str:
     return __version__
 
 
+def _labels(value: Any) -> tuple[str, ...] | None:
+    """Class names as a tuple of strings; one string, a mapping or a number is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | Mapping):
+        raise WeightsError(f"labels must be a list of class names, got {type(value).__name__}")
+    try:
+        return tuple(str(s) for s in value)
+    except TypeError:
+        raise WeightsError(
+            f"labels must be a list of class names, got {type(value).__name__}"
+        ) from None
+
+
 @attrs.frozen
 class WeightsInfo:
     """Everything a weight file says besides its tensors."""
 
     config: Any
-    labels: tuple[str, ...] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else tuple(str(s) for s in v)
-    )
+    labels: tuple[str, ...] | None = attrs.field(default=None, converter=_labels)
     preprocessing: Preprocessing = attrs.field(factory=Preprocessing)
     provenance: Provenance = attrs.field(factory=Provenance)
 
@@ -98,11 +111,19 @@ class WeightsInfo:
         try:
             config = config_from_dict(json.loads(meta["i3d.config"]))
             labels = json.loads(meta.get("i3d.labels", "null"))
-            prep = Preprocessing.from_dict(json.loads(meta.get("i3d.preprocessing", "{}")))
-            prov = Provenance(**json.loads(meta.get("i3d.provenance", "{}")))
+            prep = Preprocessing.from_dict(_json_object(meta, "i3d.preprocessing"))
+            prov = Provenance(**_json_object(meta, "i3d.provenance"))
+            return cls(config=config, labels=labels, preprocessing=prep, provenance=prov)
         except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path}: corrupt i3d metadata: {exc}") from exc
-        return cls(config=config, labels=labels, preprocessing=prep, provenance=prov)
+
+
+def _json_object(meta: dict[str, str], key: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` (``{}`` when absent); anything else is refused."""
+    value = json.loads(meta.get(key, "{}"))
+    if not isinstance(value, dict):
+        raise WeightsError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def save_weights(
@@ -119,9 +140,17 @@ def save_weights(
 
 def _independent_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that share no storage (safetensors' rule), copying only if needed."""
+    if not isinstance(state_dict, Mapping):
+        raise WeightsError(
+            f"expected a state dict (model.state_dict()), got {type(state_dict).__name__}"
+        )
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(
+                f"state dict entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
         tensor = value.detach().to("cpu").contiguous()
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in seen and tensor.numel() > 0:
@@ -133,8 +162,11 @@ def _independent_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 def _meta_model(config: Any) -> torch.nn.Module:
     """The model of ``config`` on the meta device: its structure without memory or init cost."""
-    with torch.device("meta"):
-        return build_model(config)
+    try:
+        with torch.device("meta"):
+            return build_model(config)
+    except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. absurd widths or class counts
+        raise WeightsError(f"the model config cannot be built: {exc}") from exc
 
 
 def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
@@ -147,6 +179,11 @@ def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
         for k, v in expected.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
+    kinds = [
+        f"{k}: file {state_dict[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].is_floating_point() != v.is_floating_point()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
@@ -154,6 +191,8 @@ def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
         problems.append(f"unexpected keys ({len(extra)}): {_preview(extra)}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {_preview(shapes)}")
+    if kinds:
+        problems.append(f"dtype mismatches ({len(kinds)}): {_preview(kinds)}")
     if problems:
         raise WeightsError("weights do not fit the model config; " + "; ".join(problems))
 
@@ -161,6 +200,11 @@ def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
 def _preview(items: list[str], limit: int = 8) -> str:
     head = ", ".join(items[:limit])
     return head + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of the model ``config`` describes, counted without allocating its weights."""
+    return sum(p.numel() for p in _meta_model(config).parameters())
 
 
 def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
@@ -199,11 +243,21 @@ def load_model(
 ) -> torch.nn.Module:
     """Rebuild the model stored in a weight file, in eval mode on ``device``.
 
+    Stored tensors take the model's own dtypes (float32 unless ``dtype`` says otherwise), so
+    a file saved in half precision loads like any other; NaN or infinite values are refused.
     The returned model has ``.weights_info`` (labels, preprocessing, provenance).
     """
     tensors, info = load_weights(path)
     check_state_dict(info.config, tensors)
     model = _meta_model(info.config)
+    expected = model.state_dict()
+    tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise WeightsError(
+            f"{path}: NaN or infinite values in {len(broken)} tensors: {_preview(broken)}; "
+            "the weights are damaged (e.g. a diverged training run)"
+        )
     model.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:

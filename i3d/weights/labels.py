@@ -28,7 +28,7 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first name
     except (OSError, UnicodeDecodeError) as exc:
         raise WeightsError(f"cannot read label file {path}: {exc}") from exc
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())

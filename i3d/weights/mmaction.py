@@ -51,7 +51,7 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
     for key, value in sd.items():
         if not isinstance(value, torch.Tensor):
             continue
-        key = key.removeprefix("module.")
+        key = str(key).removeprefix("module.")
         tensors[key] = value
     if not any(k.startswith(("backbone.", "cls_head.")) for k in tensors):
         raise WeightsError(
@@ -121,8 +121,8 @@ def infer_config(
         stage_inflate, stage_nl = [], []
         for b in range(counts[s - 1]):
             prefix = f"backbone.layer{s}.{b}."
-            k1 = state_dict[prefix + "conv1.conv.weight"].shape[2]
-            k2 = state_dict[prefix + "conv2.conv.weight"].shape[2]
+            k1 = _temporal_kernel(state_dict, prefix + "conv1.conv.weight")
+            k2 = _temporal_kernel(state_dict, prefix + "conv2.conv.weight")
             if bottleneck and k2 == 3:
                 styles.add("3x3x3")
             elif bottleneck and k1 == 3:
@@ -182,6 +182,14 @@ def infer_config(
         )
     except ConfigError as exc:
         raise WeightsError(f"checkpoint describes an invalid network: {exc}") from exc
+
+
+def _temporal_kernel(state_dict: dict[str, torch.Tensor], key: str) -> int:
+    """Temporal kernel size of the 5-D conv weight ``key``; absent or malformed is an error."""
+    weight = state_dict.get(key)
+    if weight is None or weight.ndim != 5:
+        raise WeightsError(f"incomplete mmaction ResNet3d checkpoint: no 5-D {key!r}")
+    return int(weight.shape[2])
 
 
 def _matching_preset(structural: dict[str, Any]) -> ResNet3dConfig | None:
