@@ -256,3 +256,12 @@ def test_weights_metadata_with_a_mistyped_config_is_reported_as_corrupt():
     meta = {"i3d.format": FORMAT_VERSION, "i3d.config": json.dumps(data)}
     with pytest.raises(WeightsError, match=r"corrupt .*HeadConfig\.num_classes must be an int"):
         WeightsInfo.from_metadata(meta, "w.safetensors")
+
+
+def test_a_depth_override_keeps_one_flag_per_stage_of_the_preset():
+    small = get_preset("i3d_r50_nl_dot_product", depth=18, base_channels=4)
+    assert (small.inflate, small.non_local) == ((1, 1, 1, 1), (0, 1, 1, 0))
+    build_model(small)  # the per-stage flags fit the depth-18 block counts
+    chosen = get_preset("i3d_r50", depth=18, inflate=((1, 0), 0, 0, 0))
+    assert chosen.inflate == ((1, 0), 0, 0, 0)
+    assert get_preset("i3d_r50", depth=50).inflate == get_preset("i3d_r50").inflate

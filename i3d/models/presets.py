@@ -52,12 +52,20 @@ def preset_names() -> list[str]:
 def get_preset(name: str, **overrides: Any) -> Any:
     """Config of a named preset, with top-level fields replaced by ``overrides``.
 
-    ``num_classes`` / ``dropout`` are forwarded to the head for convenience.
+    ``num_classes`` / ``dropout`` are forwarded to the head for convenience. A ``depth``
+    override keeps one flag per stage of the preset's per-block ``inflate`` / ``non_local``
+    patterns (a stage with any inflated block is inflated throughout), since per-block flags
+    of one depth do not fit another; give the patterns explicitly to choose otherwise.
     """
     presets = _all_presets()
     if name not in presets:
         raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
     config = presets[name]
+    if "depth" in overrides and overrides["depth"] != getattr(config, "depth", None):
+        for field in ("inflate", "non_local"):
+            if hasattr(config, field):
+                per_stage = tuple(int(any(s)) for s in config.block_flags(field))
+                overrides.setdefault(field, per_stage)
     head_keys = {k: overrides.pop(k) for k in ("num_classes", "dropout") if k in overrides}
     if head_keys:
         streams = [f.name for f in attrs.fields(type(config)) if f.name in ("rgb", "flow")]

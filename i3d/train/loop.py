@@ -126,14 +126,8 @@ def model_config(config: TrainConfig, num_classes: int, base: Any | None = None)
         if config.model_overrides:
             raise ConfigError("model overrides cannot change the architecture of an --init file")
         return attrs.evolve(base, head=attrs.evolve(base.head, **head), **freeze)
-    overrides = dict(config.model_overrides)
-    if "depth" in overrides and overrides["depth"] != getattr(preset, "depth", None):
-        # per-block flags of the preset do not fit another depth: keep one flag per stage
-        for name in ("inflate", "non_local"):
-            if hasattr(preset, name):
-                overrides.setdefault(name, tuple(int(any(s)) for s in preset.block_flags(name)))
     try:
-        return get_preset(config.preset, **overrides, **head, **freeze)
+        return get_preset(config.preset, **dict(config.model_overrides), **head, **freeze)
     except TypeError as exc:
         raise ConfigError(f"invalid model override: {exc}") from None
 
