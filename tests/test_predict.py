@@ -25,7 +25,7 @@ from i3d.predict import (
     video_features,
 )
 from i3d.weights.format import WeightsInfo, save_weights
-from i3d.weights.preprocessing import MMACTION_K400
+from i3d.weights.preprocessing import MMACTION_K400, Preprocessing
 
 LABELS = ("walk", "run", "jump", "swim", "sit")
 runner = CliRunner()
@@ -236,7 +236,7 @@ def test_features_safetensors_and_resume(setup, tmp_path):
     assert first.shape == (128,)
     args[3:3] = [str(videos / "v2.mp4")]
     result = runner.invoke(app, args)
-    assert result.exit_code == 0 and "1 videos written" in result.output
+    assert result.exit_code == 0 and "1 video written" in result.output
     assert "2 already there" in result.output
     with safe_open(str(out), framework="pt") as fh:
         assert len(json.loads(fh.metadata()["i3d.videos"])) == 3
@@ -412,3 +412,9 @@ def test_a_single_path_string_is_not_split_into_characters(setup):
         predict_videos(path, weights)
     [result] = predict_videos([path], weights)
     assert result.error is None and result.scores.shape == (5,)
+
+
+def test_several_clips_need_a_clip_length():
+    every_frame = Preprocessing(clip_len=None, num_clips=3)
+    with pytest.raises(ValueError, match="3 clips need a clip length"):
+        build_pipeline(every_frame, "test")

@@ -404,7 +404,7 @@ def test_deepmind_inception_recipe_trains(toy, tmp_path):
     assert model.config.head.num_classes == 2
     assert model.weights_info.preprocessing.value_range == (-1.0, 1.0)
     with pytest.raises(ConfigError, match="--freeze-stages applies to ResNet3d"):
-        train(attrs.evolve(config, freeze_stages=2))
+        train(attrs.evolve(config, freeze_stages=2, work_dir=str(tmp_path / "frozen")))
 
 
 def test_init_from_an_inflated_2d_resnet(toy, tmp_path):
@@ -712,3 +712,13 @@ def test_deterministic_runs_choose_deterministic_kernels(monkeypatch):
         torch.use_deterministic_algorithms(before[0], warn_only=True)
         torch.backends.cudnn.benchmark = before[1]
         torch.backends.cudnn.deterministic = False
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_run(toy, tmp_path):
+    config = tiny(toy, tmp_path / "wd", epochs=1, val_list=None)
+    train(config)
+    metrics = (tmp_path / "wd" / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError, match=r"already holds a training run .* --resume auto"):
+        train(attrs.evolve(config, epochs=2))
+    assert (tmp_path / "wd" / "metrics.jsonl").read_text() == metrics
+    assert train(attrs.evolve(config, epochs=2, resume="auto"))["steps"] == 6

@@ -17,7 +17,7 @@ from i3d.export import ExportError
 from i3d.utils.files import refuse_overwriting
 from i3d.weights.format import read_info
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:
@@ -152,13 +152,15 @@ def bench(
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     batch_size: Annotated[
-        int | None, typer.Option(help="Samples per call [a compiled model's batch, else 1].")
+        int | None,
+        typer.Option(help="Samples per call (default: a compiled model's batch, else 1)."),
     ] = None,
     clip_len: Annotated[
-        int | None, typer.Option(help="Frames per clip (T) [a compiled model's, else 32].")
+        int | None, typer.Option(help="Frames per clip T (default: a compiled model's, else 32).")
     ] = None,
     size: Annotated[
-        int | None, typer.Option(help="Clip height and width [a compiled model's, else 224].")
+        int | None,
+        typer.Option(help="Clip height and width (default: a compiled model's, else 224)."),
     ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Weights (.safetensors) or a compiled .onnx/.om file.")

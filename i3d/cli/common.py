@@ -14,7 +14,7 @@ from i3d.models.recognizer import InputShapeError
 from i3d.utils.files import OutputError
 from i3d.weights.format import WeightsError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 #: errors whose message is meant for the user as is (no traceback)
 USER_ERRORS: tuple[type[BaseException], ...] = (

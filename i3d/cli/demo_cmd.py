@@ -24,7 +24,7 @@ from i3d.weights.preprocessing import Preprocessing
 DEFAULT_MODEL = "i3d_inception_k400_rgb"
 SAMPLE_GIF = "v_CricketShot_g04_c01_rgb.gif"
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
 
 
 class ClipError(ValueError):
@@ -146,7 +146,8 @@ def demo(
     labels = info.labels or tuple(f"class {i}" for i in range(probs.numel()))
     values, indices = probs.topk(min(top_k, probs.numel()))
     shown = f"{views.shape[2]} frames" + (f" x {views.shape[0]} views" if len(views) > 1 else "")
-    table = Table(title=f"{name}: {shown}, {path.name}")
+    console.print(f"{name}: {shown}, weights {path.name}", highlight=False)
+    table = Table()
     table.add_column("rank", justify="right")
     table.add_column("class")
     table.add_column("probability", justify="right")

@@ -15,8 +15,8 @@ from rich.table import Table
 from i3d.cli.common import fail_on_errors
 from i3d.weights import hub
 
-console = Console()
-status = Console(stderr=True)
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
+status = Console(stderr=True, soft_wrap=True)
 weights_app = typer.Typer(
     help="Pretrained weights: list them, pull them into the cache.", no_args_is_help=True
 )

@@ -46,7 +46,7 @@ from i3d.predict import (
 from i3d.utils.files import atomic_path, ensure_dir, refuse_overwriting, sha256_file
 from i3d.weights.format import load_model, read_info
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
 ERRORS = (InputError, AnnotationError, VideoDecodeError, ImportError, ValueError)
 SAVE_EVERY = 20  # videos between rewrites of a .safetensors feature file (resume points)
 
@@ -58,7 +58,7 @@ class Pool(str, Enum):
 
 WeightsOpt = Annotated[
     Path | None,
-    typer.Option(help="Project .safetensors weights (default: the pulled K400 model)."),
+    typer.Option(help="Project .safetensors weights (default: the pulled i3d_inception_k400_rgb)."),
 ]
 ClipsOpt = Annotated[
     int | None, typer.Option(min=1, help="Temporal clips per video (default: the weights').")
@@ -136,6 +136,11 @@ def predict(
         for r in failed:
             _print_failure(r.path, r.error)
         raise typer.Exit(1)
+
+
+def _videos(count: int) -> str:
+    """``1 video`` / ``3 videos``."""
+    return f"{count} video{'' if count == 1 else 's'}"
 
 
 def _print_failure(path: Path | str, error: str | None) -> None:
@@ -334,12 +339,12 @@ def features(
                 progress.advance(task)
         store.save()
     console.print(
-        f"{len(todo) - len(failed)} videos written to {output} "
+        f"{_videos(len(todo) - len(failed))} written to {output} "
         f"({len(paths) - len(todo)} already there)",
         highlight=False,
     )
     if failed:
-        err_console.print(f"[red]{len(failed)} videos failed:[/red]")
+        err_console.print(f"[red]{_videos(len(failed))} failed:[/red]")
         for path, error in failed:
             _print_failure(path, error)
         raise typer.Exit(1)

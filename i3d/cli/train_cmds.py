@@ -13,7 +13,7 @@ from rich.console import Console
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.models.config import ConfigError, check_field_value, field_types
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
 
 #: model config fields with their own ``i3d train`` option
 _OPTION_OF = {"depth": "--depth", "base_channels": "--base-channels"}

@@ -21,7 +21,7 @@ from i3d.weights.format import parameter_count, read_info
 from i3d.weights.labels import read_labels
 from i3d.weights.stats import count_flops, count_parameters
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole when redirected
 
 
 def convert_weights(

@@ -221,7 +221,8 @@ def build_pipeline(preprocessing: Preprocessing, mode: Mode = "test", **override
     if num_crops == 3 and mode == "test" and crop_size != prep.resize_short:
         raise ValueError(
             f"three crops span the short side: crop_size ({crop_size}) must equal resize_short "
-            f"({prep.resize_short}); override one of them, or use 1 or 10 crops"
+            f"({prep.resize_short}); use 1 or 10 crops, or from Python pass crop_size= or "
+            "resize_short="
         )
     if prep.interpolation not in T.INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {prep.interpolation!r}: {T.INTERPOLATIONS}")
@@ -243,6 +244,11 @@ def _sampler(prep: Preprocessing, mode: Mode, options: dict[str, Any]) -> Sample
     if prep.clip_len is None:  # every frame; with a clip_len, "all" means one uniform clip
         if mode == "train":
             raise ValueError("training needs a fixed clip_len; set clip_len=N")
+        if prep.num_clips != 1:
+            raise ValueError(
+                f"{prep.num_clips} clips need a clip length, but this protocol feeds every frame "
+                "as one clip (no clip_len); use 1 clip, or set clip_len=N"
+            )
         return None
     common = {
         "clip_len": prep.clip_len,

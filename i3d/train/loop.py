@@ -71,6 +71,12 @@ def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
     ``if __name__ == "__main__":`` guard.
     """
     work_dir = Path(config.work_dir)
+    earlier = ckpt.list_checkpoints(work_dir)
+    if config.resume is None and earlier:  # a fresh run would overwrite that run's files
+        raise TrainingError(
+            f"{work_dir} already holds a training run (newest checkpoint {earlier[0].name}); "
+            "continue it with --resume auto, or give another --work-dir"
+        )
     created = not work_dir.exists()
     ensure_dir(work_dir)
     try:
@@ -176,7 +182,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, ctx: DistContext, hook: Hook | None = None) -> None:
         self.config, self.ctx, self.hook = config, ctx, hook
         self.work_dir = Path(config.work_dir)
-        self.console = Console(quiet=not ctx.is_main)
+        self.console = Console(quiet=not ctx.is_main, soft_wrap=True)
         self.stop_requested = False
         self._seed_everything(config.seed + ctx.rank)
         choose_algorithms(config.deterministic)
