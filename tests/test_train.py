@@ -722,3 +722,47 @@ def test_a_fresh_run_never_overwrites_an_earlier_run(toy, tmp_path):
         train(attrs.evolve(config, epochs=2))
     assert (tmp_path / "wd" / "metrics.jsonl").read_text() == metrics
     assert train(attrs.evolve(config, epochs=2, resume="auto"))["steps"] == 6
+
+
+_CTRL_C_TWO_WORKERS = """
+import os, signal, sys
+from i3d.train import TrainConfig, TrainingInterrupted, train
+
+def press_ctrl_c(event, ctx, info):
+    # Ctrl-C in a terminal: SIGINT to the whole process group (launcher, ranks, loaders)
+    if event == "step" and ctx.rank == 0 and info["step"] == 2:
+        os.killpg(os.getpgid(0), signal.SIGINT)
+
+if __name__ == "__main__":
+    try:
+        train(TrainConfig.from_json(sys.argv[1]), hook=press_ctrl_c)
+    except TrainingInterrupted as exc:
+        print(exc)
+        sys.exit(3)
+"""
+
+
+def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
+    config = tiny(toy, tmp_path / "full", world_size=2, batch_size=2, epochs=2, val_list=None)
+    config = attrs.evolve(config, dropout=0.3, deterministic=True, workers=1)
+    train(config)
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C_TWO_WORKERS)
+    stopped = attrs.evolve(config, work_dir=str(tmp_path / "stopped"))
+    proc = subprocess.run(
+        [sys.executable, str(script), stopped.to_json()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,  # its own process group, so the signal stays inside it
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "interrupted at step 3" in proc.stdout and "resume auto" in proc.stdout
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(stopped.work_dir)[0])
+    assert (state["step"], len(state["rng"])) == (3, 2)
+    assert (tmp_path / "stopped" / "last.safetensors").is_file()
+    train(attrs.evolve(stopped, resume="auto"))
+    a, _ = load_weights(tmp_path / "full" / "last.safetensors")
+    b, _ = load_weights(tmp_path / "stopped" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

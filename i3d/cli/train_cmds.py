@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -212,7 +213,8 @@ def train_command(
         try:
             summary = train(config)
         except TrainingInterrupted as exc:
-            err_console.print(f"[yellow]{exc}[/yellow]", highlight=False, soft_wrap=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, every rank stops alike
+                err_console.print(f"[yellow]{exc}[/yellow]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if summary["rank"] != 0:
         return

@@ -10,6 +10,7 @@ import csv
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -311,8 +312,10 @@ def skip_collate(batch: list[Any]) -> Any:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise)."""
+    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise);
+    Ctrl-C is left to the main process, which stops when it is ready and shuts workers down."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _ViewsOf(Dataset):

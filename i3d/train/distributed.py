@@ -9,9 +9,13 @@ out after ``timeout_s``), and the process group is destroyed on success and on e
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -106,6 +110,7 @@ def _spawned(
     port: int,
     timeout_s: float,
     results: Any,
+    passthrough: tuple[type[BaseException], ...],
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -120,12 +125,27 @@ def _spawned(
         ctx = _init(backend, timeout_s)
         output = worker(ctx, payload)
         if ctx.is_main:
-            results.put(("ok", local_rank, output))
+            results.put(("ok", local_rank, output, None))
+    except passthrough as exc:  # an agreed stop: every rank exits cleanly, rank 0 reports it
+        results.put(("error", local_rank, _describe(exc), _portable(exc)))
     except BaseException as exc:
-        results.put(("error", local_rank, f"{type(exc).__name__}: {exc}"))
+        results.put(("error", local_rank, _describe(exc), None))
         raise
     finally:
         _shutdown()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _portable(exc: BaseException) -> BaseException | None:
+    """``exc`` if it survives pickling (to be raised again in the launcher), else None."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return None
+    return exc
 
 
 def _free_port() -> int:
@@ -134,16 +154,48 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _CtrlC:
+    """The launcher's SIGINT handler while spawned workers run: the first Ctrl-C is passed to
+    the workers (they finish the step and save; from a terminal they got it already), a
+    second one aborts the launcher, which then terminates them."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.processes: list[Any] = []
+
+    def __call__(self, *_: Any) -> None:
+        self.presses += 1
+        if self.presses > 1:
+            raise KeyboardInterrupt
+        for process in self.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_CtrlC]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def launch(
     worker: Callable[[DistContext, Any], Any],
     payload: Any,
     backend: str = "cpu",
     world_size: int = 1,
     timeout_s: float = 600.0,
+    passthrough: tuple[type[BaseException], ...] = (),
 ) -> Any:
     """Run ``worker(ctx, payload)`` on every rank; return rank 0's result.
 
-    ``worker`` must be a module-level function (spawned workers import it).
+    ``worker`` must be a module-level function (spawned workers import it). An exception of a
+    ``passthrough`` type raised by rank 0 reaches the caller as it is (other failures become a
+    :class:`DistributedError` naming the rank).
     """
     if env_launched():
         ctx = _init(backend, timeout_s)
@@ -154,21 +206,36 @@ def launch(
     if world_size == 1:
         return worker(DistContext(device=device_for(backend, 0)), payload)
     results = mp.get_context("spawn").SimpleQueue()
-    args = (worker, payload, backend, world_size, _free_port(), timeout_s, results)
-    try:
-        mp.start_processes(_spawned, args=args, nprocs=world_size, join=True, start_method="spawn")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        errors = [r for r in _drain(results) if r[0] == "error"]
-        if errors:
-            raise DistributedError(f"worker rank {errors[0][1]} failed: {errors[0][2]}") from None
-        raise DistributedError(f"a training worker died: {exc}") from None
-    for status, _, output in _drain(results):
+    args = (worker, payload, backend, world_size, _free_port(), timeout_s, results, passthrough)
+    with _CtrlC().installed() as ctrl_c:
+        context = mp.start_processes(
+            _spawned, args=args, nprocs=world_size, join=False, start_method="spawn"
+        )
+        ctrl_c.processes = context.processes
+        try:
+            while not context.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            errors = [r for r in _drain(results) if r[0] == "error"]
+            if errors:
+                raise DistributedError(
+                    f"worker rank {errors[0][1]} failed: {errors[0][2]}"
+                ) from None
+            raise DistributedError(f"a training worker died: {exc}") from None
+        except KeyboardInterrupt:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise
+    for status, rank, output, exc in _drain(results):
         if status == "ok":
             return output
+        if rank == 0 and exc is not None:
+            raise exc
     raise DistributedError("training workers finished without a result from rank 0")
 
 
-def _drain(queue: Any) -> list[tuple[str, int, Any]]:
+def _drain(queue: Any) -> list[tuple[str, int, Any, BaseException | None]]:
     items = []
     while not queue.empty():
         items.append(queue.get())

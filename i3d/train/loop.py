@@ -80,7 +80,14 @@ def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
     created = not work_dir.exists()
     ensure_dir(work_dir)
     try:
-        return launch(_worker, (config, hook), config.backend, config.world_size, config.timeout_s)
+        return launch(
+            _worker,
+            (config, hook),
+            config.backend,
+            config.world_size,
+            config.timeout_s,
+            passthrough=(TrainingInterrupted,),
+        )
     except BaseException:
         if created and not any(work_dir.iterdir()):
             work_dir.rmdir()  # a run that failed before writing anything leaves no folder
@@ -396,6 +403,7 @@ class Trainer:
         except TrainingInterrupted:
             self.save_checkpoint()
             self._export("last.safetensors")
+            barrier(self.ctx)  # no rank leaves while rank 0 still writes
             raise TrainingInterrupted(
                 f"interrupted at step {self.step}; checkpoint {self.last_checkpoint} written — "
                 f"continue with --resume auto --work-dir {self.work_dir}"
