@@ -37,6 +37,7 @@ from i3d.train.distributed import (
 )
 from i3d.train.loop import (
     EpochSampler,
+    LossDiverged,
     Trainer,
     amp_dtype,
     choose_algorithms,
@@ -319,9 +320,11 @@ def test_crashed_worker_stops_the_job(toy, tmp_path):
         train(config, hook=crash_on_rank1)
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(toy, tmp_path):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(toy, tmp_path, world_size):
     config = tiny(toy, tmp_path / "nan", lr=1e12, grad_clip=None, epochs=3, save_every_steps=1)
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+)") as err:
+    config = attrs.evolve(config, world_size=world_size, batch_size=4 // world_size)
+    with pytest.raises(LossDiverged, match=r"loss became (nan|inf) at step (\d+)") as err:
         train(config)
     step = int(err.value.args[0].split("at step ")[1].split()[0])
     newest = ckpt.list_checkpoints(tmp_path / "nan")[0]

@@ -62,6 +62,14 @@ class TrainingInterrupted(TrainingError):
     """Ctrl-C: a resumable checkpoint was written before stopping."""
 
 
+class LossDiverged(TrainingError):
+    """The loss became NaN or infinite on some rank; every rank stops at the same step."""
+
+
+#: stops every rank agrees on (all-reduced), so a spawned job reports them as they are
+_AGREED_STOPS = (TrainingInterrupted, LossDiverged)
+
+
 def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
     """Run a training job; return rank 0's summary (metrics, exported files, checkpoint).
 
@@ -86,7 +94,7 @@ def train(config: TrainConfig, hook: Hook | None = None) -> dict[str, Any]:
             config.backend,
             config.world_size,
             config.timeout_s,
-            passthrough=(TrainingInterrupted,),
+            passthrough=_AGREED_STOPS,
         )
     except BaseException:
         if created and not any(work_dir.iterdir()):
@@ -522,7 +530,7 @@ class Trainer:
                 if self.last_checkpoint
                 else "no checkpoint was saved yet"
             )
-            raise TrainingError(
+            raise LossDiverged(
                 f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}, iteration "
                 f"{self.batch_in_epoch + 1}); stopped without updating the weights; {kept}. "
                 "Lower --lr, keep --grad-clip on, or check the data"
