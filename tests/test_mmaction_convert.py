@@ -18,7 +18,7 @@ from i3d.cli.main import app
 from i3d.models import build_model, get_preset
 from i3d.utils import files
 from i3d.utils.files import OutputError
-from i3d.weights.format import WeightsError
+from i3d.weights.format import WeightsError, WeightsInfo, save_weights
 from i3d.weights.mmaction import convert_mmaction
 from i3d.weights.safe_pickle import UnsafePickleError
 
@@ -429,3 +429,16 @@ def test_label_file_with_a_byte_order_mark(tmp_path):
 
     (tmp_path / "labels.txt").write_text("0 walk\n1 run\n", encoding="utf-8-sig")
     assert read_labels(tmp_path / "labels.txt") == ("walk", "run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "device cuda is not available"), ("garbage", "invalid device 'garbage'")],
+)
+def test_load_model_names_a_device_it_cannot_use(tmp_path, device, message):
+    path = tmp_path / "w.safetensors"
+    config = get_preset("i3d_r50", base_channels=4, num_classes=3)
+    save_weights(path, build_model(config).state_dict(), WeightsInfo(config))
+    with pytest.raises(WeightsError, match=message):
+        load_model(path, device=device)

@@ -221,7 +221,12 @@ def launch(
                 raise DistributedError(
                     f"worker rank {errors[0][1]} failed: {errors[0][2]}"
                 ) from None
-            raise DistributedError(f"a training worker died: {exc}") from None
+            oom = (
+                " (out of memory? the kernel's OOM killer sends it)"
+                if "SIGKILL" in str(exc)
+                else ""
+            )
+            raise DistributedError(f"a training worker died: {exc}{oom}") from None
         except KeyboardInterrupt:
             for process in context.processes:
                 if process.is_alive():

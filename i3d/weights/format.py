@@ -236,6 +236,25 @@ def _open(path: str | os.PathLike[str]):
         ) from exc
 
 
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, after checking this process can see it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WeightsError(
+            f"invalid device {device!r}; use 'cpu', 'cuda:N' (or 'npu:N' once torch_npu is "
+            "imported)"
+        ) from None
+    module = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if module is not None and hasattr(module, "is_available"):
+        if not module.is_available():
+            raise WeightsError(f"device {device} is not available to this process; use 'cpu'")
+        count = module.device_count()
+        if device.index is not None and device.index >= count:
+            raise WeightsError(f"device {device} does not exist: {count} {device.type} visible")
+    return device
+
+
 def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -247,6 +266,7 @@ def load_model(
     a file saved in half precision loads like any other; NaN or infinite values are refused.
     The returned model has ``.weights_info`` (labels, preprocessing, provenance).
     """
+    device = _usable_device(device)
     tensors, info = load_weights(path)
     check_state_dict(info.config, tensors)
     model = _meta_model(info.config)
