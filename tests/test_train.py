@@ -332,15 +332,18 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(toy, tmp_path, world_size
     assert "last good checkpoint" in str(err.value)
 
 
-def interrupt_at_step_2(event, ctx, info):
+def signal_at_step_2(signum, event, ctx, info):
     if event == "step" and info["step"] == 2:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(toy, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_resumable_checkpoint(toy, tmp_path, signum):
+    """Ctrl-C, and SIGTERM (torchrun's shutdown of its workers, a scheduler's preemption)."""
     config = tiny(toy, tmp_path / "int", dropout=0.3, deterministic=True, val_list=None)
-    with pytest.raises(TrainingInterrupted, match="resume auto"):
-        train(config, hook=interrupt_at_step_2)
+    name = signal.Signals(signum).name
+    with pytest.raises(TrainingInterrupted, match=rf"interrupted \({name}\) .*--resume auto"):
+        train(config, hook=functools.partial(signal_at_step_2, signum))
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "int")[0])
     assert (state["step"], state["batch"]) == (2, 2)
     assert (tmp_path / "int" / "last.safetensors").is_file()
@@ -761,7 +764,7 @@ def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
         start_new_session=True,  # its own process group, so the signal stays inside it
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "interrupted at step 3" in proc.stdout and "resume auto" in proc.stdout
+    assert "interrupted (SIGINT) at step 3" in proc.stdout and "resume auto" in proc.stdout
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(stopped.work_dir)[0])
     assert (state["step"], len(state["rng"])) == (3, 2)
     assert (tmp_path / "stopped" / "last.safetensors").is_file()

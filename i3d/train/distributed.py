@@ -155,32 +155,33 @@ def _free_port() -> int:
 
 
 class _CtrlC:
-    """The launcher's SIGINT handler while spawned workers run: the first Ctrl-C is passed to
-    the workers (they finish the step and save; from a terminal they got it already), a
-    second one aborts the launcher, which then terminates them."""
+    """The launcher's SIGINT/SIGTERM handler while spawned workers run: the first signal is
+    passed to the workers (they finish the step and save; from a terminal they got Ctrl-C
+    already), a second one aborts the launcher, which then terminates them."""
 
     def __init__(self) -> None:
         self.presses = 0
         self.processes: list[Any] = []
 
-    def __call__(self, *_: Any) -> None:
+    def __call__(self, signum: int, _frame: Any) -> None:
         self.presses += 1
         if self.presses > 1:
             raise KeyboardInterrupt
         for process in self.processes:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
+                os.kill(process.pid, signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_CtrlC]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self)
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def launch(
@@ -216,7 +217,11 @@ def launch(
             while not context.join():
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            errors = [r for r in _drain(results) if r[0] == "error"]
+            # the rank torch saw fail first; the others' errors are usually its consequences
+            first = exc.error_index
+            errors = sorted(
+                (r for r in _drain(results) if r[0] == "error"), key=lambda r: r[1] != first
+            )
             if errors:
                 raise DistributedError(
                     f"worker rank {errors[0][1]} failed: {errors[0][2]}"

@@ -59,7 +59,11 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C: a resumable checkpoint was written before stopping."""
+    """Ctrl-C or SIGTERM: a resumable checkpoint was written before stopping."""
+
+
+#: signals that stop a run after the current step, with a checkpoint
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class LossDiverged(TrainingError):
@@ -199,6 +203,7 @@ class Trainer:
         self.work_dir = Path(config.work_dir)
         self.console = Console(quiet=not ctx.is_main, soft_wrap=True)
         self.stop_requested = False
+        self.stop_signal = ""
         self._seed_everything(config.seed + ctx.rank)
         choose_algorithms(config.deterministic)
         self._build_data()
@@ -391,9 +396,11 @@ class Trainer:
         self._resume()
         if self.last_checkpoint is None:
             self.metrics.truncate(0)  # a fresh run starts a fresh log
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._on_sigint)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        if in_main_thread:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_stop_signal)
         tb = _tensorboard(self.work_dir) if self.ctx.is_main else None
         self.metrics.tensorboard = tb
         start = (self.epoch, self.batch_in_epoch)
@@ -413,12 +420,14 @@ class Trainer:
             self._export("last.safetensors")
             barrier(self.ctx)  # no rank leaves while rank 0 still writes
             raise TrainingInterrupted(
-                f"interrupted at step {self.step}; checkpoint {self.last_checkpoint} written — "
+                f"interrupted ({self.stop_signal}) at step {self.step}; checkpoint "
+                f"{self.last_checkpoint} written — "
                 f"continue with --resume auto --work-dir {self.work_dir}"
             ) from None
         finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, previous)
+            if in_main_thread:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             if tb is not None:
                 tb.close()
             if self.ctx.is_main:
@@ -445,8 +454,11 @@ class Trainer:
                 tmp.write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _on_sigint(self, *_: Any) -> None:
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        """Ctrl-C or SIGTERM (torchrun's shutdown, a scheduler's preemption): finish the
+        step, save, stop."""
         self.stop_requested = True
+        self.stop_signal = signal.Signals(signum).name
 
     def _train_epoch(self) -> None:
         c, ctx = self.config, self.ctx
