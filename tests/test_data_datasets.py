@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -261,3 +262,20 @@ def test_zero_frame_count_is_not_called_negative(tmp_path):
     (tmp_path / "frames.txt").write_text("clip_dir 0 1\n")
     with pytest.raises(AnnotationError, match=r"frame counts >= 1, got 'clip_dir 0 1'"):
         load_annotations(tmp_path / "frames.txt", tmp_path)
+
+
+class _SignalHandlers(torch.utils.data.Dataset):
+    """Reports, from inside a loader worker, whether it ignores Ctrl-C and SIGTERM."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> list[bool]:
+        return [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process():
+    loader = DataLoader(
+        _SignalHandlers(), num_workers=1, worker_init_fn=worker_init, batch_size=None
+    )
+    assert next(iter(loader)) == [True, False]  # Ctrl-C ignored, SIGTERM still stops

@@ -312,8 +312,12 @@ def skip_collate(batch: list[Any]) -> Any:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise);
-    Ctrl-C is left to the main process, which stops when it is ready and shuts workers down."""
+    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise).
+
+    Ctrl-C (sent to the whole process group) is left to the main process, which stops at a
+    safe point and shuts its workers down. SIGTERM keeps its default: it is how the loader
+    and the interpreter's exit stop workers.
+    """
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
