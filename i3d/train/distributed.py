@@ -121,17 +121,22 @@ def _spawned(
     )
     if backend == "cpu":  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    agreed = False  # every rank reached the same end, so they can leave the group together
     try:
         ctx = _init(backend, timeout_s)
         output = worker(ctx, payload)
+        agreed = True
         if ctx.is_main:
             results.put(("ok", local_rank, output, None))
     except passthrough as exc:  # an agreed stop: every rank exits cleanly, rank 0 reports it
+        agreed = True
         results.put(("error", local_rank, _describe(exc), _portable(exc)))
     except BaseException as exc:
         results.put(("error", local_rank, _describe(exc), None))
         raise
     finally:
+        if agreed and dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while a peer still uses them
         _shutdown()
 
 
@@ -217,11 +222,12 @@ def launch(
             while not context.join():
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            reported = _drain(results)
+            if _outcome(reported) is not None:  # decided before a crash on the way out
+                return _finish(reported)
             # the rank torch saw fail first; the others' errors are usually its consequences
             first = exc.error_index
-            errors = sorted(
-                (r for r in _drain(results) if r[0] == "error"), key=lambda r: r[1] != first
-            )
+            errors = sorted((r for r in reported if r[0] == "error"), key=lambda r: r[1] != first)
             if errors:
                 raise DistributedError(
                     f"worker rank {errors[0][1]} failed: {errors[0][2]}"
@@ -237,12 +243,23 @@ def launch(
                 if process.is_alive():
                     process.terminate()
             raise
-    for status, rank, output, exc in _drain(results):
-        if status == "ok":
-            return output
-        if rank == 0 and exc is not None:
-            raise exc
-    raise DistributedError("training workers finished without a result from rank 0")
+    return _finish(_drain(results))
+
+
+def _outcome(reported: list[tuple[str, int, Any, BaseException | None]]) -> tuple | None:
+    """Rank 0's result, or its passthrough exception, among what the workers reported."""
+    return next((r for r in reported if r[0] == "ok" or (r[1] == 0 and r[3] is not None)), None)
+
+
+def _finish(reported: list[tuple[str, int, Any, BaseException | None]]) -> Any:
+    """Return rank 0's result or raise its passthrough exception."""
+    outcome = _outcome(reported)
+    if outcome is None:
+        raise DistributedError("training workers finished without a result from rank 0")
+    status, _, output, exc = outcome
+    if status == "ok":
+        return output
+    raise exc from None
 
 
 def _drain(queue: Any) -> list[tuple[str, int, Any, BaseException | None]]:
