@@ -228,6 +228,10 @@ def test_single_process_run_learns_and_exports(toy, tmp_path):
     assert model.weights_info.preprocessing.clip_len == 8
     assert (work / "best.safetensors").is_file() and summary["best_top1"] is not None
     assert summary["steps"] == 10 and Path(summary["checkpoint"]).is_file()
+    started = json.loads((work / "config.json").read_text())
+    assert TrainConfig.from_json(json.dumps(started["train"])).epochs == 10
+    assert (started["model"]["depth"], started["labels"]) == (18, list(TOY_CLASSES[:2]))
+    assert (started["steps_per_epoch"], started["devices"]) == (1, "1 x cpu")
 
 
 def record_rank_metrics(event, ctx, info):

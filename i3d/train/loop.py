@@ -396,6 +396,7 @@ class Trainer:
         self._resume()
         if self.last_checkpoint is None:
             self.metrics.truncate(0)  # a fresh run starts a fresh log
+        self._announce()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         if in_main_thread:
@@ -453,6 +454,33 @@ class Trainer:
             with atomic_path(self.work_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _announce(self) -> None:
+        """Rank 0 writes ``config.json`` (everything the run was started with) and says what
+        it trains, where and how."""
+        if not self.ctx.is_main:
+            return
+        c, amp = self.config, self.amp_dtype if self.config.amp else None
+        record = {
+            "train": json.loads(c.to_json()),
+            "model": config_to_dict(self.model_config),
+            "labels": list(self.labels),
+            "devices": f"{self.ctx.world_size} x {self.ctx.device.type}",
+            "global_batch": c.global_batch,
+            "effective_lr": c.effective_lr,
+            "amp_dtype": str(amp).removeprefix("torch.") if amp else None,
+            "steps_per_epoch": self.iters_per_epoch,
+        }
+        with atomic_path(self.work_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in c.model_overrides)
+        model = c.init or (f"{c.preset} ({changes})" if changes else c.preset)
+        self.console.print(
+            f"training {model}, {len(self.labels)} classes, on {record['devices']}: "
+            f"global batch {c.global_batch}, lr {c.effective_lr:.4g}, "
+            f"amp {record['amp_dtype'] or 'off'}, {self.iters_per_epoch} steps x {c.epochs} epochs",
+            highlight=False,
+        )
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         """Ctrl-C or SIGTERM (torchrun's shutdown, a scheduler's preemption): finish the
