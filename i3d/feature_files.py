@@ -18,8 +18,6 @@ import torch
 
 from i3d.utils.files import OutputError, atomic_path, ensure_dir
 
-SETTING_KEYS = ("endpoint", "pool", "weights", "views")
-
 
 @attrs.frozen
 class FeatureSetting:
@@ -48,6 +46,10 @@ class FeatureSetting:
                 f"{path} holds features made with other settings: {', '.join(diff)}; "
                 "write to another -o, or delete it to start over"
             )
+
+
+#: the settings a features file records (its metadata keys are ``i3d.<name>``)
+SETTING_KEYS = tuple(field.name for field in attrs.fields(FeatureSetting))
 
 
 class SafetensorsFeatures:

@@ -171,7 +171,11 @@ def _meta_model(config: Any) -> torch.nn.Module:
 
 def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise :class:`WeightsError` naming every missing, unexpected or mis-shaped key."""
-    expected = _meta_model(config).state_dict()
+    _check_fit(_meta_model(config).state_dict(), state_dict)
+
+
+def _check_fit(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> None:
+    """:func:`check_state_dict` against the state dict of an already built model."""
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     shapes = [
@@ -268,9 +272,9 @@ def load_model(
     """
     device = _usable_device(device)
     tensors, info = load_weights(path)
-    check_state_dict(info.config, tensors)
     model = _meta_model(info.config)
     expected = model.state_dict()
+    _check_fit(expected, tensors)
     tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items()}
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
