@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from i3d.distributed import DistContext
 from i3d.models import build_model
 from i3d.train import TrainConfig, train
-from i3d.train.distributed import DistContext
 from i3d.train.loop import Trainer
 from i3d.train.schedule import build_scheduler
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from i3d.data.toy import ToySpec, make_toy_dataset
+from i3d.distributed import DistContext, barrier, launch
 from i3d.models import build_model
 from i3d.train import TrainConfig
-from i3d.train.distributed import DistContext, barrier, launch
 from i3d.train.loop import Trainer, amp_dtype, grad_scaler
 from i3d.train.schedule import build_scheduler
 

@@ -18,7 +18,15 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.data.datasets import Sample, auto_workers, iter_views
+from i3d.data.datasets import (
+    Sample,
+    UnknownClassError,
+    auto_workers,
+    check_labels,
+    iter_views,
+    load_annotations,
+    match_classes,
+)
 from i3d.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoDecodeError
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import Pipeline, build_pipeline
@@ -27,6 +35,9 @@ from i3d.utils.files import atomic_path
 from i3d.weights.format import WeightsError, WeightsInfo, read_info
 
 DEFAULT_MODEL = "i3d_inception_k400_rgb"
+
+#: progress within one video: called with (views done, views in the video), first with 0
+ViewProgress = Callable[[int, int], None]
 
 #: errors that fail one video without stopping a run over many
 VIDEO_ERRORS: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError)
@@ -49,32 +60,66 @@ def default_weights() -> Path:
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Video files from files, directories (searched recursively) and glob patterns."""
+    """Videos from files, directories and glob patterns.
+
+    A directory gives its video files and its folders of extracted frames, recursively and
+    sorted (entries starting with "." are skipped); a folder of frames (images, no videos,
+    no sub-folders) is one video. A glob's matches are expanded the same way; its other
+    files (a text file, single frames) are skipped, and a glob with nothing usable is an
+    error.
+    """
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            videos = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-            )
-            if videos:
-                found += videos
-            elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
-                found.append(path)  # a folder of extracted frames is one video
-            else:
+            videos = _folder_videos(path)
+            if not videos:
                 raise InputError(
                     f"directory {path} holds no videos ({', '.join(VIDEO_SUFFIXES)}) and no "
-                    "extracted frames"
+                    "folders of extracted frames"
                 )
+            found += videos
         elif path.exists():
             found.append(path)
         elif glob.has_magic(str(item)):
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
-            if not matches:
-                raise InputError(f"pattern {item!r} matches no files")
-            found += [p for p in matches if p.is_file()]
+            found += _glob_videos(str(item))
         else:
             raise InputError(f"input {path} does not exist")
+    return found
+
+
+def _folder_videos(folder: Path) -> list[Path]:
+    """Video files and frame folders under ``folder``, sorted; ``[folder]`` if it is one."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files = [f for f in files if not f.startswith(".")]
+        here = Path(root)
+        videos = [here / f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+        if not videos and not dirs and any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+            found.append(here)  # a folder of extracted frames is one video
+        found += videos
+    return sorted(found)
+
+
+def _glob_videos(pattern: str) -> list[Path]:
+    """Videos among a glob's matches (video files; folders expanded as by ``_folder_videos``)."""
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not matches:
+        raise InputError(f"pattern {pattern!r} matches no files")
+    found: list[Path] = []
+    for match in matches:
+        if match.is_dir():
+            found += _folder_videos(match)
+        elif match.suffix.lower() in VIDEO_SUFFIXES:
+            found.append(match)
+    found = list(dict.fromkeys(found))  # "**" matches a folder and what is inside it
+    if not found:
+        raise InputError(
+            f"pattern {pattern!r} matches {len(matches)} entries but no videos "
+            f"({', '.join(VIDEO_SUFFIXES)}) or folders of extracted frames; to read one folder "
+            "of frames, pass the folder itself"
+        )
     return found
 
 
@@ -118,14 +163,17 @@ class Prediction:
     def label_name(self, index: int) -> str:
         return self.labels[index] if self.labels is not None else str(index)
 
-    def to_json(self, k: int = 5) -> dict[str, Any]:
-        """One JSON-able record: path, top-k classes with scores, or the error."""
+    def to_json(self, k: int = 5, all_scores: bool = False) -> dict[str, Any]:
+        """One JSON-able record: path, top-k classes (and every class score), or the error."""
         if self.error is not None:
             return {"path": str(self.path), "error": self.error}
-        return {
+        record: dict[str, Any] = {
             "path": str(self.path),
             "top": [{"index": i, "label": name, "score": s} for i, name, s in self.top(k)],
         }
+        if all_scores and self.scores is not None:
+            record["scores"] = self.scores.tolist()  # in class-index order
+        return record
 
 
 def check_video_model(path: Path, info: WeightsInfo) -> None:
@@ -143,6 +191,25 @@ def check_video_model(path: Path, info: WeightsInfo) -> None:
         )
 
 
+def fit_exported_clip_len(path: Path, runner: Any, overrides: dict[str, Any]) -> None:
+    """Make the pipeline's clips as long as an exported model's static time axis requires.
+
+    Without ``clip_len`` in ``overrides`` it is set to the file's T, so every-frame weights
+    (DeepMind's) exported with a fixed T predict any video length as ``--clip-len T`` does;
+    a different clip length asked for is refused before any video is read.
+    """
+    shape = getattr(runner, "input_shape", None)  # onnx / om runners of a compiled file
+    frames = shape[-3] if shape is not None else None
+    if not isinstance(frames, int):
+        return
+    wanted = overrides.setdefault("clip_len", frames)
+    if wanted != frames:
+        raise InputError(
+            f"{path} was exported for clips of {frames} frames, not {wanted}; drop --clip-len "
+            f"(or pass --clip-len {frames}), or re-export with `i3d export --clip-len {wanted}`"
+        )
+
+
 class Predictor:
     """Loads weights once; ``scores(path)`` runs one video through pipeline + model."""
 
@@ -154,6 +221,7 @@ class Predictor:
         batch_size: int = 1,
         backend: str = "torch",
         device: str | None = None,
+        clip_len: int | None = None,
         **pipeline_overrides: Any,
     ) -> None:
         if batch_size < 1:
@@ -164,6 +232,8 @@ class Predictor:
             overrides["num_clips"] = clips
         if crops is not None:
             overrides["num_crops"] = crops
+        if clip_len is not None:
+            overrides["clip_len"] = clip_len
         if self.weights.suffix == ".safetensors":
             info = read_info(self.weights)
             check_video_model(self.weights, info)
@@ -181,6 +251,7 @@ class Predictor:
                     ".safetensors weights, or a model written by `i3d export` (for .om, keep "
                     "the .onnx export wrote beside it)"
                 )
+            fit_exported_clip_len(self.weights, self.runner, overrides)
         self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
         self.average = prep.average_clips
         self.batch_size = batch_size
@@ -189,12 +260,17 @@ class Predictor:
         """Averaged class scores (K,) of one video."""
         return self.scores_of_views(self.pipeline.frames(path))
 
-    def scores_of_views(self, views: torch.Tensor) -> np.ndarray:
+    def scores_of_views(
+        self, views: torch.Tensor, on_views: ViewProgress | None = None
+    ) -> np.ndarray:
         """Averaged class scores (K,) of one video's uint8 views (V, C, T, H, W)."""
-        logits = [
-            self.runner.predict(self.pipeline.normalize(chunk)[None])[0]
-            for chunk in views.split(self.batch_size)
-        ]
+        logits = []
+        for chunk in views.split(self.batch_size):
+            if on_views is not None:
+                on_views(len(logits) * self.batch_size, len(views))
+            logits.append(self.runner.predict(self.pipeline.normalize(chunk)[None])[0])
+        if on_views is not None:
+            on_views(len(views), len(views))
         averaged = average_views(torch.cat(logits)[None], self.average)
         return averaged[0].numpy()
 
@@ -203,17 +279,27 @@ class Predictor:
         return next(self.predict_many([path], workers=0))
 
     def predict_many(
-        self, paths: Sequence[str | os.PathLike[str]], workers: int | None = None
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        workers: int | None = None,
+        on_views: ViewProgress | None = None,
     ) -> Iterator[Prediction]:
-        """Predictions in order, videos decoded by ``workers`` processes ahead (None: auto)."""
-        for path, scores in zip(paths, self.iter_scores(paths, workers), strict=True):
+        """Predictions in order, videos decoded by ``workers`` processes ahead (None: auto).
+
+        ``on_views`` reports progress within each video (views run so far, views in it).
+        """
+        scores_of = self.iter_scores(paths, workers, on_views)
+        for path, scores in zip(paths, scores_of, strict=True):
             if isinstance(scores, str):
                 yield Prediction(Path(path), None, self.labels, error=scores)
             else:
                 yield Prediction(Path(path), scores, self.labels)
 
     def iter_scores(
-        self, paths: Sequence[str | os.PathLike[str]], workers: int | None = None
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        workers: int | None = None,
+        on_views: ViewProgress | None = None,
     ) -> Iterator[np.ndarray | str]:
         """Scores of each video in order, or the error text of one that failed."""
         check_path_list(paths)
@@ -223,7 +309,7 @@ class Predictor:
                 yield views
                 continue
             try:
-                yield self.scores_of_views(views)
+                yield self.scores_of_views(views, on_views)
             except VIDEO_ERRORS as exc:
                 yield str(exc)
 
@@ -238,14 +324,19 @@ def predict_videos(
     device: str | None = None,
     on_result: Callable[[Prediction], None] | None = None,
     workers: int | None = None,
+    clip_len: int | None = None,
     **pipeline_overrides: Any,
 ) -> list[Prediction]:
     """Predictions for videos (in order); failed videos carry ``error`` instead of scores.
 
     ``workers`` decoding processes run ahead of the model (None: 0 for one video, else auto).
+    ``clips``, ``crops`` and ``clip_len`` override the weights' test protocol as
+    :func:`~i3d.data.pipeline.build_pipeline` describes.
     """
     check_path_list(paths)
-    predictor = Predictor(weights, clips, crops, batch_size, backend, device, **pipeline_overrides)
+    predictor = Predictor(
+        weights, clips, crops, batch_size, backend, device, clip_len, **pipeline_overrides
+    )
     results = []
     for result in predictor.predict_many(paths, workers):
         results.append(result)
@@ -261,6 +352,73 @@ class Scored:
     path: str
     label: int
     scores: np.ndarray = attrs.field(eq=False, repr=False)
+
+
+def evaluation_samples(
+    list_path: str | os.PathLike[str],
+    data_root: str | os.PathLike[str] | None,
+    model_labels: Sequence[str] | None,
+    num_classes: int | None,
+    list_labels: Sequence[str] | None = None,
+    default_model: bool = False,
+) -> list[Sample]:
+    """Samples of an annotation list, labelled in the model's class order.
+
+    Class names (``list_labels``, class folders, a Kinetics CSV's names) are matched with the
+    model's labels (spaces and underscores alike); a class the model lacks is refused. Bare
+    integer labels are taken to be the model's classes, except for the default model
+    (``default_model``: no weights were chosen), where nothing says they are: refused.
+    """
+    list_path = Path(list_path)
+    named = list_labels is not None or list_path.is_dir() or list_path.suffix.lower() == ".csv"
+    model = f"the default model {DEFAULT_MODEL}" if default_model else "the model"
+    fix = "pass --weights W for the model trained on the list's classes"
+    if default_model and not named:
+        raise InputError(
+            f"{list_path} has integer labels only, so nothing says they are classes of "
+            f"{model}: {fix}, or --labels FILE naming its classes (one per line, in label "
+            "order) to have them matched with the model's"
+        )
+    names = list_labels if list_labels is not None else model_labels
+    try:
+        samples = load_annotations(list_path, data_root, labels=names)
+    except UnknownClassError as exc:
+        if list_labels is not None:
+            raise  # the --labels file lacks a class of the list
+        count = f", {len(names)} classes" if names is not None else ""
+        raise InputError(f"{exc} (the label list of {model}{count}); {fix}") from None
+    if list_labels is not None:
+        unnamed = [s for s in samples if s.label >= len(list_labels)]
+        if unnamed:
+            raise InputError(
+                f"{unnamed[0].source}: label {unnamed[0].label} has no name; the --labels file "
+                f"names only {len(list_labels)} (labels 0 to {len(list_labels) - 1})"
+            )
+        if model_labels is not None:
+            samples = _to_model_classes(samples, list_labels, model_labels, model, fix)
+    if num_classes is not None:
+        check_labels(samples, num_classes)
+    return samples
+
+
+def _to_model_classes(
+    samples: Sequence[Sample],
+    list_labels: Sequence[str],
+    model_labels: Sequence[str],
+    model: str,
+    fix: str,
+) -> list[Sample]:
+    """Samples relabelled from the list's class names to the model's indices."""
+    used = sorted({s.label for s in samples})
+    indices = match_classes([list_labels[i] for i in used], model_labels)
+    found = dict(zip(used, indices, strict=True))
+    missing = [list_labels[i] for i, index in found.items() if index is None]
+    if missing:
+        raise InputError(
+            f"classes of the list that {model} ({len(model_labels)} classes) does not have: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; {fix}"
+        )
+    return [attrs.evolve(s, label=found[s.label]) for s in samples]
 
 
 def evaluate_samples(
@@ -395,10 +553,12 @@ def video_features(
     endpoint: str,
     pool: str = "mean",
     batch_size: int = 1,
+    on_views: ViewProgress | None = None,
 ) -> torch.Tensor:
     """Endpoint features of one video: (C,) pooled over views and space-time, or (V, C, t, h, w).
 
-    ``source`` is a video path or its uint8 views from ``pipeline.frames``.
+    ``source`` is a video path or its uint8 views from ``pipeline.frames``; ``on_views``
+    reports progress (views run so far, views in the video).
     """
     if pool not in ("mean", "none"):
         raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
@@ -407,8 +567,12 @@ def video_features(
     maps = []
     with torch.no_grad():
         for chunk in views.split(batch_size):
+            if on_views is not None:
+                on_views(len(maps) * batch_size, len(views))
             x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
             maps.append(model.endpoints(x, [endpoint])[endpoint])
+    if on_views is not None:
+        on_views(len(views), len(views))
     features = torch.cat(maps)
     if pool == "none":
         return features

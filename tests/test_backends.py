@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -185,6 +186,35 @@ def test_cli_bench_json_reports_throughput_latency_memory(tiny_weights):
     assert report["backend"] == "torch" and report["input_shape"] == [1, 3, 8, 32, 32]
     assert report["clips_per_s"] > 0 and report["peak_memory_mb"] > 0
     assert report["latency_ms_p50"] <= report["latency_ms_p90"] <= report["latency_ms_p99"]
+
+
+def test_cli_bench_and_export_take_the_clip_shape_from_the_weights(tiny, tmp_path, monkeypatch):
+    import types
+
+    import i3d.export
+    import i3d.models
+
+    prep = attrs.evolve(MMACTION_K400, clip_len=8, resize_short=32, crop_size=32)
+    weights = save_weights(
+        tmp_path / "w.safetensors", tiny.state_dict(), WeightsInfo(tiny.config, None, prep)
+    )
+
+    def export_onnx(_source, out, clip_len, size, *_args):  # the shape export would compile
+        shape = (1, 3, clip_len, size, size)
+        return types.SimpleNamespace(
+            path=out, input_shape=shape, opset=18, max_abs_diff=0.0, rel_diff=0.0
+        )
+
+    monkeypatch.setattr(i3d.export, "export_onnx", export_onnx)
+    monkeypatch.setattr(i3d.models, "build_model", lambda _config: tiny)  # a quick "preset"
+    out = str(tmp_path / "m.onnx")
+    for source, shape in (
+        (["--weights", str(weights)], "(1, 3, 8, 32, 32)"),
+        (["--preset", "i3d_r50"], "(1, 3, 32, 224, 224)"),  # the fallback bench uses too
+    ):
+        result = CliRunner().invoke(app, ["export", *source, "-o", out])
+        assert result.exit_code == 0 and f"input {shape}" in result.output, result.output
+    assert _bench_json(["--weights", str(weights)])["input_shape"] == [1, 3, 8, 32, 32]
 
 
 def test_cli_bench_errors_are_one_line(tiny_weights):

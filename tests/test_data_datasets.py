@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -279,3 +282,17 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process():
         _SignalHandlers(), num_workers=1, worker_init_fn=worker_init, batch_size=None
     )
     assert next(iter(loader)) == [True, False]  # Ctrl-C ignored, SIGTERM still stops
+
+
+def _terminated_worker() -> None:
+    worker_init(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # not reached: SIGTERM ends the worker
+
+
+def test_sigterm_ends_a_loader_worker_as_a_clean_exit():
+    """Status 0, not 'killed by signal': torch would raise that anywhere in the main process."""
+    proc = multiprocessing.get_context("spawn").Process(target=_terminated_worker)
+    proc.start()
+    proc.join(20)
+    assert proc.exitcode == 0

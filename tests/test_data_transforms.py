@@ -210,7 +210,7 @@ def test_deepmind_all_frames_resampled_to_25fps(tmp_path):
         inds = pipe.frame_indices(reader, None)
     assert inds.tolist() == [int(i * 30 / 25) for i in range(25)]
     fixed = build_pipeline(DEEPMIND_K400, "test", clip_len=16, resize_short=64, crop_size=48)
-    assert fixed(path).shape == (1, 3, 16, 48, 48)
+    assert fixed(path).shape == (10, 3, 16, 48, 48)  # a clip_len gives 10 clips of it
 
 
 def test_bad_overrides():

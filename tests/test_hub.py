@@ -233,7 +233,13 @@ def test_archive_member_is_extracted_and_verified(server, cache, tmp_path):
         member_sha256=hashlib.sha256(PAYLOAD).hexdigest(),
     )
     server.files[entry.filename] = blob
-    path = hub.pull(entry, mirror=server.url)
+    stages: list[str] = []
+    path = hub.pull(entry, mirror=server.url, stage=stages.append)
+    assert stages == [  # what a status line shows while the pull runs
+        f"downloading {entry.filename}",
+        "extracting model.ckpt",
+        "converting to tiny_test_weights.safetensors",
+    ]
     info = load_model(path).weights_info
     assert info.provenance.source_sha256 == entry.member_sha256  # converted the member
     assert _cache_files(cache) == ["weights/tiny_test_weights.safetensors"]
@@ -258,6 +264,7 @@ def test_cli_pull_from_file_and_resolve(cache, tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(app, ["weights", "pull", entry.name, "--from-file", str(local)])
     assert result.exit_code == 0, result.output
+    assert "checking the SHA-256 of w.pth" in result.output  # each step, also when redirected
     assert hub.resolve(entry.name) == hub.weights_path(entry)
     assert str(hub.weights_path(entry)) in result.output
     again = runner.invoke(app, ["weights", "pull", entry.name])
@@ -306,6 +313,7 @@ def test_damaged_cache_is_reported_and_pulled_again(cache, tmp_path, monkeypatch
     assert table.exit_code == 0 and "damaged" in table.output
     result = runner.invoke(app, ["weights", "pull", entry.name, "--from-file", str(local)])
     assert result.exit_code == 0, result.output
+    assert "checking the SHA-256 of w.pth" in result.output  # each step, also when redirected
     assert "damaged" in result.output and "already pulled" not in result.output
     assert hub.resolve(entry.name) == path and hub.is_pulled(entry)
     assert load_model(path).weights_info.provenance.source_sha256 == sha256_file(local)

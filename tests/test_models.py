@@ -160,6 +160,21 @@ def test_models_command_lists_presets_with_params():
     assert rows["i3d_r50_nl_gaussian"]["parameters"] == 31_723_728
 
 
+def test_models_table_says_how_flops_are_counted_and_version_is_printed(monkeypatch):
+    from importlib.metadata import version
+
+    import i3d.cli.weights_cmds
+
+    monkeypatch.setattr(i3d.cli.weights_cmds, "preset_names", lambda: ["i3d_r50"])  # quick
+    wide = {"COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["models", "--no-flops"], env=wide)
+    assert result.exit_code == 0, result.output
+    assert "GFLOPs (multiply-add = 2)" in result.output
+    assert "multiply-add counts 2" in CliRunner().invoke(app, ["models", "--help"], env=wide).output
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"i3d {version('i3d')}\n"
+
+
 def _two_stream(**kw):
     from i3d.models.inception import TwoStreamConfig
 

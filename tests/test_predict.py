@@ -414,7 +414,7 @@ def test_a_single_path_string_is_not_split_into_characters(setup):
     assert result.error is None and result.scores.shape == (5,)
 
 
-def test_several_clips_need_a_clip_length():
+def test_an_every_frame_protocol_stores_one_clip():
     every_frame = Preprocessing(clip_len=None, num_clips=3)
-    with pytest.raises(ValueError, match="3 clips need a clip length"):
+    with pytest.raises(ValueError, match=r"stores num_clips=3.*--clips N.*--clip-len T"):
         build_pipeline(every_frame, "test")

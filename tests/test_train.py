@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,15 +27,9 @@ from i3d.cli.main import app
 from i3d.data.datasets import AnnotationError
 from i3d.data.decode import open_video
 from i3d.data.toy import TOY_CLASSES, ToySpec, make_toy_dataset
+from i3d.distributed import PG_BACKENDS, DistContext, DistributedError, device_for, free_port
 from i3d.train import TrainConfig, TrainingError, TrainingInterrupted, train
 from i3d.train import checkpoint as ckpt
-from i3d.train.distributed import (
-    PG_BACKENDS,
-    DistContext,
-    DistributedError,
-    _free_port,
-    device_for,
-)
 from i3d.train.loop import (
     EpochSampler,
     LossDiverged,
@@ -265,7 +260,7 @@ def test_torchrun_job_is_joined_not_respawned(toy, tmp_path):
     args += ["--lr", "0.02", "--no-scale-lr", "--workers", "0", "--val-every", "2"]
     args += ["--world-size", "5", "--work-dir", str(work)]  # ignored: torchrun decides
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    launcher += ["--master-port", str(_free_port()), "-m", "i3d", "train"]
+    launcher += ["--master-port", str(free_port()), "-m", "i3d", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     proc = subprocess.run(
         [*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env
@@ -417,6 +412,37 @@ def test_deepmind_inception_recipe_trains(toy, tmp_path):
         train(attrs.evolve(config, freeze_stages=2, work_dir=str(tmp_path / "frozen")))
 
 
+def test_cli_fine_tunes_pulled_style_inception_weights(toy, tmp_path):
+    """`--init` with DeepMind-style Inception weights (400 classes, every-frame protocol):
+    its head is ``logits.conv3d``, replaced for the toy's 2 classes, the trunk loaded."""
+    from i3d.models import build_model, get_preset
+    from i3d.weights.format import WeightsInfo, save_weights
+    from i3d.weights.labels import kinetics_labels
+    from i3d.weights.preprocessing import DEEPMIND_K400
+
+    torch.manual_seed(0)
+    source = build_model(get_preset("inception_i3d_rgb"))
+    init = tmp_path / "i3d_inception_k400_rgb.safetensors"
+    info = WeightsInfo(source.config, kinetics_labels(400), DEEPMIND_K400)
+    save_weights(init, source.state_dict(), info)
+    two = tmp_path / "two.txt"
+    two.write_text("\n".join((toy / "train.txt").read_text().splitlines()[:2]))
+    args = ["train", "--recipe", "deepmind_inception", "--init", str(init), "--train-list",
+            str(two), "--data-root", str(toy), "--labels", str(toy / "labels.txt"),
+            "--clip-len", "10", "--size", "224", "--short-side", "224", "--batch-size", "2",
+            "--epochs", "1", "--workers", "0", "--lr", "0.001", "--no-scale-lr",
+            "--work-dir", str(tmp_path / "ft")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    after, info = load_weights(tmp_path / "ft" / "last.safetensors")
+    assert info.config.head.num_classes == 2 and info.labels == tuple(TOY_CLASSES[:2])
+    assert after["logits.conv3d.weight"].shape[0] == 2  # a fresh 2-class head
+    before = source.state_dict()["Conv3d_1a_7x7.conv3d.weight"]
+    trained = after["Conv3d_1a_7x7.conv3d.weight"]
+    # trained from the init (a fresh init would differ by ~1.4x its norm)
+    assert 0 < (trained - before).norm() < 0.2 * before.norm()
+
+
 def test_init_from_an_inflated_2d_resnet(toy, tmp_path):
     from test_inflate import _resnet2d
 
@@ -510,6 +536,16 @@ def test_cli_make_toy_dataset_and_train_errors(tmp_path):
     result = runner.invoke(app, [*args, "--val-per-class", "1", "--frames", "6", "--size", "32"])
     assert result.exit_code == 0, result.output
     assert len((out / "train.txt").read_text().splitlines()) == 3
+    # the printed hint is the README's small run (not a 100-epoch full-size model), and works
+    hint = next(line for line in result.output.splitlines() if line.startswith("i3d train "))
+    words = shlex.split(hint)[1:]
+    assert {"--depth", "--base-channels", "--clip-len"} <= set(words) and "12" in words
+    words[words.index("--epochs") + 1] = "1"
+    words[words.index("--workers") + 1] = "0"
+    words[words.index("--work-dir") + 1] = str(tmp_path / "hinted")
+    trained = runner.invoke(app, words)
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "hinted" / "last.safetensors").is_file()
     result = runner.invoke(app, ["train", "--train-list", str(tmp_path / "missing.txt")])
     assert result.exit_code == 1 and "does not exist" in result.output
     result = runner.invoke(app, ["make-toy-dataset", str(out), "--size", "33"])
@@ -668,6 +704,19 @@ def test_resume_may_switch_fp16_loss_scaling_on_or_off(toy, tmp_path, capsys):
     assert summary["steps"] == 9
 
 
+def test_resume_with_other_epochs_warns_that_cosine_is_replanned(toy, tmp_path, capsys):
+    config = tiny(toy, tmp_path / "wd", epochs=1, val_list=None, schedule="cosine")
+    train(attrs.evolve(config, epochs=2, work_dir=str(tmp_path / "short")))
+    train(config)  # one epoch of a one-epoch cosine: the lr reached eta_min
+    capsys.readouterr()
+    summary = train(attrs.evolve(config, epochs=2, resume="auto"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1-epoch cosine schedule; with --epochs 2 the schedule is re-planned" in out
+    assert "Resume with --epochs 1 to keep it" in out and summary["steps"] == 6
+    train(attrs.evolve(config, epochs=2, work_dir=str(tmp_path / "short"), resume="auto"))
+    assert "re-planned" not in capsys.readouterr().out  # same --epochs: nothing to say
+
+
 def test_amp_dtype_is_chosen_per_device_or_by_name():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert (amp_dtype(cpu), amp_dtype(cuda)) == (torch.bfloat16, torch.float16)
@@ -752,6 +801,52 @@ if __name__ == "__main__":
 """
 
 
+_SIGTERM_TO_GROUP = """
+import os, signal, sys, time
+from i3d.train import TrainConfig, TrainingInterrupted, train
+
+def scheduler_stops_the_job(event, ctx, info):
+    # timeout / scancel: another process sends SIGTERM to the whole process group, loader
+    # workers included (torch's workers exit quietly only when their parent sends it); the
+    # pause lets the workers' deaths reach the main process while it is busy elsewhere
+    if event == "step" and info["step"] == 2:
+        group = os.getpgid(0)
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.killpg(group, signal.SIGTERM)
+            os._exit(0)
+        time.sleep(0.5)
+
+if __name__ == "__main__":
+    try:
+        train(TrainConfig.from_json(sys.argv[1]), hook=scheduler_stops_the_job)
+    except TrainingInterrupted as exc:
+        print(exc)
+        sys.exit(3)
+"""
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves(toy, tmp_path):
+    """Loader workers ended by the group's SIGTERM must not crash the run (torch raises
+    wherever the main process is when a worker dies of a signal)."""
+    config = tiny(toy, tmp_path / "term", epochs=2, val_list=None, workers=2)
+    script = tmp_path / "sigterm.py"
+    script.write_text(_SIGTERM_TO_GROUP)
+    proc = subprocess.run(
+        [sys.executable, str(script), config.to_json()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "interrupted (SIGTERM) at step 2" in proc.stdout
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(config.work_dir)[0])
+    assert state["step"] == 2
+    assert (tmp_path / "term" / "last.safetensors").is_file()
+
+
 def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
     config = tiny(toy, tmp_path / "full", world_size=2, batch_size=2, epochs=2, val_list=None)
     config = attrs.evolve(config, dropout=0.3, deterministic=True, workers=1)
@@ -768,9 +863,10 @@ def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
         start_new_session=True,  # its own process group, so the signal stays inside it
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "interrupted (SIGINT) at step 3" in proc.stdout and "resume auto" in proc.stdout
+    # the signal came after step 2: every rank stops at that boundary, as one process does
+    assert "interrupted (SIGINT) at step 2" in proc.stdout and "resume auto" in proc.stdout
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(stopped.work_dir)[0])
-    assert (state["step"], len(state["rng"])) == (3, 2)
+    assert (state["step"], len(state["rng"])) == (2, 2)
     assert (tmp_path / "stopped" / "last.safetensors").is_file()
     train(attrs.evolve(stopped, resume="auto"))
     a, _ = load_weights(tmp_path / "full" / "last.safetensors")

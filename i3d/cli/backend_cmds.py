@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from i3d.backends.base import BackendError
+from i3d.backends.bench import DEFAULT_SIZE
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.export import ExportError
 from i3d.utils.files import refuse_overwriting
@@ -84,7 +85,7 @@ def export(
     size: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Clip height and width (default: the weights' test crop, else 256)."
+            min=1, help="Clip height and width (default: the weights' test crop, else 224)."
         ),
     ] = None,
     views: Annotated[
@@ -109,7 +110,7 @@ def export(
         if clip_len is None:
             clip_len = prep.clip_len if prep is not None and prep.clip_len else 32
         if size is None:
-            size = prep.crop_size if prep is not None else 256
+            size = prep.crop_size if prep is not None else DEFAULT_SIZE
         if fmt == "onnx":
             result = export_onnx(
                 source, output, clip_len, size, views, batch_value, opset, simplify
@@ -126,6 +127,11 @@ def export(
         f"onnxruntime vs torch: max abs diff {result.max_abs_diff:.3g} "
         f"(relative {result.rel_diff:.3g})"
     )
+    if prep is not None and prep.clip_len is None:  # the time axis is fixed, the video is not
+        console.print(
+            f"every-frame weights: `i3d predict` with this file takes clips of {clip_len} "
+            f"frames, as --clip-len {clip_len} does (10 per video unless --clips N)"
+        )
     if fmt == "om":
         why = "the om backend reads the .om's labels and preprocessing from it"
         if om.replaced_onnx:
@@ -156,11 +162,18 @@ def bench(
         typer.Option(help="Samples per call (default: a compiled model's batch, else 1)."),
     ] = None,
     clip_len: Annotated[
-        int | None, typer.Option(help="Frames per clip T (default: a compiled model's, else 32).")
+        int | None,
+        typer.Option(
+            help="Frames per clip T (default: a compiled model's, else the weights' clip "
+            "length, else 32)."
+        ),
     ] = None,
     size: Annotated[
         int | None,
-        typer.Option(help="Clip height and width (default: a compiled model's, else 224)."),
+        typer.Option(
+            help="Clip height and width (default: a compiled model's, else the weights' test "
+            "crop, else 224)."
+        ),
     ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Weights (.safetensors) or a compiled .onnx/.om file.")
@@ -177,7 +190,8 @@ def bench(
     """Time one backend: clips/s, latency p50/p90/p99 and peak memory on random clips.
 
     A compiled .onnx/.om file sets the clip shape (and views, batch) unless options say
-    otherwise; an option its static input cannot take is an error.
+    otherwise; an option its static input cannot take is an error. Project weights give
+    their test protocol's clip length and crop size, as for ``i3d export``.
     """
     import torch
 
@@ -190,6 +204,10 @@ def bench(
         if min([*given, iters]) < 1 or warmup < 0:
             raise BackendError("--batch-size, --clip-len, --size, --iters must be positive")
         require_backend(backend)
+        if weights is not None and weights.suffix == ".safetensors":
+            prep = read_info(weights).preprocessing
+            clip_len = clip_len or prep.clip_len
+            size = size or prep.crop_size
         runner = load_runner(
             _source(weights, preset), backend, device, precision, batch_size or 1, **options
         )

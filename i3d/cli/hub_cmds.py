@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from i3d.cli.common import fail_on_errors
@@ -102,20 +109,28 @@ def pull(
                 f"the cached copy of {entry.name} is damaged ({escape(problem)}); pulling again"
             )
         with Progress(
+            SpinnerColumn(),
             "[progress.description]{task.description}",
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
+            TimeElapsedColumn(),
             console=status,
             transient=True,
         ) as bar:
-            task = bar.add_task(f"downloading {entry.filename}", total=None)
+            task = bar.add_task(f"pulling {entry.name}", total=None)
 
             def progress(done: int, total: int | None) -> None:
                 bar.update(task, completed=done, total=total)
 
+            def stage(what: str) -> None:
+                bar.update(task, description=what, completed=0, total=None)
+                if not status.is_terminal:  # no live bar: one line per step
+                    status.print(what, highlight=False)
+
             path = hub.pull(
-                entry, from_file=from_file, force=force, mirror=mirror, progress=progress
+                entry, from_file=from_file, force=force, mirror=mirror, progress=progress,
+                stage=stage,
             )
     status.print(f"[green]pulled[/green] {entry.name}")
     typer.echo(str(path))

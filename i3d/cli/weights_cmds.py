@@ -99,9 +99,19 @@ def inspect(
 
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    flops: Annotated[bool, typer.Option(help="Count FLOPs at the default input (slower).")] = True,
+    flops: Annotated[
+        bool,
+        typer.Option(
+            help="Count GFLOPs at the default input (a multiply-add counts 2); --no-flops is "
+            "faster."
+        ),
+    ] = True,
 ) -> None:
-    """List the named model presets with parameter counts and FLOPs at their default input."""
+    """List the named model presets with parameter counts and GFLOPs at their default input.
+
+    GFLOPs count a multiply-add as 2 FLOPs (torch's FlopCounterMode), so they are twice the
+    "GMACs" some papers report.
+    """
     rows = []
     for name in preset_names():
         config = get_preset(name)
@@ -121,7 +131,8 @@ def models(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="model presets")
-    for column in ("name", "parameters", "GFLOPs", "input (N,C,T,H,W)", "description"):
+    gflops = "GFLOPs (multiply-add = 2)"
+    for column in ("name", "parameters", gflops, "input (N,C,T,H,W)", "description"):
         table.add_column(column)
     for row in rows:
         table.add_row(

@@ -33,6 +33,10 @@ class AnnotationError(ValueError):
     """An annotation list is unreadable or holds a malformed line."""
 
 
+class UnknownClassError(AnnotationError):
+    """A dataset names a class that is not in the label list it is read with."""
+
+
 @attrs.frozen
 class Sample:
     """One annotated video: file (or frame directory) and its class index."""
@@ -162,7 +166,9 @@ def _kinetics_csv(path: Path, root: Path | None, labels: Sequence[str] | None) -
             continue
         label = _find_class(index, label_name)
         if label is None:
-            raise AnnotationError(f"{where}: unknown class {label_name!r} (not in the label list)")
+            raise UnknownClassError(
+                f"{where}: unknown class {label_name!r} (not in the label list)"
+            )
         samples.append(
             Sample(_kinetics_file(root, name, label_name, labels[label]), label, None, where)
         )
@@ -186,6 +192,12 @@ def _kinetics_file(root: Path | None, name: str, label_name: str, label: str) ->
         if nested.exists():
             return nested
     return flat
+
+
+def match_classes(names: Sequence[str], labels: Sequence[str]) -> list[int | None]:
+    """Index in ``labels`` of each name (spaces and underscores alike), None where absent."""
+    index = _class_index(labels)
+    return [_find_class(index, name) for name in names]
 
 
 def dataset_class_names(list_path: str | os.PathLike[str]) -> tuple[str, ...] | None:
@@ -218,7 +230,7 @@ def folder_samples(
     found = {cls: _find_class(index, cls) for cls in classes}
     unknown = [cls for cls, label in found.items() if label is None]
     if unknown:
-        raise AnnotationError(f"{root}: class folders not in the label list: {unknown[:5]}")
+        raise UnknownClassError(f"{root}: class folders not in the label list: {unknown[:5]}")
     samples = [
         Sample(file, found[cls], None, str(file))
         for cls in classes
@@ -315,11 +327,20 @@ def worker_init(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise).
 
     Ctrl-C (sent to the whole process group) is left to the main process, which stops at a
-    safe point and shuts its workers down. SIGTERM keeps its default: it is how the loader
-    and the interpreter's exit stop workers.
+    safe point and shuts its workers down. SIGTERM still ends a worker at once (it is how
+    the loader and the interpreter's exit stop workers), but with exit status 0: a worker
+    killed by a signal makes torch raise in the main process wherever it happens to be,
+    while a scheduler's SIGTERM to the whole group must reach the main process's handler,
+    which stops at a step boundary and saves.
     """
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(_signum: int, _frame: Any) -> None:
+    """A loader worker's SIGTERM handler: leave now, as a clean exit."""
+    os._exit(0)
 
 
 class _ViewsOf(Dataset):

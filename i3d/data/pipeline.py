@@ -19,7 +19,7 @@ from einops import rearrange
 
 from i3d.data import transforms as T
 from i3d.data.decode import VideoReader, open_video
-from i3d.data.sampling import DenseSampleFrames, SampleFrames
+from i3d.data.sampling import DenseSampleFrames, FrameWindows, SampleFrames
 from i3d.utils.memory import empty_frames
 from i3d.weights.preprocessing import Preprocessing
 
@@ -37,8 +37,15 @@ PIPELINE_OPTIONS = {
     "random_crop": False,
     "twice_sample": False,
     "out_of_bound_opt": "loop",
+    "window_len": 250,
+    "max_windows": 10,
 }
-"""Knobs that are not part of the weights' preprocessing (defaults: mmaction I3D configs)."""
+"""Knobs that are not part of the weights' preprocessing (defaults: mmaction I3D configs).
+
+``window_len`` and ``max_windows`` bound every-frame protocols (``clip_len=None``): see
+:class:`~i3d.data.sampling.FrameWindows`; 250 frames is the 10 s Kinetics clip at 25 fps
+that DeepMind evaluated whole.
+"""
 
 
 @attrs.frozen
@@ -48,7 +55,7 @@ class Pipeline:
     preprocessing: Preprocessing
     mode: Mode
     sampler: SampleFrames | None
-    """None: every frame of the video (resampled to ``preprocessing.fps`` when set)."""
+    """None: every frame of the video, cut into ``windows``."""
     num_crops: int
     crop_size: int
     decoder: str = "pyav"
@@ -56,15 +63,17 @@ class Pipeline:
     scales: tuple[float, ...] = (1.0, 0.8)
     max_wh_scale_gap: int = 0
     random_crop: bool = False
+    windows: FrameWindows = attrs.field(factory=FrameWindows)
+    """How an every-frame protocol (no sampler) cuts a long video into views."""
 
     @property
     def clips_per_crop(self) -> int:
-        """Temporal views per spatial crop."""
-        return 1 if self.sampler is None else self.sampler.num_views
+        """Temporal views per spatial crop (every-frame: at most; shorter videos give fewer)."""
+        return self.windows.max_windows if self.sampler is None else self.sampler.num_views
 
     @property
     def num_views(self) -> int:
-        """Views per video: crops × clips (crop-major, as mmaction's FormatShape)."""
+        """Views per video: crops × clips (crop-major, as mmaction's FormatShape); at most."""
         return self.num_crops * self.clips_per_crop
 
     def __call__(
@@ -88,11 +97,25 @@ class Pipeline:
 
     def frame_indices(self, reader: VideoReader, rng: np.random.Generator | None) -> np.ndarray:
         """0-based indices of the frames this pipeline reads, clip-major."""
-        if self.sampler is not None:
-            return self.sampler(reader.num_frames, rng).astype(np.int64)
+        return self.clip_indices(reader, rng).reshape(-1)
+
+    def clip_indices(self, reader: VideoReader, rng: np.random.Generator | None) -> np.ndarray:
+        """(clips, frames) 0-based frame indices: the sampler's clips, or the windows.
+
+        Both pick from the video's frames resampled to ``preprocessing.fps`` (when set), so
+        clips of consecutive frames play at the rate the weights were trained at.
+        """
+        timeline = self._timeline(reader)
+        if self.sampler is None:
+            return timeline[self.windows(timeline.size)]
+        picks = self.sampler(timeline.size, rng).astype(np.int64)
+        return timeline[picks].reshape(self.sampler.num_views, -1)
+
+    def _timeline(self, reader: VideoReader) -> np.ndarray:
+        """Source frame of each frame at ``preprocessing.fps`` (all frames when unset)."""
         total, target, source_fps = reader.num_frames, self.preprocessing.fps, reader.fps
         if target is None or source_fps is None or abs(target - source_fps) < 1e-3:
-            return np.arange(total)
+            return np.arange(total, dtype=np.int64)
         count = max(1, int(total * target / source_fps))
         return np.minimum(np.floor(np.arange(count) * (source_fps / target)), total - 1).astype(
             np.int64
@@ -107,7 +130,8 @@ class Pipeline:
         """
         if self.mode == "train" and rng is None:
             raise ValueError("the train pipeline needs a numpy Generator (see i3d.data.rng)")
-        inds = self.frame_indices(reader, rng)
+        clips = self.clip_indices(reader, rng)
+        inds = clips.reshape(-1)
         unique, inverse = np.unique(inds, return_inverse=True)
         order = np.argsort(inverse.reshape(-1), kind="stable")
         splits = np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]
@@ -136,7 +160,7 @@ class Pipeline:
                     for row in rows[index]:  # per-row copies beat index_copy_ ~10x here
                         out[k, row].copy_(cut[i])
         assert out is not None
-        return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=self.clips_per_crop)
+        return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=clips.shape[0])
 
     def _crop_plan(
         self, width: int, height: int, rng: np.random.Generator | None
@@ -199,12 +223,21 @@ def build_pipeline(preprocessing: Preprocessing, mode: Mode = "test", **override
     corners + centre and their flips) of ``crop_size``. val: one clip (unless ``num_clips``
     is given), centre crop of ``input_size``. train: one random clip, MultiScaleCrop of
     ``scales`` resized to ``input_size``, horizontal flip with ``flip_ratio``.
+
+    Every-frame protocols (``clip_len=None``, DeepMind's) read the whole video in at most
+    ``max_windows`` windows of at most ``window_len`` frames, in test and val mode alike;
+    ``num_clips=N`` sets ``max_windows``. Giving such weights a ``clip_len`` samples
+    ``num_clips`` (default ``max_windows``) clips of it instead, one in val mode.
+    ``num_crops=3`` alone on weights whose crop is smaller than the short side resizes the
+    short side to the crop size, so the three crops span it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {MODES}")
     prep_overrides, options = _split_overrides(overrides)
-    if mode != "test":
-        prep_overrides.setdefault("num_clips", 1)
+    _set_clip_count(preprocessing, mode, prep_overrides, options, "max_windows" in overrides)
+    three_crops_alone = prep_overrides.get("num_crops") == 3 and not (
+        {"crop_size", "resize_short"} & set(prep_overrides)
+    )
     try:
         prep = attrs.evolve(preprocessing, **prep_overrides)
     except (TypeError, ValueError) as exc:
@@ -213,6 +246,8 @@ def build_pipeline(preprocessing: Preprocessing, mode: Mode = "test", **override
     if num_crops not in CROP_COUNTS:
         raise ValueError(f"num_crops must be one of {CROP_COUNTS}, got {num_crops}")
     crop_size = prep.crop_size if mode == "test" else prep.input_size
+    if three_crops_alone and mode == "test" and 0 < crop_size < prep.resize_short:
+        prep = attrs.evolve(prep, resize_short=crop_size)  # as mmaction's ThreeCrop requires
     if not 0 < crop_size <= prep.resize_short and mode != "train":
         raise ValueError(
             f"crop size {crop_size} must be positive and fit in the resized short side "
@@ -221,8 +256,8 @@ def build_pipeline(preprocessing: Preprocessing, mode: Mode = "test", **override
     if num_crops == 3 and mode == "test" and crop_size != prep.resize_short:
         raise ValueError(
             f"three crops span the short side: crop_size ({crop_size}) must equal resize_short "
-            f"({prep.resize_short}); use 1 or 10 crops, or from Python pass crop_size= or "
-            "resize_short="
+            f"({prep.resize_short}); set both to one value, or override neither (then "
+            "num_crops=3 resizes the short side to the crop size), or use 1 or 10 crops"
         )
     if prep.interpolation not in T.INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {prep.interpolation!r}: {T.INTERPOLATIONS}")
@@ -237,17 +272,56 @@ def build_pipeline(preprocessing: Preprocessing, mode: Mode = "test", **override
         scales=tuple(float(s) for s in options["scales"]),
         max_wh_scale_gap=int(options["max_wh_scale_gap"]),
         random_crop=bool(options["random_crop"]),
+        windows=_windows(options),
     )
 
 
+def _set_clip_count(
+    base: Preprocessing,
+    mode: Mode,
+    prep: dict[str, Any],
+    options: dict[str, Any],
+    windows_given: bool,
+) -> None:
+    """Give ``num_clips`` its meaning for the protocol in use (edits ``prep`` / ``options``).
+
+    Every-frame (no clip_len): an explicit ``num_clips`` caps the windows. A clip_len given
+    to every-frame weights: ``max_windows`` clips of it in test mode. val/train: one clip.
+    """
+    clip_len = prep.get("clip_len", base.clip_len)
+    if clip_len is None:
+        if "num_clips" in prep:
+            count = prep.pop("num_clips")
+            if windows_given and options["max_windows"] != count:
+                raise ValueError(
+                    f"num_clips={count} and max_windows={options['max_windows']} both set the "
+                    "number of windows of this every-frame protocol; give one of them"
+                )
+            options["max_windows"] = count
+    elif mode != "test":
+        prep.setdefault("num_clips", 1)
+    elif base.clip_len is None:
+        prep.setdefault("num_clips", options["max_windows"])
+
+
+def _windows(options: dict[str, Any]) -> FrameWindows:
+    """The every-frame windows the options ask for, or a ValueError naming the bad one."""
+    try:
+        return FrameWindows(int(options["window_len"]), int(options["max_windows"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid every-frame windows: {exc}") from exc
+
+
 def _sampler(prep: Preprocessing, mode: Mode, options: dict[str, Any]) -> SampleFrames | None:
-    if prep.clip_len is None:  # every frame; with a clip_len, "all" means one uniform clip
+    if prep.clip_len is None:  # every frame; with a clip_len, "all" means uniform clips
         if mode == "train":
             raise ValueError("training needs a fixed clip_len; set clip_len=N")
         if prep.num_clips != 1:
             raise ValueError(
-                f"{prep.num_clips} clips need a clip length, but this protocol feeds every frame "
-                "as one clip (no clip_len); use 1 clip, or set clip_len=N"
+                f"this every-frame protocol (no clip_len) stores num_clips={prep.num_clips}, but "
+                "it reads the whole video as windows: store num_clips=1 and pass num_clips=N "
+                "(CLI --clips N) for at most N windows, or set clip_len (CLI --clip-len T) for "
+                "clips of T frames"
             )
         return None
     common = {

@@ -122,3 +122,33 @@ class DenseSampleFrames(SampleFrames):
         assert rng is not None
         start = 0 if positions == 1 else int(rng.integers(0, positions - 1))
         return (base + start) % total
+
+
+@attrs.frozen
+class FrameWindows:
+    """Every frame of a video as at most ``max_windows`` equal windows of at most ``window_len``.
+
+    For protocols that feed the whole video as one clip (DeepMind's): a video of up to
+    ``window_len`` frames is one clip of all its frames; a longer one of T frames gives
+    n = min(ceil(T / window_len), max_windows) windows of L = ceil(T / n) frames (of
+    ``window_len`` when T > n × window_len), spread evenly from the first frame to the last,
+    so no call reads more than ``max_windows × window_len`` frames.
+    """
+
+    window_len: int = attrs.field(default=250, validator=_positive)
+    max_windows: int = attrs.field(default=10, validator=_positive)
+
+    def plan(self, total_frames: int) -> tuple[int, np.ndarray]:
+        """(window length L, first frame of each window) for a video of ``total_frames``."""
+        if total_frames < 1:
+            raise ValueError(f"cannot sample frames from a video with {total_frames} frames")
+        count = min(-(-total_frames // self.window_len), self.max_windows)
+        length = min(-(-total_frames // count), self.window_len)
+        if count == 1:  # the whole video, or (max_windows=1) its centre window
+            return length, np.array([(total_frames - length) // 2], dtype=np.int64)
+        return length, np.arange(count, dtype=np.int64) * (total_frames - length) // (count - 1)
+
+    def __call__(self, total_frames: int) -> np.ndarray:
+        """(windows, L) int64 frame indices, window-major."""
+        length, starts = self.plan(total_frames)
+        return starts[:, None] + np.arange(length, dtype=np.int64)[None, :]

@@ -237,6 +237,8 @@ class InceptionI3d(Recognizer):
     ``features(x)`` returns the ``Mixed_5c`` map; ``endpoints`` exposes every DeepMind endpoint.
     """
 
+    classifier_prefix = "logits.conv3d."
+
     def __init__(self, config: InceptionI3dConfig) -> None:
         super().__init__()
         self.config = config

@@ -41,6 +41,12 @@ class Recognizer(nn.Module):
     config: Any
     in_channels: int
     endpoint_names: tuple[str, ...] = ()
+    classifier_prefix: str = ""
+    """State-dict prefix of the final class layer (replaced when fine-tuning to new classes)."""
+
+    def classifier_keys(self) -> tuple[str, ...]:
+        """State-dict keys of the final class layer, whose shape follows the class count."""
+        return tuple(k for k in self.state_dict() if k.startswith(self.classifier_prefix))
 
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

