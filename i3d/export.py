@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 DEFAULT_OPSET = 18  # the torch.export-based exporter's native opset; 17 is converted down
+
+#: hears each step of an export as it starts (a short lowercase phrase), as hub.pull's ``stage``
+Stage = Callable[[str], None]
 
 
 class ExportError(BackendError):
@@ -88,13 +91,17 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     simplify: bool = False,
     rtol: float = 1e-4,
+    stage: Stage | None = None,
 ) -> OnnxExport:
     """Export a model to ONNX, then check onnxruntime against torch before writing ``path``.
 
     The file is written atomically and only if max|ort - torch| / max|torch| <= ``rtol``.
     Weights loaded from a file keep their metadata (labels, preprocessing) in the ONNX file.
     ``batch="dynamic"`` makes the batch axis symbolic; clip length and size stay fixed.
+    ``stage`` hears each step as it starts (running torch once, tracing, saving, onnxsim,
+    the onnxruntime check); it is never called while the exporter's output is muted.
     """
+    stage = stage or (lambda _what: None)
     if Path(path).suffix != ".onnx":
         raise ExportError(f"ONNX output must end in .onnx (the onnx backend needs it), got {path}")
     if opset < MIN_OPSET:
@@ -111,14 +118,17 @@ def export_onnx(
             "export two-stream models one stream at a time"
         )
     shape = input_shape(clip_len, size, views, batch, channels)
+    stage(f"running torch once on a {'×'.join(map(str, _concrete(shape, 1)))} input")
     _check_runs(model, _concrete(shape, 1))
     dynamic = batch == "dynamic"
     example = torch.randn(_concrete(shape, 2), generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as tmp:
-        _torch_export(model, example, tmp, opset, dynamic)
+        _torch_export(model, example, tmp, opset, dynamic, stage, Path(path).name)
         if simplify:
+            stage("simplifying the graph (onnxsim)")
             _simplify(tmp)
         _embed_weights_info(model, tmp)
+        stage("checking onnxruntime against torch")
         check = torch.randn(_concrete(shape, 3), generator=torch.Generator().manual_seed(1))
         max_abs, rel = verify_onnx(model, tmp, check)
         if not rel <= rtol:
@@ -153,36 +163,33 @@ def _require(module: str, hint: str) -> None:
 
 
 def _torch_export(
-    model: torch.nn.Module, example: torch.Tensor, dst: Path, opset: int, dynamic: bool
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    dst: Path,
+    opset: int,
+    dynamic: bool,
+    stage: Stage,
+    name: str,
 ) -> None:
     # torch.export-based exporter: static dims stay Python ints while tracing, so runtime
     # padding computed from the input shape (Inception's TF-SAME) becomes constants; only
     # the batch axis is symbolic with a dynamic batch.
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
-    chatter = io.StringIO()  # progress, and graphs the tracer prints when it fails
-    with (
-        _quiet_torch_logs(),
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(chatter),
-        contextlib.redirect_stderr(chatter),
-    ):
-        warnings.simplefilter("ignore")  # exporter deprecation notices
-        try:
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_shapes=shapes,
-                verbose=False,
-            )
-            program.save(str(dst), external_data=False)  # one self-contained file
-        except Exception as exc:  # the exporter raises many unrelated types
-            root = _root_cause(exc)
-            first = next((line for line in str(root).splitlines() if line.strip()), "")
-            raise ExportError(f"torch.onnx.export failed: {type(root).__name__}: {first}") from exc
+    stage("tracing the model (torch.export)")
+    with _muted_exporter():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            verbose=False,
+        )
+    stage(f"saving {name}")
+    with _muted_exporter():
+        program.save(str(dst), external_data=False)  # one self-contained file
     import onnx
 
     try:
@@ -196,6 +203,29 @@ def _torch_export(
             f"the exporter could not convert this model to opset {opset} (it produced "
             f"{produced}); use --opset {produced}"
         )
+
+
+@contextlib.contextmanager
+def _muted_exporter() -> Iterator[None]:
+    """Swallow the exporter's prints, logs and warnings; its failures become one-line errors.
+
+    ``sys.stdout`` / ``sys.stderr`` are swapped for the block, so nothing that reports to
+    the user (``stage``) may be called inside it.
+    """
+    chatter = io.StringIO()  # progress, and graphs the tracer prints when it fails
+    with (
+        _quiet_torch_logs(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(chatter),
+        contextlib.redirect_stderr(chatter),
+    ):
+        warnings.simplefilter("ignore")  # exporter deprecation notices
+        try:
+            yield
+        except Exception as exc:  # the exporter raises many unrelated types
+            root = _root_cause(exc)
+            first = next((line for line in str(root).splitlines() if line.strip()), "")
+            raise ExportError(f"torch.onnx.export failed: {type(root).__name__}: {first}") from exc
 
 
 @contextlib.contextmanager
@@ -321,14 +351,16 @@ def export_om(
     batch: int = 1,
     opset: int = DEFAULT_OPSET,
     simplify: bool = False,
+    stage: Stage | None = None,
 ) -> OmExport:
     """Write ``path`` minus .om + ``.onnx``, then run ATC if it is on PATH (else only plan it).
 
     The ONNX file stays beside the OM on purpose: ATC drops ONNX metadata, so it is where
     ``i3d predict`` finds the OM's labels and preprocessing. An existing file there is
     replaced (``replaced_onnx`` says so). With ATC present the OM is produced under a temp
-    name and renamed onto ``path``.
+    name and renamed onto ``path``. ``stage`` hears the ONNX export's steps, then ATC's.
     """
+    stage = stage or (lambda _what: None)
     path = Path(path)
     if path.suffix != ".om":
         raise ExportError(f"OM output must end in .om, got {path}")
@@ -337,11 +369,12 @@ def export_om(
     onnx_path = path.with_suffix(".onnx")
     replaced = onnx_path.exists()
     onnx_export = export_onnx(
-        weights_or_model, onnx_path, clip_len, size, views, batch, opset, simplify
+        weights_or_model, onnx_path, clip_len, size, views, batch, opset, simplify, stage=stage
     )
     final = atc_command(onnx_export.path, path.with_suffix(""), onnx_export.input_shape, soc)
     if shutil.which("atc") is None:
         return OmExport(onnx_export, final, None, replaced)
+    stage(f"converting to {path.name} (atc, soc {soc})")
     with _atc_temp_stem(path) as stem:
         command = atc_command(onnx_export.path, stem, onnx_export.input_shape, soc)
         result = subprocess.run(command, capture_output=True, text=True, check=False)

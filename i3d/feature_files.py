@@ -48,12 +48,31 @@ class FeatureSetting:
             )
 
 
-#: the settings a features file records (its metadata keys are ``i3d.<name>``)
+#: the settings a features file records
 SETTING_KEYS = tuple(field.name for field in attrs.fields(FeatureSetting))
 
 
+#: the one metadata key of a features .safetensors: JSON of the settings and the video list.
+#: One key, because safetensors writes its metadata map in a random order per process, and
+#: a rerun (or a sharded run) must give the same bytes.
+FEATURES_KEY = "i3d.features"
+
+
+def _stored_metadata(meta: dict[str, str]) -> dict[str, object] | None:
+    """Settings and ``videos`` of a features file's metadata (the one-key form, or the
+    per-key ``i3d.<name>`` form of earlier versions), or None if it is not a features file."""
+    if FEATURES_KEY in meta:
+        data = json.loads(meta[FEATURES_KEY])
+        return data if isinstance(data, dict) and "videos" in data else None
+    if "i3d.videos" not in meta or "i3d.endpoint" not in meta:
+        return None
+    data: dict[str, object] = {k: meta[f"i3d.{k}"] for k in SETTING_KEYS if f"i3d.{k}" in meta}
+    data["videos"] = json.loads(meta["i3d.videos"])
+    return data
+
+
 class SafetensorsFeatures:
-    """One .safetensors: tensor ``"<i>"`` for video i of the ``i3d.videos`` metadata list."""
+    """One .safetensors: tensor ``"<i>"`` for video i of the metadata's ``videos`` list."""
 
     def __init__(self, path: Path, setting: FeatureSetting) -> None:
         from safetensors import SafetensorError, safe_open
@@ -64,15 +83,14 @@ class SafetensorsFeatures:
         if path.exists():
             try:
                 with safe_open(str(path), framework="pt") as fh:
-                    meta = fh.metadata() or {}
-                    if "i3d.videos" not in meta or "i3d.endpoint" not in meta:
+                    stored = _stored_metadata(fh.metadata() or {})
+                    if stored is None:
                         raise OutputError(
                             f"{path} exists and is not an i3d features file; refusing to "
                             "overwrite it (choose another -o)"
                         )
-                    stored = {k: meta[f"i3d.{k}"] for k in SETTING_KEYS if f"i3d.{k}" in meta}
-                    setting.check(path, stored)
-                    self.videos = json.loads(meta["i3d.videos"])
+                    setting.check(path, {k: str(v) for k, v in stored.items() if k in SETTING_KEYS})
+                    self.videos = [str(v) for v in stored["videos"]]
                     self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
             except OutputError:
                 raise
@@ -94,8 +112,8 @@ class SafetensorsFeatures:
     def save(self) -> None:
         from safetensors.torch import save_file
 
-        meta = {f"i3d.{k}": v for k, v in self.setting.as_dict().items()}
-        meta["i3d.videos"] = json.dumps(self.videos)
+        data = {**self.setting.as_dict(), "videos": self.videos}
+        meta = {FEATURES_KEY: json.dumps(data, sort_keys=True)}
         with atomic_path(self.path) as tmp:
             save_file(self.tensors, str(tmp), metadata=meta)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 import torch
@@ -51,6 +52,25 @@ def test_nonlocal_model_exports_with_views_and_dynamic_batch(tiny, tmp_path):
     x = torch.randn(2, 3, 3, 8, 32, 32)
     got = load_runner(path, backend="onnx", batch_size=1).predict(x)
     torch.testing.assert_close(got, _ref(tiny, x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_reports_each_stage_as_it_starts_outside_the_muted_exporter(
+    tiny, tmp_path, capsys
+):
+    heard: list[str] = []
+
+    def stage(what: str) -> None:  # prints too: the exporter must not swallow it
+        heard.append(what)
+        print(what, file=sys.stderr)
+
+    export_onnx(tiny, tmp_path / "staged.onnx", clip_len=8, size=32, stage=stage)
+    assert heard == [
+        "running torch once on a 1×3×8×32×32 input",
+        "tracing the model (torch.export)",
+        "saving staged.onnx",
+        "checking onnxruntime against torch",
+    ]
+    assert capsys.readouterr().err.splitlines() == heard
 
 
 def test_static_batch_model_pads_the_last_chunk(tiny, tmp_path):
@@ -136,8 +156,16 @@ def test_simplified_export_is_verified_and_not_larger(tiny, tmp_path):
     import onnx
 
     plain = export_onnx(tiny, tmp_path / "plain.onnx", clip_len=8, size=32)
-    simple = export_onnx(tiny, tmp_path / "simple.onnx", clip_len=8, size=32, simplify=True)
+    heard: list[str] = []
+    simple = export_onnx(
+        tiny, tmp_path / "simple.onnx", clip_len=8, size=32, simplify=True, stage=heard.append
+    )
     assert simple.rel_diff < 1e-4
+    assert heard[2:] == [
+        "saving simple.onnx",
+        "simplifying the graph (onnxsim)",
+        "checking onnxruntime against torch",
+    ]
     nodes = [len(onnx.load(str(r.path)).graph.node) for r in (plain, simple)]
     assert nodes[1] <= nodes[0]
     x = torch.randn(1, 3, 8, 32, 32)
@@ -190,6 +218,15 @@ def test_export_om_runs_atc_when_present(tiny_weights, tmp_path):
     args = (tmp_path / "atc_args").read_text()
     assert "--input_shape=clips:1,2,3,8,32,32" in args and "--soc_version=Ascend310P3" in args
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # redirected stderr: no spinner, one plain line per stage, in order; stdout has none
+    assert result.stderr.splitlines() == [
+        "running torch once on a 1×2×3×8×32×32 input",
+        "tracing the model (torch.export)",
+        "saving model.onnx",
+        "checking onnxruntime against torch",
+        "converting to model.om (atc, soc Ascend310P3)",
+    ]
+    assert "tracing" not in result.stdout and "wrote" in result.stdout
 
 
 def test_too_small_clip_fails_before_export_in_one_line(tiny_weights, tmp_path, capfd):
@@ -199,7 +236,10 @@ def test_too_small_clip_fails_before_export_in_one_line(tiny_weights, tmp_path, 
     assert result.exit_code == 1
     assert "cannot run on clips of 1×8×8 (T×H×W)" in result.output
     assert "use a longer --clip-len or a larger --size" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    # the stage it failed in, then the error in one line
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "running torch once on a 1×3×1×8×8 input"
+    assert len(lines) == 2 and lines[1].startswith("error:") and not out.exists()
     streams = capfd.readouterr()  # torch's loggers write to the process's own stderr
     assert "fake_tensor" not in streams.err + streams.out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -230,8 +231,10 @@ def test_features_safetensors_and_resume(setup, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     with safe_open(str(out), framework="pt") as fh:
-        paths = json.loads(fh.metadata()["i3d.videos"])
-        first = fh.get_tensor("0")
+        assert list(fh.metadata()) == ["i3d.features"]  # one key: the same bytes every run
+        stored = json.loads(fh.metadata()["i3d.features"])
+        paths, first = stored["videos"], fh.get_tensor("0")
+    assert stored["endpoint"] == "layer4" and stored["pool"] == "mean"
     assert [p.rsplit("/", 1)[1] for p in paths] == ["v0.mp4", "v1.mp4"]
     assert first.shape == (128,)
     args[3:3] = [str(videos / "v2.mp4")]
@@ -239,7 +242,7 @@ def test_features_safetensors_and_resume(setup, tmp_path):
     assert result.exit_code == 0 and "1 video written" in result.output
     assert "2 already there" in result.output
     with safe_open(str(out), framework="pt") as fh:
-        assert len(json.loads(fh.metadata()["i3d.videos"])) == 3
+        assert len(json.loads(fh.metadata()["i3d.features"])["videos"]) == 3
         assert torch.equal(fh.get_tensor("0"), first)
 
 
@@ -418,3 +421,21 @@ def test_an_every_frame_protocol_stores_one_clip():
     every_frame = Preprocessing(clip_len=None, num_clips=3)
     with pytest.raises(ValueError, match=r"stores num_clips=3.*--clips N.*--clip-len T"):
         build_pipeline(every_frame, "test")
+
+
+def test_features_files_of_earlier_versions_still_resume(tmp_path):
+    """Files that spelled each setting as its own metadata key (before the one-key form)."""
+    from safetensors.torch import save_file
+
+    from i3d.feature_files import FeatureSetting, open_feature_store
+
+    setting = FeatureSetting("layer4", "mean", "ab" * 32, "val 1x1")
+    old = {f"i3d.{k}": v for k, v in setting.as_dict().items()}
+    old["i3d.videos"] = json.dumps(["a.mp4"])
+    save_file({"0": torch.ones(3)}, str(tmp_path / "old.safetensors"), metadata=old)
+    store = open_feature_store(tmp_path / "old.safetensors", setting)
+    assert store.has(Path("a.mp4")) and not store.has(Path("b.mp4"))
+    store.add(Path("b.mp4"), torch.zeros(3))
+    store.save()
+    again = open_feature_store(tmp_path / "old.safetensors", setting)
+    assert again.has(Path("a.mp4")) and again.has(Path("b.mp4"))

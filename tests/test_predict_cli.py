@@ -16,7 +16,7 @@ from rich.progress import Progress
 from typer.testing import CliRunner
 from videogen import pattern_frame, write_video
 
-import i3d.predict
+import i3d.cli.predict_cmds
 from i3d import get_preset, load_model
 from i3d.cli import predict_cmds
 from i3d.cli.main import app
@@ -86,7 +86,7 @@ def _evaluate(args, tmp_path):
 
 def test_evaluate_refuses_classes_the_model_does_not_have(setup, tmp_path, monkeypatch):
     _root, weights, videos = setup
-    monkeypatch.setattr(i3d.predict, "default_weights", lambda: weights)  # "no --weights"
+    monkeypatch.setattr(i3d.cli.predict_cmds, "default_weights", lambda: weights)  # no --weights
     (tmp_path / "list.txt").write_text("v0.mp4 0\nv1.mp4 1\n")
     base = [str(tmp_path / "list.txt"), "--data-root", str(videos)]
     result = _evaluate(base, tmp_path)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
 from rich.table import Table
 
 from i3d.backends.base import BackendError
@@ -111,17 +113,35 @@ def export(
             clip_len = prep.clip_len if prep is not None and prep.clip_len else 32
         if size is None:
             size = prep.crop_size if prep is not None else DEFAULT_SIZE
-        if fmt == "onnx":
-            result = export_onnx(
-                source, output, clip_len, size, views, batch_value, opset, simplify
+        if fmt == "om" and batch_value == "dynamic":
+            raise ExportError("OM models need a static batch; pass --batch N")
+        # bound to the stderr of now: the exporter swaps sys.stderr for a buffer while it
+        # traces, and a console that looks it up per write would stop drawing the spinner
+        status = Console(file=sys.stderr, soft_wrap=True)
+        live = status.is_interactive  # else (redirected, TERM=dumb) one plain line per step
+        with Progress(
+            SpinnerColumn(),
+            "[progress.description]{task.description}",
+            TimeElapsedColumn(),
+            console=status,
+            transient=True,
+            disable=not live,  # a disabled one also skips the blank line it ends files with
+        ) as bar:
+            task = bar.add_task(f"exporting {output.name}", total=None)
+
+            def stage(what: str) -> None:
+                bar.update(task, description=escape(what))
+                if not live:
+                    status.print(what, highlight=False, markup=False)
+
+            shared: dict[str, Any] = dict(
+                clip_len=clip_len, size=size, views=views, opset=opset, simplify=simplify
             )
-        else:
-            if batch_value == "dynamic":
-                raise ExportError("OM models need a static batch; pass --batch N")
-            om = export_om(
-                source, output, soc, clip_len, size, views, int(batch_value), opset, simplify
-            )
-            result = om.onnx
+            if fmt == "onnx":
+                result = export_onnx(source, output, batch=batch_value, stage=stage, **shared)
+            else:
+                om = export_om(source, output, soc, batch=int(batch_value), stage=stage, **shared)
+                result = om.onnx
     console.print(
         f"[green]wrote[/green] {result.path}  input {result.input_shape}, opset {result.opset}; "
         f"onnxruntime vs torch: max abs diff {result.max_abs_diff:.3g} "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -21,6 +23,8 @@ from i3d.cli.predict_csv import PredictionTable
 from i3d.data.datasets import AnnotationError, Sample, auto_workers, iter_views
 from i3d.data.decode import VideoDecodeError
 from i3d.data.pipeline import build_pipeline
+from i3d.distributed import DistributedError
+from i3d.distributed.sharded import ShardedRunError
 from i3d.feature_files import FeatureSetting, open_feature_store
 from i3d.predict import (
     VIDEO_ERRORS,
@@ -42,12 +46,21 @@ from i3d.predict import (
     write_per_class,
     write_predictions,
 )
+from i3d.sharded_inference import FeatureSpec, PredictSpec, sharded_features, sharded_scores
 from i3d.utils.files import atomic_path, ensure_dir, refuse_overwriting, sha256_file
 from i3d.weights.format import load_model, read_info
 from i3d.weights.labels import read_labels
 
 console = Console(soft_wrap=True)  # log lines stay whole when redirected
-ERRORS = (InputError, AnnotationError, VideoDecodeError, ImportError, ValueError)
+ERRORS = (
+    InputError,
+    AnnotationError,
+    VideoDecodeError,
+    ImportError,
+    ValueError,
+    DistributedError,
+    ShardedRunError,
+)
 SAVE_EVERY = 20  # videos between rewrites of a .safetensors feature file (resume points)
 SAVE_SECONDS = 30.0  # least time between rewrites of a --csv file during a run (resume points)
 
@@ -98,6 +111,43 @@ WorkersOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0 (default: the backend's).")
 ]
+WorldSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--world-size",
+        min=1,
+        help="Processes, one per device (cpu, cuda:N, npu:N), each taking a share of the "
+        "videos; under torchrun the job's ranks. Results are kept per video in OUT.parts/ "
+        "so a rerun finishes only what is missing.",
+    ),
+]
+
+
+def _sharded(world_size: int) -> bool:
+    """Whether this run goes through torch.distributed ranks (--world-size N or torchrun)."""
+    from i3d.distributed import env_launched
+
+    return world_size > 1 or env_launched()
+
+
+def _parts_folder(output: Path | None) -> Path:
+    """Where a sharded run keeps its per-video results: ``OUT.parts`` beside the output, or
+    a new temporary folder."""
+    if output is not None:
+        return output.with_name(output.name + ".parts")
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="i3d-parts-"))
+
+
+def _sharded_progress(progress: Progress, what: str, total: int) -> Callable[[int, int], None]:
+    """One bar for the whole job: videos finished on every rank."""
+    task = progress.add_task(what, total=total)
+
+    def update(done: int, count: int) -> None:
+        progress.update(task, completed=done, total=count)
+
+    return update
 
 
 def _progress() -> Progress:
@@ -145,6 +195,7 @@ def predict(
             "retried) and keep its rows.",
         ),
     ] = False,
+    world_size: WorldSizeOpt = 1,
 ) -> None:
     """Classify videos with the weights' own test protocol (views averaged as they say)."""
     from i3d.backends import BackendError
@@ -157,7 +208,11 @@ def predict(
         if resume and csv is None:
             raise InputError("--resume continues a --csv file; pass --csv OUT")
         paths = expand_inputs(inputs)
-        predictor = Predictor(weights, clips, crops, batch_size, backend, device, clip_len)
+        spec = PredictSpec(
+            str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
+            device, workers,
+        )  # fmt: skip
+        predictor = _launcher_predictor(spec, _sharded(world_size))
         if predictor.num_classes is not None:
             top_k = min(top_k, predictor.num_classes)
         table = PredictionTable(top_k, all_scores, predictor.labels, predictor.num_classes)
@@ -175,15 +230,26 @@ def predict(
         results: list[Prediction] = []
         try:
             with _progress() as progress:
-                task = progress.add_task("predicting", total=len(todo), visible=len(todo) > 1)
-                on_views = _view_progress(progress, todo[0].name) if len(todo) == 1 else None
+                task = None
+                if _sharded(world_size):
+                    stream = _sharded_predictions(
+                        todo, spec, predictor.labels, csv, world_size, progress
+                    )
+                    if stream is None:  # a torchrun rank other than 0: rank 0 reports
+                        return
+                else:
+                    task = progress.add_task("predicting", total=len(todo), visible=len(todo) > 1)
+                    on_views = _view_progress(progress, todo[0].name) if len(todo) == 1 else None
+                    assert isinstance(predictor, Predictor)
+                    stream = predictor.predict_many(todo, workers, on_views)
                 saved = time.monotonic()
-                for result in predictor.predict_many(todo, workers, on_views):
+                for result in stream:
                     results.append(result)
                     table.add(result)
                     if as_json:
                         typer.echo(json.dumps(result.to_json(top_k, all_scores)))
-                    progress.advance(task)
+                    if task is not None:
+                        progress.advance(task)
                     if early is not None and time.monotonic() - saved > SAVE_SECONDS:
                         table.save(early, order)
                         saved = time.monotonic()
@@ -210,6 +276,76 @@ def predict(
         for r in failed:
             _print_failure(r.path, r.error)
         raise typer.Exit(1)
+
+
+def _launcher_predictor(spec: PredictSpec, sharded: bool) -> Predictor | _ModelInfo:
+    """The predictor, or for a sharded run of .safetensors weights just their labels (the
+    ranks load the model; the launching process need not hold one too)."""
+    if sharded and spec.weights.endswith(".safetensors"):
+        info = read_info(Path(spec.weights))
+        check_video_model(Path(spec.weights), info)
+        return _ModelInfo(info.labels, info.config.head.num_classes)
+    return Predictor(
+        spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend, spec.device,
+        spec.clip_len,
+    )  # fmt: skip
+
+
+class _ModelInfo:
+    """Labels and class count, as a Predictor has them."""
+
+    def __init__(self, labels: tuple[str, ...] | None, num_classes: int) -> None:
+        self.labels, self.num_classes = labels, num_classes
+
+
+def _sharded_predictions(
+    todo: list[Path],
+    spec: PredictSpec,
+    labels: tuple[str, ...] | None,
+    output: Path | None,
+    world_size: int,
+    progress: Progress,
+) -> list[Prediction] | None:
+    """Predictions of ``todo`` in order from N ranks (None on torchrun ranks other than 0).
+
+    Per-video results wait in ``OUT.parts/`` beside the --csv file, so an interrupted run
+    resumes; without --csv they go to a temporary folder, removed whatever happens.
+    """
+    if not todo:
+        return []
+    folder = _parts_folder(output)
+    try:
+        on_progress = _sharded_progress(progress, "predicting", len(todo))
+        scores = _run_sharded(sharded_scores, todo, spec, folder, world_size, on_progress)
+    finally:
+        if output is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if scores is None:
+        return None
+    shutil.rmtree(folder, ignore_errors=True)  # merged: the outputs have it all now
+    return [
+        Prediction(path, None, labels, error=s) if isinstance(s, str)
+        else Prediction(path, s, labels)
+        for path, s in zip(todo, scores, strict=True)
+    ]  # fmt: skip
+
+
+def _run_sharded(run: Callable[..., Any], todo: list[Path], spec: Any, folder: Path,
+                 world_size: int, on_progress: Callable[[int, int], None]) -> Any:  # fmt: skip
+    """``run`` (sharded_scores / sharded_features), an interrupted job said as such."""
+    from i3d.distributed.sharded import RunIncomplete
+
+    try:
+        return run(todo, spec, folder, world_size, on_progress)
+    except (RunIncomplete, KeyboardInterrupt) as exc:
+        left = f"{len(exc.missing)} of {exc.total} videos" if isinstance(exc, RunIncomplete) else (
+            "the rest"
+        )
+        err_console.print(
+            f"interrupted: {left} not done; the finished ones are kept in {folder}/, run the "
+            "same command again to do the rest"
+        )
+        raise typer.Exit(130) from None
 
 
 def _view_progress(progress: Progress, name: str) -> ViewProgress:
@@ -272,6 +408,7 @@ def evaluate(
     backend: BackendOpt = "torch",
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
+    world_size: WorldSizeOpt = 1,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
     from i3d.backends import BackendError
@@ -291,7 +428,11 @@ def evaluate(
         else:
             if annotations is None:
                 raise InputError("give an annotation list, or --from-predictions FILE")
-            predictor = Predictor(weights, clips, crops, batch_size, backend, device, clip_len)
+            spec = PredictSpec(
+                str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
+                device, workers,
+            )  # fmt: skip
+            predictor = _launcher_predictor(spec, _sharded(world_size))
             list_labels = read_labels(label_file) if label_file is not None else None
             samples = evaluation_samples(
                 annotations,
@@ -301,7 +442,14 @@ def evaluate(
                 list_labels,
                 default_model=weights is None,
             )[:limit]
-            scored, skipped = _run_evaluation(predictor, samples, workers)
+            if _sharded(world_size):
+                outcome = _sharded_evaluation(samples, spec, output_dir, world_size)
+                if outcome is None:  # a torchrun rank other than 0: rank 0 reports
+                    return
+                scored, skipped = outcome
+            else:
+                assert isinstance(predictor, Predictor)
+                scored, skipped = _run_evaluation(predictor, samples, workers)
             labels = predictor.labels
             if not scored:
                 first, error = skipped[0]  # annotation lists are never empty
@@ -328,6 +476,32 @@ def evaluate(
         err_console.print(f"[yellow]{len(skipped)} samples skipped (unreadable):[/yellow]")
         for path, error in skipped[:20]:
             _print_failure(path, error)
+
+
+def _sharded_evaluation(
+    samples: list[Sample], spec: PredictSpec, output_dir: Path, world_size: int
+) -> tuple[list[Scored], list[tuple[str, str]]] | None:
+    """Scored samples and the unreadable ones from N ranks (None on torchrun ranks but 0);
+    per-video results wait in ``OUTPUT_DIR.parts/`` until merged, for a rerun to resume."""
+    folder = _parts_folder(output_dir)
+    paths = [Path(s.path) for s in samples]
+    with _progress() as progress:
+        on_progress = _sharded_progress(progress, "evaluating", len(paths))
+        scores = _run_sharded(sharded_scores, paths, spec, folder, world_size, on_progress)
+    if scores is None:
+        return None
+    scored = [
+        Scored(str(sample.path), sample.label, s)
+        for sample, s in zip(samples, scores, strict=True)
+        if not isinstance(s, str)
+    ]
+    skipped = [
+        (str(sample.path), s)
+        for sample, s in zip(samples, scores, strict=True)
+        if isinstance(s, str)
+    ]
+    shutil.rmtree(folder, ignore_errors=True)
+    return scored, skipped
 
 
 def _run_evaluation(
@@ -382,17 +556,19 @@ def features(
     backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
+    world_size: WorldSizeOpt = 1,
 ) -> None:
     """Features of an endpoint per video (resumable: videos already written are skipped)."""
     from i3d.backends import BackendError
 
     with fail_on_errors(*ERRORS, BackendError):
         paths = expand_inputs(inputs)
-        where = feature_device(backend, device)
+        sharded = _sharded(world_size)
+        where = feature_device(backend, device)  # checked here, used here only in one process
         path = weights if weights is not None else default_weights()
         refuse_overwriting(output, path)
         check_video_model(path, read_info(path))
-        model = load_model(path, where)
+        model = load_model(path, "cpu" if sharded else where)  # ranks load their own
         if endpoint not in model.endpoint_names:
             raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
         prep = model.weights_info.preprocessing
@@ -408,25 +584,16 @@ def features(
         store = open_feature_store(output, setting)
         todo = [p for p in paths if not store.has(p)]
         failed: list[tuple[Path, str]] = []
-        with _progress() as progress:
-            task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
-            on_views = _view_progress(progress, todo[0].name) if len(todo) == 1 else None
-            count = auto_workers(len(todo)) if workers is None else workers
-            views_of = iter_views(todo, pipeline, count, VIDEO_ERRORS)
-            for i, (path, views) in enumerate(zip(todo, views_of, strict=True), 1):
-                try:
-                    if isinstance(views, str):  # decoding failed; this is its message
-                        failed.append((path, views))
-                    else:
-                        feats = video_features(
-                            model, pipeline, views, endpoint, pool.value, batch_size, on_views
-                        )
-                        store.add(path, feats.to(device="cpu", dtype=torch.float32))
-                except VIDEO_ERRORS as exc:
-                    failed.append((path, str(exc)))
-                if i % SAVE_EVERY == 0:
-                    store.save()
-                progress.advance(task)
+        if sharded:
+            spec = FeatureSpec(
+                str(path), endpoint, pool.value, mode, tuple(sorted(overrides.items())),
+                batch_size, backend, device, workers,
+            )  # fmt: skip
+            if not _sharded_features(todo, spec, output, world_size, store, failed):
+                return  # a torchrun rank other than 0: rank 0 writes the file
+        else:
+            _local_features(todo, model, pipeline, endpoint, pool.value, batch_size, workers,
+                            store, failed)  # fmt: skip
         store.save()
     console.print(
         f"{_videos(len(todo) - len(failed))} written to {output} "
@@ -438,6 +605,69 @@ def features(
         for path, error in failed:
             _print_failure(path, error)
         raise typer.Exit(1)
+
+
+def _local_features(
+    todo: list[Path],
+    model: Any,
+    pipeline: Any,
+    endpoint: str,
+    pool: str,
+    batch_size: int,
+    workers: int | None,
+    store: Any,
+    failed: list[tuple[Path, str]],
+) -> None:
+    """Features of ``todo`` in this process into ``store`` (saved every SAVE_EVERY videos)."""
+    with _progress() as progress:
+        task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
+        on_views = _view_progress(progress, todo[0].name) if len(todo) == 1 else None
+        count = auto_workers(len(todo)) if workers is None else workers
+        views_of = iter_views(todo, pipeline, count, VIDEO_ERRORS)
+        for i, (path, views) in enumerate(zip(todo, views_of, strict=True), 1):
+            try:
+                if isinstance(views, str):  # decoding failed; this is its message
+                    failed.append((path, views))
+                else:
+                    feats = video_features(
+                        model, pipeline, views, endpoint, pool, batch_size, on_views
+                    )
+                    store.add(path, feats.to(device="cpu", dtype=torch.float32))
+            except VIDEO_ERRORS as exc:
+                failed.append((path, str(exc)))
+            if i % SAVE_EVERY == 0:
+                store.save()
+            progress.advance(task)
+
+
+def _sharded_features(
+    todo: list[Path],
+    spec: FeatureSpec,
+    output: Path,
+    world_size: int,
+    store: Any,
+    failed: list[tuple[Path, str]],
+) -> bool:
+    """Features of ``todo`` from N ranks into ``store``; False on torchrun ranks but 0.
+
+    Per-video results wait in ``OUT.parts/`` until they are in the store, for a rerun.
+    """
+    if not todo:
+        return True
+    folder = _parts_folder(output)
+    with _progress() as progress:
+        on_progress = _sharded_progress(progress, "features", len(todo))
+        results = _run_sharded(sharded_features, todo, spec, folder, world_size, on_progress)
+    if results is None:
+        return False
+    for path, feats in zip(todo, results, strict=True):
+        if isinstance(feats, str):
+            failed.append((path, feats))
+        else:
+            store.add(path, torch.from_numpy(feats))
+    store.save()
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def register(app: typer.Typer) -> None:

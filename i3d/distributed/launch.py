@@ -201,6 +201,7 @@ def launch(
     timeout_s: float = 600.0,
     passthrough: tuple[type[BaseException], ...] = (),
     group: bool = True,
+    poll: Callable[[], None] | None = None,
 ) -> Any:
     """Run ``worker(ctx, payload)`` on every rank; return rank 0's result.
 
@@ -209,7 +210,8 @@ def launch(
     :class:`DistributedError` naming the rank). ``group=False`` starts the ranks without a
     process group (they get their rank and device only, and no collective, so none can wait
     on a peer): for jobs whose ranks share their work through files. Spawned ranks are still
-    watched, and one that dies terminates the others.
+    watched, and one that dies terminates the others. ``poll`` is called about twice a
+    second while spawned ranks run (a progress display in the launching process).
     """
     if env_launched():
         ctx = _init(backend, timeout_s, group)
@@ -228,8 +230,9 @@ def launch(
         )
         ctrl_c.processes = context.processes
         try:
-            while not context.join():
-                pass
+            while not context.join(timeout=0.5 if poll is not None else None):
+                if poll is not None:
+                    poll()
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             reported = _drain(results)
             if _outcome(reported) is not None:  # decided before a crash on the way out

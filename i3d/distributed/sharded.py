@@ -133,6 +133,10 @@ class ResultFolder:
                 done.add(int(stem))
         return done
 
+    def finished(self) -> int:
+        """How many inputs have a result or failed."""
+        return sum(1 for name in self._names() if not name.startswith("."))
+
     def remove_temporaries(self) -> None:
         """Remove the half-written files of a killed rank (only while no rank runs)."""
         for name in self._names():
@@ -351,6 +355,7 @@ def run_sharded(
     timeout_s: float = 600.0,
     catch: tuple[type[BaseException], ...] = (Exception,),
     wait_s: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Outcome] | None:
     """Run every input through ``make_processor(ctx)`` on ``world_size`` ranks (or the ranks
     of the torchrun job this process belongs to); rank 0 gets the outcomes in input order,
@@ -367,6 +372,8 @@ def run_sharded(
     after its own share (torchrun stops every worker when one fails). Raises
     :class:`RunIncomplete` when the ranks were stopped (Ctrl-C) before the end, and
     :class:`~i3d.distributed.launch.DistributedError` when a rank failed or died.
+    ``on_progress(finished, total)`` hears, while the ranks run, how many inputs have a
+    result or failed (in the launcher, or on rank 0 of a torchrun job once its share is done).
     """
     items = tuple(items)
     keys = tuple(str(item) for item in items) if keys is None else tuple(keys)
@@ -389,19 +396,36 @@ def run_sharded(
     torchrun = env_launched()
     if not torchrun:  # the launcher sees the job before any rank starts: it plans
         job = attrs.evolve(_plan(job), cost_of=None)
-    rank, world, token = launch(_run_rank, job, backend, world_size, timeout_s, group=torchrun)
     results = ResultFolder(folder)
+    poll = None
+    if on_progress is not None:
+        def poll() -> None:
+            on_progress(results.finished(), len(items))
+
+    rank, world, token = launch(
+        _run_rank, job, backend, world_size, timeout_s, group=torchrun, poll=poll
+    )
     if torchrun:
         if rank != 0:
             return None
-        _wait_for_ranks(results, world, token, wait_s)
+        _wait_for_ranks(results, world, token, wait_s, poll)
+    if poll is not None:
+        poll()
     return list(results.iter_outcomes(len(items)))
 
 
-def _wait_for_ranks(folder: ResultFolder, world: int, token: str, wait_s: float | None) -> None:
+def _wait_for_ranks(
+    folder: ResultFolder,
+    world: int,
+    token: str,
+    wait_s: float | None,
+    poll: Callable[[], None] | None,
+) -> None:
     start = time.monotonic()
     with contextlib.suppress(KeyboardInterrupt):
         while not folder.ranks_through(world, token):
+            if poll is not None:
+                poll()
             if wait_s is not None and time.monotonic() - start > wait_s:
                 raise ShardedRunError(
                     f"rank 0 waited {wait_s:.0f} s for the other ranks to finish their shares"

@@ -1,0 +1,178 @@
+"""``i3d predict``, ``evaluate`` and ``features`` on N ranks (spawned, or a torchrun job).
+
+Each rank rebuilds the same :class:`~i3d.predict.Predictor` (or feature model) on its own
+device and runs its share of the videos (:func:`i3d.distributed.sharded.run_sharded`,
+balanced by frame count); every video's scores or features land in a file of their own as
+soon as they exist, so an interrupted job resumes where it stopped, and rank 0 gets them
+back in input order, exactly what one process computes with the same thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from i3d.distributed.shard import video_cost
+from i3d.distributed.sharded import Failed, run_sharded
+from i3d.predict import Predictor, feature_device, video_features
+from i3d.utils.files import sha256_file
+
+#: a rank's device type → the process-group device (``npu`` covers the ``om`` backend)
+_GROUP_DEVICE = {"cpu": "cpu", "cuda": "cuda", "npu": "npu"}
+
+
+@attrs.frozen
+class PredictSpec:
+    """What every rank needs to rebuild the predictor (pickled to spawned ranks)."""
+
+    weights: str
+    clips: int | None = None
+    crops: int | None = None
+    clip_len: int | None = None
+    batch_size: int = 1
+    backend: str = "torch"
+    device: str | None = None
+    workers: int | None = None
+
+
+@attrs.frozen
+class FeatureSpec:
+    """What every rank needs to extract features like ``i3d features`` does."""
+
+    weights: str
+    endpoint: str
+    pool: str
+    mode: str
+    overrides: tuple[tuple[str, Any], ...]
+    batch_size: int = 1
+    backend: str = "torch"
+    device: str | None = None
+    workers: int | None = None
+
+
+def group_device(backend: str, device: str | None) -> str:
+    """The device kind the launcher gives the ranks (cpu, cuda or npu), from
+    ``--backend/--device``. ``om`` ranks open ``npu:<local rank>`` through ais_bench
+    themselves, so they need no torch_npu: the launcher treats them as cpu ranks."""
+    if backend == "om":
+        return "cpu"
+    if backend == "npu":
+        return "npu"
+    kind = (device or "cpu").split(":")[0]
+    if kind not in _GROUP_DEVICE:
+        raise ValueError(
+            f"--world-size runs one process per cpu, cuda or npu device, not {device!r}"
+        )
+    return _GROUP_DEVICE[kind]
+
+
+def _rank_device(backend: str, device: str | None, ctx: Any) -> str | None:
+    """This rank's device: its own ``cuda:N`` / ``npu:N`` (local rank), or the cpu."""
+    if backend == "om":
+        return f"npu:{ctx.local_rank}" if ctx.distributed else device
+    return device if ctx.device.type == "cpu" else str(ctx.device)
+
+
+def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
+    """One rank's scorer: the Predictor on its device, scores (K,) or the video's error."""
+    predictor = Predictor(
+        spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend,
+        _rank_device(spec.backend, spec.device, ctx), spec.clip_len,
+    )  # fmt: skip
+
+    def run(paths: Sequence[Path]) -> Iterator[Any]:
+        for scores in predictor.iter_scores(list(paths), spec.workers):
+            yield Failed(scores) if isinstance(scores, str) else scores
+
+    return run
+
+
+def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
+    """One rank's feature extractor: the model on its device, float32 features per video."""
+    from i3d.data.datasets import iter_views
+    from i3d.data.pipeline import build_pipeline
+    from i3d.predict import VIDEO_ERRORS
+    from i3d.weights.format import load_model
+
+    where = feature_device(spec.backend, _rank_device(spec.backend, spec.device, ctx))
+    model = load_model(spec.weights, where)
+    pipeline = build_pipeline(model.weights_info.preprocessing, spec.mode, **dict(spec.overrides))
+
+    def run(paths: Sequence[Path]) -> Iterator[Any]:
+        for views in iter_views(list(paths), pipeline, spec.workers or 0, VIDEO_ERRORS):
+            if isinstance(views, str):
+                yield Failed(views)
+                continue
+            try:
+                feats = video_features(
+                    model, pipeline, views, spec.endpoint, spec.pool, spec.batch_size
+                )
+            except VIDEO_ERRORS as exc:
+                yield Failed(str(exc))
+                continue
+            yield feats.to(device="cpu", dtype=torch.float32).numpy()
+
+    return run
+
+
+def _fingerprint(weights: str, spec: Any) -> str:
+    """What decides the results: the weights' bytes and every setting of the spec."""
+    settings = {k: v for k, v in attrs.asdict(spec).items() if k not in ("workers", "weights")}
+    text = json.dumps([sha256_file(weights), settings], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run(
+    paths: Sequence[Path],
+    factory: Callable[..., Any],
+    spec: Any,
+    folder: str | os.PathLike[str],
+    world_size: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[np.ndarray | str] | None:
+    outcomes = run_sharded(
+        [str(p) for p in paths],
+        functools.partial(factory, spec=spec),
+        folder,
+        costs=video_cost,
+        fingerprint=_fingerprint(spec.weights, spec),
+        world_size=world_size,
+        backend=group_device(spec.backend, spec.device),
+        on_progress=on_progress,
+    )
+    if outcomes is None:  # a torchrun rank other than 0
+        return None
+    return [o.value if o.ok else str(o.error) for o in outcomes]
+
+
+def sharded_scores(
+    paths: Sequence[Path],
+    spec: PredictSpec,
+    folder: str | os.PathLike[str],
+    world_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray | str] | None:
+    """Averaged class scores (K,) of each video in order, or its error text, computed on
+    ``world_size`` spawned ranks or the ranks of this torchrun job (None on ranks other
+    than 0). ``folder`` keeps each video's result: a rerun computes only what is missing."""
+    return _run(paths, _score_processor, spec, folder, world_size, on_progress)
+
+
+def sharded_features(
+    paths: Sequence[Path],
+    spec: FeatureSpec,
+    folder: str | os.PathLike[str],
+    world_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray | str] | None:
+    """Features of each video in order (float32), or its error text; as :func:`sharded_scores`."""
+    return _run(paths, _feature_processor, spec, folder, world_size, on_progress)

@@ -1,0 +1,124 @@
+"""`i3d predict / evaluate / features --world-size 2` as a user runs them: the same outputs,
+byte for byte, as one process with the ranks' thread count."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from typer.testing import CliRunner
+from videogen import write_video
+
+from i3d.cli.main import app
+from i3d.models import build_model, get_preset
+from i3d.weights.format import WeightsInfo, save_weights
+from i3d.weights.preprocessing import MMACTION_K400
+
+LABELS = ("walk", "run", "jump")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50", depth=18, base_channels=4, num_classes=3)
+    prep = attrs.evolve(
+        MMACTION_K400, clip_len=8, frame_interval=1, num_clips=2, num_crops=1,
+        resize_short=32, crop_size=32, input_size=32,
+    )  # fmt: skip
+    info = WeightsInfo(config, LABELS, prep)
+    weights = save_weights(root / "tiny.safetensors", build_model(config).state_dict(), info)
+    videos = root / "videos"
+    videos.mkdir()
+    for i, frames in enumerate((40, 12, 20)):  # uneven lengths: balanced by frames
+        write_video(videos / f"v{i}.mp4", frames, width=48, height=32)
+    (videos / "v3_broken.mp4").write_bytes(b"not a video")
+    lines = [f"v{i}.mp4 {i % 3}" for i in range(3)] + ["v3_broken.mp4 0"]
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    return {"root": root, "weights": weights, "videos": videos}
+
+
+@pytest.fixture
+def rank_threads():
+    """One process computes with the thread count each of 2 spawned ranks gets."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(args: list[str]):
+    result = runner.invoke(app, args)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_predict_json_and_evaluate_match_one_process(setup, rank_threads, tmp_path):
+    weights, videos, root = str(setup["weights"]), setup["videos"], setup["root"]
+    one = _run(["predict", str(videos), "--weights", weights, "--json"])
+    two = _run(["predict", str(videos), "--weights", weights, "--json", "--world-size", "2"])
+    assert one.exit_code == two.exit_code == 1  # the broken video fails, in both
+    lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert lines == [line for line in one.stdout.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    names = [Path(r["path"]).name for r in records]
+    assert names == ["v0.mp4", "v1.mp4", "v2.mp4", "v3_broken.mp4"]
+    assert "error" in records[3] and "top" in records[0]
+    reports = {}
+    for n in (1, 2):
+        out = tmp_path / f"eval{n}"
+        args = ["evaluate", str(root / "list.txt"), "--data-root", str(videos), "--weights",
+                weights, "-o", str(out), "--world-size", str(n)]  # fmt: skip
+        result = _run(args)
+        assert result.exit_code == 0, result.output
+        reports[n] = [(out / name).read_bytes() for name in ("predictions.jsonl", "metrics.json")]
+        assert not Path(f"{out}.parts").exists()  # merged, then removed
+    assert reports[1] == reports[2]
+    assert json.loads(reports[2][1])["skipped"] == 1
+
+
+def test_features_are_byte_identical_with_fewer_videos_than_ranks(setup, rank_threads, tmp_path):
+    weights, videos = str(setup["weights"]), setup["videos"]
+    files = {}
+    for n in (1, 2):
+        out = tmp_path / f"f{n}.safetensors"
+        args = ["features", str(videos / "v1.mp4"), "--weights", weights, "--endpoint",
+                "layer4", "-o", str(out), "--world-size", str(n)]  # fmt: skip
+        result = _run(args)
+        assert result.exit_code == 0, result.output
+        files[n] = out.read_bytes()
+    assert files[1] == files[2]
+
+
+def test_a_parts_folder_of_other_settings_is_refused(setup, tmp_path):
+    """The per-video results of an interrupted run resume only the same job."""
+    from i3d.distributed.sharded import ResultFolder
+
+    out = tmp_path / "scores.csv"
+    ResultFolder(f"{out}.parts").claim(["x.mp4"], "another run")
+    args = ["predict", str(setup["videos"] / "v1.mp4"), "--weights", str(setup["weights"]),
+            "--csv", str(out), "--world-size", "2"]  # fmt: skip
+    result = _run(args)
+    assert result.exit_code == 1 and "partial results of a run with other" in result.output
+
+
+def test_each_rank_gets_its_own_device():
+    """cuda/npu ranks take device <local rank>; om ranks open npu:<local rank> via ais_bench
+    without torch_npu, so the launcher starts them as cpu ranks."""
+    from i3d.distributed import DistContext
+    from i3d.sharded_inference import _rank_device, group_device
+
+    assert group_device("torch", None) == "cpu" and group_device("torch", "cuda:0") == "cuda"
+    assert group_device("npu", "npu:0") == "npu" and group_device("om", "npu:0") == "cpu"
+    rank3 = DistContext(rank=3, world_size=8, local_rank=3)
+    assert _rank_device("om", "npu:0", rank3) == "npu:3"
+    cuda3 = DistContext(rank=3, world_size=8, local_rank=3, device=torch.device("cuda", 3))
+    assert _rank_device("torch", "cuda", cuda3) == "cuda:3"
+    assert _rank_device("torch", "cpu", rank3) == "cpu"
+    with pytest.raises(ValueError, match="one process per cpu, cuda or npu device"):
+        group_device("torch", "mps")
