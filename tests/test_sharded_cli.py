@@ -7,16 +7,13 @@ import json
 import os
 from pathlib import Path
 
-import attrs
 import pytest
 import torch
+from tinymodel import save_tiny_weights
 from typer.testing import CliRunner
 from videogen import write_video
 
 from i3d.cli.main import app
-from i3d.models import build_model, get_preset
-from i3d.weights.format import WeightsInfo, save_weights
-from i3d.weights.preprocessing import MMACTION_K400
 
 LABELS = ("walk", "run", "jump")
 runner = CliRunner()
@@ -25,14 +22,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
-    torch.manual_seed(0)
-    config = get_preset("i3d_r50", depth=18, base_channels=4, num_classes=3)
-    prep = attrs.evolve(
-        MMACTION_K400, clip_len=8, frame_interval=1, num_clips=2, num_crops=1,
-        resize_short=32, crop_size=32, input_size=32,
-    )  # fmt: skip
-    info = WeightsInfo(config, LABELS, prep)
-    weights = save_weights(root / "tiny.safetensors", build_model(config).state_dict(), info)
+    weights = save_tiny_weights(root / "tiny.safetensors", LABELS)
     videos = root / "videos"
     videos.mkdir()
     for i, frames in enumerate((40, 12, 20)):  # uneven lengths: balanced by frames

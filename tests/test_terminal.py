@@ -13,15 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import attrs
 import pytest
-import torch
+from tinymodel import save_tiny_weights
 from videogen import write_video
 
 from i3d.data.toy import ToySpec, make_toy_dataset
-from i3d.models import build_model, get_preset
-from i3d.weights.format import WeightsInfo, save_weights
-from i3d.weights.preprocessing import MMACTION_K400
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 LABELS = ("moving up", "moving down")
@@ -77,14 +73,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
     make_toy_dataset(
         toy, ToySpec(classes=2, videos_per_class=2, val_per_class=1, frames=8, size=32)
     )
-    torch.manual_seed(0)
-    config = get_preset("i3d_r50", depth=18, base_channels=4, num_classes=2)
-    prep = attrs.evolve(
-        MMACTION_K400, clip_len=8, frame_interval=1, num_clips=2, num_crops=1,
-        resize_short=32, crop_size=32, input_size=32,
-    )  # fmt: skip
-    info = WeightsInfo(config, LABELS, prep)
-    weights = save_weights(root / "tiny.safetensors", build_model(config).state_dict(), info)
+    weights = save_tiny_weights(root / "tiny.safetensors", LABELS)
     write_video(root / "clip.mp4", 20, width=48, height=32)
     return {"root": root, "toy": toy, "weights": weights, "video": root / "clip.mp4"}
 
