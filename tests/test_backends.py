@@ -199,7 +199,7 @@ def test_cli_bench_and_export_take_the_clip_shape_from_the_weights(tiny, tmp_pat
         tmp_path / "w.safetensors", tiny.state_dict(), WeightsInfo(tiny.config, None, prep)
     )
 
-    def export_onnx(_source, out, clip_len, size, *_args):  # the shape export would compile
+    def export_onnx(_source, out, clip_len, size, *_args, **_kwargs):  # the shape it compiles
         shape = (1, 3, clip_len, size, size)
         return types.SimpleNamespace(
             path=out, input_shape=shape, opset=18, max_abs_diff=0.0, rel_diff=0.0

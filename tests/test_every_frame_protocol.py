@@ -1,5 +1,6 @@
-"""Every-frame weights (DeepMind's protocol): bounded windows, --clips / --clip-len / --crops 3
-from the CLI, and exported models with a static clip length on videos of any length."""
+"""Every-frame weights (DeepMind's protocol): bounded windows streamed one at a time, --clips /
+--clip-len / --crops 3 from the CLI, and exported models with a static clip length on videos of
+any length."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from videogen import write_video
 
 from i3d import get_preset, load_model
 from i3d.cli.main import app
+from i3d.data import pipeline as pipeline_module
 from i3d.data.decode import open_video
-from i3d.data.pipeline import PIPELINE_OPTIONS, build_pipeline
+from i3d.data.pipeline import PIPELINE_OPTIONS, build_pipeline, join_pieces
 from i3d.data.sampling import FrameWindows, SampleFrames
 from i3d.models import build_model
 from i3d.models.recognizer import average_views
@@ -95,6 +97,8 @@ def test_every_frame_pipeline_reads_a_bounded_number_of_frames():
         250,
     )
     assert build_pipeline(DEEPMIND_K400, "val").windows.max_windows == 10  # features default
+    every = build_pipeline(DEEPMIND_K400, "test", num_clips=60).clip_indices(_reader(15000), None)
+    assert every.shape == (60, 250) and np.unique(every).size == 15000  # --clips 60: all frames
     with pytest.raises(ValueError, match="give one of them"):
         build_pipeline(DEEPMIND_K400, "test", num_clips=5, max_windows=4)
     with pytest.raises(ValueError, match="invalid every-frame windows"):
@@ -115,6 +119,67 @@ def test_windows_are_views_of_consecutive_frames(setup, monkeypatch):
     model = load_model(deepmind)
     want = average_views(model(pipeline(long)[None]), "prob")[0].detach().numpy()
     assert np.allclose(predictor.scores(long), want, atol=1e-6)
+
+
+def test_windows_stream_one_at_a_time(setup, monkeypatch):
+    """Pieces hold one window each and come out as the decoder passes their last frame."""
+    _deepmind, _mmaction, _short, long = setup
+    prep = attrs.evolve(DEEPMIND_K400, **SMALL)
+    pipeline = build_pipeline(prep, "test", window_len=8, max_windows=100)  # 60 frames: 8 x 8
+    allocated = []
+    real_empty = pipeline_module.empty_frames
+    monkeypatch.setattr(
+        pipeline_module, "empty_frames", lambda shape: allocated.append(shape) or real_empty(shape)
+    )
+    decoded = []
+    with open_video(long) as reader:
+        windows = pipeline.clip_indices(reader, None)
+        real_iter = reader.iter_frames
+
+        def counting(indices):
+            for index, frame in real_iter(indices):
+                decoded.append(index)
+                yield index, frame
+
+        reader.iter_frames = counting
+        pieces = []
+        for number, piece in enumerate(pipeline.pieces(reader)):
+            assert (piece.start, piece.stop, piece.clips) == (number, number + 1, 8)
+            assert piece.views.shape == (1, 3, 8, 32, 32) and piece.last == (number == 7)
+            assert max(decoded) < windows[number, -1] + 16  # at most one decode chunk ahead
+            # handed out, this one, and those the same 16-frame decode chunk reached
+            assert len(allocated) - number <= 1 + 16 // 8
+            pieces.append(piece.views)
+    assert allocated == [(1, 8, 32, 32, 3)] * 8 and sorted(decoded) == list(range(60))
+    assert torch.equal(join_pieces(pieces, 1), pipeline.frames(long))
+    three = build_pipeline(prep, "test", window_len=8, num_crops=3)  # crop-major, as frames
+    joined = join_pieces([p.views for p in three.pieces(long, clips_per_piece=3)], 3)
+    assert torch.equal(joined, three.frames(long))
+
+
+def test_streamed_scores_equal_the_scores_of_all_views(setup, tmp_path, monkeypatch):
+    deepmind, mmaction, short, long = setup
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage")
+    monkeypatch.setitem(PIPELINE_OPTIONS, "window_len", 8)  # 60 frames: 8 windows
+    for weights, clips, batch, per_piece in ((deepmind, None, 1, 1), (mmaction, 4, 2, 2)):
+        predictor = Predictor(weights, clips, batch_size=batch)  # mmaction: 4 clips x 3 crops
+        assert predictor.clips_per_piece == per_piece  # 2 clips x 3 crops: 3 whole batches
+        whole = {v: predictor.scores_of_views(predictor.pipeline.frames(v)) for v in (long, short)}
+        np.testing.assert_allclose(predictor.scores(long), whole[long], atol=1e-6)
+        for workers in (0, 2):  # workers: videos interleave, results keep the input order
+            got = list(predictor.iter_scores([long, bad, short], workers))
+            assert isinstance(got[1], str) and "bad.mp4" in got[1]
+            np.testing.assert_allclose(got[0], whole[long], atol=1e-6)
+            np.testing.assert_allclose(got[2], whole[short], atol=1e-6)
+    assert predictor.runner.channels_last  # the CPU default; the scores above match anyway
+    plain = Predictor(deepmind, backend_options={"channels_last": False})
+    assert not plain.runner.channels_last
+    np.testing.assert_allclose(plain.scores(long), Predictor(deepmind).scores(long), rtol=1e-5)
+    seen = []
+    predictor = Predictor(deepmind)
+    list(predictor.iter_scores([long], 0, on_views=lambda done, total: seen.append((done, total))))
+    assert seen == [(i, 8) for i in range(9)]  # the whole video's progress, window by window
 
 
 def test_cli_clips_caps_the_windows(setup, monkeypatch):

@@ -205,16 +205,16 @@ def test_resume_skips_done_videos_retries_failed_ones_and_keeps_the_file(
     result = runner.invoke(app, ["predict", v2, "--weights", str(weights), "--resume"])
     assert result.exit_code == 1 and "pass --csv OUT" in result.output
 
-    real = Predictor.scores_of_views
+    real = Predictor._piece_logits
     seen = []
 
-    def interrupted(self, views, on_views=None):
-        seen.append(1)
-        if len(seen) == 2:
+    def interrupted(self, piece, on_views=None):  # Ctrl-C as the second video starts
+        seen.append(piece.start == 0)
+        if sum(seen) == 2:
             raise KeyboardInterrupt
-        return real(self, views, on_views)
+        return real(self, piece, on_views)
 
-    monkeypatch.setattr(Predictor, "scores_of_views", interrupted)
+    monkeypatch.setattr(Predictor, "_piece_logits", interrupted)
     fresh = tmp_path / "fresh.csv"
     result = runner.invoke(app, [*base[:-3], str(fresh), "--top-k", "2", v2, v0])
     assert result.exit_code == 130 and "--resume" in result.stderr

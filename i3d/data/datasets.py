@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import attrs
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError, open_frames_dir, open_video
-from i3d.data.pipeline import Pipeline
+from i3d.data.pipeline import Pipeline, ViewPiece
 from i3d.data.rng import sample_rng
 
 log = logging.getLogger(__name__)
@@ -388,6 +388,64 @@ def iter_views(
         dataset,
         batch_size=None,
         num_workers=workers,
+        prefetch_factor=1,
+        worker_init_fn=worker_init,
+    )
+
+
+class _PiecesOf(IterableDataset):
+    """(source index, view piece) of each source's pieces; a failed source ends with its error.
+
+    In DataLoader workers, worker w streams sources w, w + workers, ...
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str | os.PathLike[str]],
+        pipeline: Pipeline,
+        errors: tuple[type[BaseException], ...],
+        clips_per_piece: int | None,
+    ) -> None:
+        self.sources, self.pipeline, self.errors = list(sources), pipeline, errors
+        self.clips_per_piece = clips_per_piece
+
+    def __iter__(self) -> Iterator[tuple[int, ViewPiece | str]]:
+        info = get_worker_info()
+        first, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(first, len(self.sources), step):
+            try:
+                for piece in self.pipeline.pieces(
+                    self.sources[index], clips_per_piece=self.clips_per_piece
+                ):
+                    yield index, piece
+            except self.errors as exc:
+                yield index, str(exc) or type(exc).__name__
+
+
+def iter_pieces(
+    sources: Sequence[str | os.PathLike[str]],
+    pipeline: Pipeline,
+    workers: int = 0,
+    errors: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError),
+    clips_per_piece: int | None = 1,
+) -> Iterator[tuple[int, ViewPiece | str]]:
+    """(source index, :class:`ViewPiece`) as each is decoded; a failed source yields its error.
+
+    Streams what :func:`iter_views` gives whole: each source's pieces come in order, the last
+    with ``piece.last`` set, or (when it cannot be read) an error text after any pieces
+    already given, so a caller that runs and drops each piece holds about one piece per
+    worker however long a video is. With ``workers`` > 0, worker w decodes sources w,
+    w + workers, ... and their pieces arrive interleaved (round-robin over the workers), each
+    worker at most one piece ahead.
+    """
+    dataset = _PiecesOf(sources, pipeline, errors, clips_per_piece)
+    if workers == 0:
+        yield from dataset
+        return
+    yield from DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=min(workers, max(1, len(dataset.sources))),
         prefetch_factor=1,
         worker_init_fn=worker_init,
     )

@@ -49,6 +49,45 @@ that DeepMind evaluated whole.
 
 
 @attrs.frozen
+class ViewPiece:
+    """Every crop of clips ``start`` to ``stop`` (exclusive) of a video's ``clips``.
+
+    ``views`` is uint8 (crops × (stop − start), C, T, H, W), crop-major as
+    :meth:`Pipeline.frames`; :func:`join_pieces` puts per-view results of a video's pieces
+    back in the order of ``frames``.
+    """
+
+    views: torch.Tensor = attrs.field(repr=lambda v: f"<{tuple(v.shape)} {v.dtype}>")
+    start: int
+    stop: int
+    clips: int
+    crops: int
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the video's final piece."""
+        return self.stop == self.clips
+
+    @property
+    def num_views(self) -> int:
+        """Views of the whole video (crops × clips)."""
+        return self.crops * self.clips
+
+
+def join_pieces(outputs: list[torch.Tensor], crops: int) -> torch.Tensor:
+    """Per-view results of a video's pieces, in order, as one crop-major tensor.
+
+    ``outputs[i]`` has a row per view of piece i (crops × its clips, crop-major); the result
+    has the rows of ``Pipeline.frames``'s views: crop 0's clips, then crop 1's, ...
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    parts = [out.reshape(crops, -1, *out.shape[1:]) for out in outputs]
+    joined = torch.cat(parts, dim=1)
+    return joined.reshape(-1, *joined.shape[2:])
+
+
+@attrs.frozen
 class Pipeline:
     """Callable turning a video path (or open reader) into (V, C, T, H, W) float32 views."""
 
@@ -89,11 +128,29 @@ class Pipeline:
     def frames(
         self, source: str | os.PathLike[str] | VideoReader, rng: np.random.Generator | None = None
     ) -> torch.Tensor:
-        """uint8 views (V, C, T, H, W) before normalisation."""
+        """uint8 views (V, C, T, H, W) before normalisation, all held at once."""
+        (piece,) = self.pieces(source, rng, clips_per_piece=None)
+        return piece.views
+
+    def pieces(
+        self,
+        source: str | os.PathLike[str] | VideoReader,
+        rng: np.random.Generator | None = None,
+        clips_per_piece: int | None = 1,
+    ) -> Iterator[ViewPiece]:
+        """The uint8 views of ``frames``, streamed ``clips_per_piece`` clips at a time.
+
+        Each piece holds every crop of its clips, and is yielded as soon as the decoder has
+        passed its last frame, so a caller that runs and drops each piece holds one piece
+        (plus the frames the next one shares with it) whatever the number of clips: an
+        every-frame video in windows holds one window. The video is still decoded in one
+        forward pass (no extra seeks). ``None``: a single piece of all the clips.
+        """
         if isinstance(source, VideoReader):
-            return self._views(source, rng)
+            yield from self._pieces(source, rng, clips_per_piece)
+            return
         with open_video(source, backend=self.decoder) as reader:
-            return self._views(reader, rng)
+            yield from self._pieces(reader, rng, clips_per_piece)
 
     def frame_indices(self, reader: VideoReader, rng: np.random.Generator | None) -> np.ndarray:
         """0-based indices of the frames this pipeline reads, clip-major."""
@@ -121,23 +178,38 @@ class Pipeline:
             np.int64
         )
 
-    def _views(self, reader: VideoReader, rng: np.random.Generator | None) -> torch.Tensor:
+    def _pieces(
+        self, reader: VideoReader, rng: np.random.Generator | None, clips_per_piece: int | None
+    ) -> Iterator[ViewPiece]:
         """Decode each needed frame once and place its crops straight into the output views.
 
         Frames stream from the decoder in chunks: each chunk is resized, cut into every crop
         and copied to all the output positions that use it, so neither the whole video nor
-        all its decoded frames are ever held at once.
+        all its decoded frames are ever held at once. Output positions belong to pieces of
+        ``clips_per_piece`` clips, each allocated at its first frame and handed out once
+        every frame it needs (frames come in ascending order) has been placed.
         """
         if self.mode == "train" and rng is None:
             raise ValueError("the train pipeline needs a numpy Generator (see i3d.data.rng)")
         clips = self.clip_indices(reader, rng)
+        count, length = clips.shape
+        size = count if clips_per_piece is None else max(1, min(clips_per_piece, count))
+        starts = list(range(0, count, size))
+        # piece p is complete once frame ends[p] (and so those of all earlier pieces) is in
+        ends = np.maximum.accumulate([clips[a : a + size].max() for a in starts]).tolist()
         inds = clips.reshape(-1)
         unique, inverse = np.unique(inds, return_inverse=True)
         order = np.argsort(inverse.reshape(-1), kind="stable")
         splits = np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]
-        rows = dict(zip(unique.tolist(), np.split(order, splits), strict=True))  # output rows
-        out: torch.Tensor | None = None
+        piece_rows = size * length
+        rows = {  # frame -> [(piece, row in that piece)] of every output position using it
+            index: list(zip((at // piece_rows).tolist(), (at % piece_rows).tolist(), strict=True))
+            for index, at in zip(unique.tolist(), np.split(order, splits), strict=True)
+        }
+        outs: dict[int, torch.Tensor] = {}
         plan: list[tuple[T.Box, bool]] = []
+        width = height = 0
+        done = 0  # pieces handed out
         p = self.preprocessing
         buffer: torch.Tensor | None = None  # reused for every chunk: no fresh pages per chunk
         for chunk in _chunks(reader.iter_frames(unique), _CHUNK):
@@ -146,10 +218,9 @@ class Pipeline:
             frames = buffer[: len(chunk)]
             np.stack([frame for _, frame in chunk], out=frames.numpy())
             frames = T.resize_short(frames, p.resize_short, p.interpolation)
-            if out is None:
+            if not plan:
                 plan = self._crop_plan(frames.shape[2], frames.shape[1], rng)
                 width, height = self._output_size(plan[0][0])
-                out = empty_frames((len(plan), inds.size, height, width, 3))
             for k, (box, flipped) in enumerate(plan):
                 cut = T.crop(frames, box)
                 if self.mode == "train":
@@ -157,10 +228,19 @@ class Pipeline:
                 if flipped:
                     cut = T.flip(cut)
                 for i, (index, _) in enumerate(chunk):
-                    for row in rows[index]:  # per-row copies beat index_copy_ ~10x here
+                    for piece, row in rows[index]:  # per-row copies beat index_copy_ ~10x here
+                        out = outs.get(piece)
+                        if out is None:
+                            rows_in = (min(count, starts[piece] + size) - starts[piece]) * length
+                            out = outs[piece] = empty_frames((len(plan), rows_in, height, width, 3))
                         out[k, row].copy_(cut[i])
-        assert out is not None
-        return rearrange(out, "n (k t) h w c -> (n k) c t h w", k=clips.shape[0])
+            while done < len(starts) and ends[done] <= chunk[-1][0]:
+                first = starts[done]
+                out = outs.pop(done)
+                views = rearrange(out, "n (k t) h w c -> (n k) c t h w", t=length)
+                yield ViewPiece(views, first, min(count, first + size), count, len(plan))
+                done += 1
+        assert done == len(starts)  # iter_frames yields every wanted frame or raises
 
     def _crop_plan(
         self, width: int, height: int, rng: np.random.Generator | None
