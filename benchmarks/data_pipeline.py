@@ -22,24 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-
-
-def make_video(path: Path, seconds: int, fps: int = 25) -> Path:
-    """A 340×256 H.264 video with moving content (so frames compress like real video)."""
-    width, height = 340, 256
-    ys, xs = np.mgrid[0:height, 0:width]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "28", "g": "64", "preset": "veryfast"}
-        for t in range(seconds * fps):
-            frame = np.stack(
-                [(xs + 3 * t) % 256, (ys + 2 * t) % 256, ((xs + ys) // 2 + t) % 256], axis=-1
-            ).astype(np.uint8)
-            frame[(t * 5) % 216 : (t * 5) % 216 + 40, 100:140] = (255, 0, 0)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+from common import make_video
 
 
 def run_pipeline(path: Path) -> torch.Tensor:

@@ -10,8 +10,6 @@ counted as a user sees it) with ``--world-size 1`` and ``N``. Prints the CPU it 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,21 +20,11 @@ import attrs
 import av
 import numpy as np
 import torch
+from common import cpu_model
 
 from i3d.models import build_model, get_preset
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import MMACTION_K400
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), and the core count."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def make_videos(folder: Path, count: int) -> None:
