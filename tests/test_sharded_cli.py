@@ -112,3 +112,52 @@ def test_each_rank_gets_its_own_device():
     assert _rank_device("torch", "cpu", rank3) == "cpu"
     with pytest.raises(ValueError, match="one process per cpu, cuda or npu device"):
         group_device("torch", "mps")
+
+
+def _ranks_of(launcher: int) -> list[int]:
+    """The spawned rank processes of a launcher (not its resource tracker)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    ranks = []
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+        except OSError:
+            pass
+    return ranks
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_kill_9_of_one_rank_stops_the_job_and_a_rerun_completes_it(setup, tmp_path):
+    """The job exits non-zero within a bound, keeps what was done and says so; the rerun
+    (which skips the kept videos, see test_distributed_inference) writes every row."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    videos = tmp_path / "many"
+    videos.mkdir()
+    for i in range(12):
+        write_video(videos / f"m{i:02d}.mp4", 24, width=48, height=32)
+    out = tmp_path / "scores.csv"
+    items = Path(f"{out}.parts") / "items"
+    args = [sys.executable, "-m", "i3d", "predict", str(videos), "--weights",
+            str(setup["weights"]), "--csv", str(out), "--world-size", "2"]  # fmt: skip
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (items.is_dir() and any(items.iterdir())):  # the first video is done
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.02)
+    os.kill(_ranks_of(job.pid)[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1 and time.monotonic() - killed < 30
+    assert "SIGKILL" in err and "kept in" in err, err
+    finished = len(list(items.iterdir()))
+    assert 1 <= finished < 12 and not out.exists()
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = out.read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == sorted(str(p) for p in videos.iterdir())
+    assert not items.parent.exists()  # merged, then removed

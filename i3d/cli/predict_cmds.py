@@ -330,22 +330,29 @@ def _sharded_predictions(
     ]  # fmt: skip
 
 
-def _run_sharded(run: Callable[..., Any], todo: list[Path], spec: Any, folder: Path,
-                 world_size: int, on_progress: Callable[[int, int], None]) -> Any:  # fmt: skip
-    """``run`` (sharded_scores / sharded_features), an interrupted job said as such."""
+def _run_sharded(
+    run: Callable[..., Any],
+    todo: list[Path],
+    spec: Any,
+    folder: Path,
+    world_size: int,
+    on_progress: Callable[[int, int], None],
+) -> Any:
+    """``run`` (sharded_scores / sharded_features); an interrupted or failed job says that
+    the videos it finished are kept, and how to do the rest."""
     from i3d.distributed.sharded import RunIncomplete
 
+    kept = f"the finished ones are kept in {folder}/; run the same command again to do the rest"
     try:
         return run(todo, spec, folder, world_size, on_progress)
     except (RunIncomplete, KeyboardInterrupt) as exc:
         left = f"{len(exc.missing)} of {exc.total} videos" if isinstance(exc, RunIncomplete) else (
             "the rest"
         )
-        err_console.print(
-            f"interrupted: {left} not done; the finished ones are kept in {folder}/, run the "
-            "same command again to do the rest"
-        )
+        err_console.print(f"interrupted: {left} not done; {kept}")
         raise typer.Exit(130) from None
+    except DistributedError as exc:
+        raise DistributedError(f"{exc}; {kept}") from None
 
 
 def _view_progress(progress: Progress, name: str) -> ViewProgress:

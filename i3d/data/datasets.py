@@ -7,10 +7,12 @@ A missing or corrupt video never stops a long run: :class:`VideoDataset` logs it
 from __future__ import annotations
 
 import csv
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "videos", "rawframes", "kinetics_csv", "folders"]
 KINDS = ("auto", "videos", "rawframes", "kinetics_csv", "folders")
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option: a signal for when the parent dies
 
 
 class AnnotationError(ValueError):
@@ -336,6 +341,20 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel ends this worker when the process that started it dies. A killed
+    rank's decoding workers otherwise linger for good (blocked flushing to a reader that is
+    gone), holding the job's output pipes open."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl in this libc: the watchdog stays the guard
+        return
 
 
 def _exit_quietly(_signum: int, _frame: Any) -> None:
