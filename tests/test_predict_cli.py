@@ -129,8 +129,8 @@ def test_progress_within_one_video(setup, monkeypatch):
 
     screen = io.StringIO()  # a terminal that keeps the bars' last state
     terminal = Console(file=screen, force_terminal=True, width=100)
-    columns = predict_cmds._progress().columns
-    monkeypatch.setattr(predict_cmds, "_progress", lambda: Progress(*columns, console=terminal))
+    columns = predict_cmds.new_progress().columns
+    monkeypatch.setattr(predict_cmds, "new_progress", lambda: Progress(*columns, console=terminal))
     args = ["predict", str(videos / "v1.mp4"), "--weights", str(weights), "--batch-size", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "hub_cmds",
     "demo_cmd",
     "predict_cmds",
+    "features_cmd",
     "backend_cmds",
     "train_cmds",
 )

@@ -7,12 +7,12 @@ A missing or corrupt video never stops a long run: :class:`VideoDataset` logs it
 from __future__ import annotations
 
 import csv
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "videos", "rawframes", "kinetics_csv", "folders"]
 KINDS = ("auto", "videos", "rawframes", "kinetics_csv", "folders")
-
-
-_PR_SET_PDEATHSIG = 1  # prctl option: a signal for when the parent dies
 
 
 class AnnotationError(ValueError):
@@ -345,16 +342,21 @@ def worker_init(_worker_id: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: the kernel ends this worker when the process that started it dies. A killed
-    rank's decoding workers otherwise linger for good (blocked flushing to a reader that is
-    gone), holding the job's output pipes open."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # no prctl in this libc: the watchdog stays the guard
-        return
+    """End this worker as soon as the process that started it is gone (checked every
+    second by a daemon thread). torch's own check only leaves the worker loop, and a worker
+    whose reader died (a killed rank) then blocks for good at interpreter exit, flushing
+    to that reader, and holds the job's output pipes open."""
+    # the parent as recorded when it started this worker: a worker whose parent died while
+    # it was still starting up (getppid() is already the reaper) must leave too
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="i3d-parent-watch", daemon=True).start()
 
 
 def _exit_quietly(_signum: int, _frame: Any) -> None:
