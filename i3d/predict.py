@@ -25,6 +25,7 @@ from i3d.data.datasets import (
     auto_workers,
     check_labels,
     iter_pieces,
+    iter_views,
     load_annotations,
     match_classes,
 )
@@ -651,3 +652,29 @@ def video_features(
     if pool == "none":
         return features
     return features.flatten(2).mean(dim=2).mean(dim=0) if features.ndim > 2 else features.mean(0)
+
+
+def iter_features(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    paths: Sequence[str | os.PathLike[str]],
+    endpoint: str,
+    pool: str = "mean",
+    batch_size: int = 1,
+    workers: int | None = None,
+    on_views: ViewProgress | None = None,
+) -> Iterator[torch.Tensor | str]:
+    """Float32 CPU features (:func:`video_features`) of each video in order, or the error
+    text of one that could not be read; ``workers`` processes decode ahead (None: auto)."""
+    check_path_list(paths)
+    workers = auto_workers(len(paths)) if workers is None else workers
+    for views in iter_views(paths, pipeline, workers, VIDEO_ERRORS):
+        if isinstance(views, str):  # decoding failed; this is its message
+            yield views
+            continue
+        try:
+            feats = video_features(model, pipeline, views, endpoint, pool, batch_size, on_views)
+        except VIDEO_ERRORS as exc:
+            yield str(exc)
+            continue
+        yield feats.to(device="cpu", dtype=torch.float32)

@@ -19,11 +19,10 @@ from typing import Any
 
 import attrs
 import numpy as np
-import torch
 
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, run_sharded
-from i3d.predict import Predictor, feature_device, video_features
+from i3d.predict import Predictor, feature_device, iter_features
 from i3d.utils.files import sha256_file
 
 #: a rank's device type → the process-group device (``npu`` covers the ``om`` backend)
@@ -98,9 +97,7 @@ def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], 
 
 def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
     """One rank's feature extractor: the model on its device, float32 features per video."""
-    from i3d.data.datasets import iter_views
     from i3d.data.pipeline import build_pipeline
-    from i3d.predict import VIDEO_ERRORS
     from i3d.weights.format import load_model
 
     where = feature_device(spec.backend, _rank_device(spec.backend, spec.device, ctx))
@@ -108,18 +105,10 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
     pipeline = build_pipeline(model.weights_info.preprocessing, spec.mode, **dict(spec.overrides))
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
-        for views in iter_views(list(paths), pipeline, spec.workers or 0, VIDEO_ERRORS):
-            if isinstance(views, str):
-                yield Failed(views)
-                continue
-            try:
-                feats = video_features(
-                    model, pipeline, views, spec.endpoint, spec.pool, spec.batch_size
-                )
-            except VIDEO_ERRORS as exc:
-                yield Failed(str(exc))
-                continue
-            yield feats.to(device="cpu", dtype=torch.float32).numpy()
+        for feats in iter_features(
+            model, pipeline, list(paths), spec.endpoint, spec.pool, spec.batch_size, spec.workers
+        ):
+            yield Failed(feats) if isinstance(feats, str) else feats.numpy()
 
     return run
 

@@ -29,17 +29,15 @@ from i3d.cli.video_common import (
     run_sharded_job,
     view_progress,
 )
-from i3d.data.datasets import auto_workers, iter_views
 from i3d.data.pipeline import build_pipeline
 from i3d.feature_files import FeatureSetting, open_feature_store
 from i3d.predict import (
-    VIDEO_ERRORS,
     InputError,
     check_video_model,
     default_weights,
     expand_inputs,
     feature_device,
-    video_features,
+    iter_features,
 )
 from i3d.sharded_inference import FeatureSpec, sharded_features
 from i3d.utils.files import refuse_overwriting, sha256_file
@@ -152,19 +150,14 @@ def _local_features(
     with new_progress() as progress:
         task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
         on_views = view_progress(progress, todo[0].name) if len(todo) == 1 else None
-        count = auto_workers(len(todo)) if workers is None else workers
-        views_of = iter_views(todo, pipeline, count, VIDEO_ERRORS)
-        for i, (path, views) in enumerate(zip(todo, views_of, strict=True), 1):
-            try:
-                if isinstance(views, str):  # decoding failed; this is its message
-                    failed.append((path, views))
-                else:
-                    feats = video_features(
-                        model, pipeline, views, endpoint, pool, batch_size, on_views
-                    )
-                    store.add(path, feats.to(device="cpu", dtype=torch.float32))
-            except VIDEO_ERRORS as exc:
-                failed.append((path, str(exc)))
+        results = iter_features(
+            model, pipeline, todo, endpoint, pool, batch_size, workers, on_views
+        )
+        for i, (path, feats) in enumerate(zip(todo, results, strict=True), 1):
+            if isinstance(feats, str):
+                failed.append((path, feats))
+            else:
+                store.add(path, feats)
             if i % SAVE_EVERY == 0:
                 store.save()
             progress.advance(task)
