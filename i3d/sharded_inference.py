@@ -74,7 +74,7 @@ def group_device(backend: str, device: str | None) -> str:
     return _GROUP_DEVICE[kind]
 
 
-def _rank_device(backend: str, device: str | None, ctx: Any) -> str | None:
+def rank_device(backend: str, device: str | None, ctx: Any) -> str | None:
     """This rank's device: its own ``cuda:N`` / ``npu:N`` (local rank), or the cpu."""
     if backend == "om":
         return f"npu:{ctx.local_rank}" if ctx.distributed else device
@@ -85,7 +85,7 @@ def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], 
     """One rank's scorer: the Predictor on its device, scores (K,) or the video's error."""
     predictor = Predictor(
         spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend,
-        _rank_device(spec.backend, spec.device, ctx), spec.clip_len,
+        rank_device(spec.backend, spec.device, ctx), spec.clip_len,
     )  # fmt: skip
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
@@ -100,7 +100,7 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
     from i3d.data.pipeline import build_pipeline
     from i3d.weights.format import load_model
 
-    where = feature_device(spec.backend, _rank_device(spec.backend, spec.device, ctx))
+    where = feature_device(spec.backend, rank_device(spec.backend, spec.device, ctx))
     model = load_model(spec.weights, where)
     pipeline = build_pipeline(model.weights_info.preprocessing, spec.mode, **dict(spec.overrides))
 

@@ -101,15 +101,15 @@ def test_each_rank_gets_its_own_device():
     """cuda/npu ranks take device <local rank>; om ranks open npu:<local rank> via ais_bench
     without torch_npu, so the launcher starts them as cpu ranks."""
     from i3d.distributed import DistContext
-    from i3d.sharded_inference import _rank_device, group_device
+    from i3d.sharded_inference import group_device, rank_device
 
     assert group_device("torch", None) == "cpu" and group_device("torch", "cuda:0") == "cuda"
     assert group_device("npu", "npu:0") == "npu" and group_device("om", "npu:0") == "cpu"
     rank3 = DistContext(rank=3, world_size=8, local_rank=3)
-    assert _rank_device("om", "npu:0", rank3) == "npu:3"
+    assert rank_device("om", "npu:0", rank3) == "npu:3"
     cuda3 = DistContext(rank=3, world_size=8, local_rank=3, device=torch.device("cuda", 3))
-    assert _rank_device("torch", "cuda", cuda3) == "cuda:3"
-    assert _rank_device("torch", "cpu", rank3) == "cpu"
+    assert rank_device("torch", "cuda", cuda3) == "cuda:3"
+    assert rank_device("torch", "cpu", rank3) == "cpu"
     with pytest.raises(ValueError, match="one process per cpu, cuda or npu device"):
         group_device("torch", "mps")
 

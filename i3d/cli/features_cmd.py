@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import attrs
 import torch
 import typer
 from rich.console import Console
@@ -14,7 +15,6 @@ from rich.console import Console
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.cli.video_common import (
     ERRORS,
-    BatchOpt,
     ClipLenOpt,
     DeviceOpt,
     WeightsOpt,
@@ -52,15 +52,50 @@ class Pool(str, Enum):
     none = "none"
 
 
+class TailOpt(str, Enum):
+    drop = "drop"
+    pad = "pad"
+    repeat = "repeat"
+    loop = "loop"
+
+
+class AnchorOpt(str, Enum):
+    start = "start"
+    center = "center"
+
+
+CROP_NAMES = {"center": 1, "1": 1, "3": 3, "10": 10}
+
+
+def parse_crops(value: str | None) -> int | None:
+    """``--crops center|1|3|10`` as a crop count."""
+    if value is None:
+        return None
+    try:
+        return CROP_NAMES[value.strip().lower()]
+    except KeyError:
+        raise InputError(f"--crops takes center (or 1), 3 or 10, not {value!r}") from None
+
+
 def features(
     inputs: Annotated[
         list[str],
         typer.Argument(help="Video files, directories, globs, or folders of extracted frames."),
     ],
-    endpoint: Annotated[str, typer.Option(help="Layer to read, e.g. layer4 or Mixed_5c.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="A .safetensors file, or a directory of .npy.")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="A .safetensors file, or a directory of .npy (snippets: a folder).",
+        ),
     ],
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Layer to read, e.g. layer4 or Mixed_5c (default: the last before the classifier)."
+        ),
+    ] = None,
     pool: Annotated[Pool, typer.Option(help="mean: one vector per video; none: full maps.")] = (
         Pool.mean
     ),
@@ -75,21 +110,74 @@ def features(
     ] = None,
     clip_len: ClipLenOpt = None,
     crops: Annotated[
-        int | None,
+        str | None,
         typer.Option(
-            help="Crops per clip, 1, 3 or 10 (default: one centre crop); 3 as for predict."
+            help="Crops per clip or snippet: center (1), 3 or 10 (default: one centre crop); 3 as "
+            "for predict. Snippets keep crops as the first axis: (crops, snippets, C)."
         ),
     ] = None,
-    batch_size: BatchOpt = 1,
+    window: Annotated[
+        int | None,
+        typer.Option(min=1, help="Snippet mode: frames per snippet W (one array per video)."),
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(min=1, help="Snippet mode: frames between snippets (default W).")
+    ] = None,
+    fps: Annotated[
+        float | None,
+        typer.Option(help="Snippet mode: resample the timeline to F fps first (default: native)."),
+    ] = None,
+    tail: Annotated[
+        TailOpt | None,
+        typer.Option(help="Snippet mode: windows past the end: drop (default), pad, repeat, loop."),
+    ] = None,
+    anchor: Annotated[
+        AnchorOpt | None,
+        typer.Option(help="Snippet mode: windows start at, or are centred on, every S-th frame."),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Snippet mode: a published protocol: actionformer-thumos14, actionformer-anet, "
+            "rtfm, ms-tcn, video-features (options given as well override it)."
+        ),
+    ] = None,
+    stream: Annotated[
+        str | None,
+        typer.Option(help="Snippet presets with optical flow: the stream to compute (rgb)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="Clips per forward pass (default 1; snippets: 8)."
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     world_size: WorldSizeOpt = 1,
 ) -> None:
-    """Features of an endpoint per video (resumable: videos already written are skipped)."""
+    """Features of an endpoint per video, or per snippet over whole videos (resumable)."""
     from i3d.backends import BackendError
 
+    snippet_options = (window, stride, fps, tail, anchor, preset, stream)
+    if any(v is not None for v in snippet_options):
+        if pool is not Pool.mean or clips is not None or clip_len is not None:
+            with fail_on_errors(InputError):
+                raise InputError(
+                    "--pool, --clips and --clip-len are for pooled features; snippet mode "
+                    "(--window / --preset) gives one vector per snippet"
+                )
+        snippet_features(
+            inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
+            preset, stream, batch_size or 8, backend, device, workers, world_size,
+        )  # fmt: skip
+        return
+    batch_size = batch_size or 1
     with fail_on_errors(*ERRORS, BackendError):
+        crop_count = parse_crops(crops)
+        if endpoint is None:
+            raise InputError("pooled features need --endpoint NAME (e.g. Mixed_5c or layer4)")
         paths = expand_inputs(inputs)
         sharded = is_sharded(world_size)
         where = feature_device(backend, device)  # checked here, used here only in one process
@@ -100,7 +188,7 @@ def features(
         if endpoint not in model.endpoint_names:
             raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
         prep = model.weights_info.preprocessing
-        overrides = {k: v for k, v in (("num_clips", clips), ("num_crops", crops)) if v}
+        overrides = {k: v for k, v in (("num_clips", clips), ("num_crops", crop_count)) if v}
         mode = "test" if overrides else "val"
         if clip_len is not None:
             overrides["clip_len"] = clip_len
@@ -191,6 +279,86 @@ def _sharded_features(
     store.save()
     shutil.rmtree(folder, ignore_errors=True)
     return True
+
+
+def snippet_features(
+    inputs: list[str],
+    output: Path,
+    endpoint: str | None,
+    weights: Path | None,
+    crops: str | None,
+    window: int | None,
+    stride: int | None,
+    fps: float | None,
+    tail: TailOpt | None,
+    anchor: AnchorOpt | None,
+    preset: str | None,
+    stream: str | None,
+    batch_size: int,
+    backend: str,
+    device: str | None,
+    workers: int | None,
+    world_size: int,
+) -> None:
+    """``i3d features --window/--preset``: one (snippets, C) array per video in a folder."""
+    from i3d.backends import BackendError
+    from i3d.features import SnippetJob, SnippetProtocol, extract_snippets, get_preset
+    from i3d.features.presets import PresetError, check_streams, preset_weights
+    from i3d.utils.files import OutputError
+
+    with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
+        crop_count = parse_crops(crops)
+        chosen = {
+            "window": window, "stride": stride, "fps": fps, "crops": crop_count,
+            "endpoint": endpoint, "tail": tail.value if tail else None,
+            "anchor": anchor.value if anchor else None,
+        }  # fmt: skip
+        given = {k: v for k, v in chosen.items() if v is not None}
+        if preset is not None:
+            named = get_preset(preset)
+            check_streams(named, stream)
+            if "window" in given and "stride" not in given:
+                given["stride"] = given["window"]
+            protocol = attrs.evolve(named.protocol, **given)
+            path = weights if weights is not None else preset_weights(named)
+        else:
+            if window is None:
+                raise InputError("snippet features need --window W (or --preset NAME)")
+            if stream not in (None, "rgb"):
+                raise InputError("videos give the rgb stream only (optical flow is not built yet)")
+            given.setdefault("stride", window)
+            protocol = SnippetProtocol(**given)
+            path = weights if weights is not None else default_weights()
+        paths = expand_inputs(inputs)
+        refuse_overwriting(output, path)
+        check_video_model(path, read_info(path))
+        feature_device(backend, device)  # refuse exported backends before any rank starts
+        job = SnippetJob(
+            str(path), protocol, str(output), preset, batch_size, backend, device, workers
+        )
+        with new_progress() as progress:
+            on_progress = job_progress(progress, "snippets", len(paths))
+            try:
+                run = extract_snippets(paths, job, world_size, on_progress)
+            except KeyboardInterrupt:
+                err_console.print(
+                    f"interrupted; the finished videos are kept in {output}: run the same "
+                    "command again to do the rest"
+                )
+                raise typer.Exit(130) from None
+    if run is None:
+        return  # a torchrun rank other than 0: rank 0 writes the manifest
+    failed = run.failed
+    written = len(run.records) - len(failed) - run.reused
+    console.print(
+        f"{count_videos(written)} written to {output} ({run.reused} already there)",
+        highlight=False,
+    )
+    if failed:
+        err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
+        for record in failed:
+            print_failure(record["path"], record["error"])
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

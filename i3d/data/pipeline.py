@@ -19,7 +19,7 @@ from einops import rearrange
 
 from i3d.data import transforms as T
 from i3d.data.decode import VideoReader, open_video
-from i3d.data.sampling import DenseSampleFrames, FrameWindows, SampleFrames
+from i3d.data.sampling import DenseSampleFrames, FrameWindows, SampleFrames, resampled_timeline
 from i3d.utils.memory import empty_frames
 from i3d.weights.preprocessing import Preprocessing
 
@@ -170,13 +170,7 @@ class Pipeline:
 
     def _timeline(self, reader: VideoReader) -> np.ndarray:
         """Source frame of each frame at ``preprocessing.fps`` (all frames when unset)."""
-        total, target, source_fps = reader.num_frames, self.preprocessing.fps, reader.fps
-        if target is None or source_fps is None or abs(target - source_fps) < 1e-3:
-            return np.arange(total, dtype=np.int64)
-        count = max(1, int(total * target / source_fps))
-        return np.minimum(np.floor(np.arange(count) * (source_fps / target)), total - 1).astype(
-            np.int64
-        )
+        return resampled_timeline(reader.num_frames, reader.fps, self.preprocessing.fps)
 
     def _pieces(
         self, reader: VideoReader, rng: np.random.Generator | None, clips_per_piece: int | None
@@ -212,7 +206,7 @@ class Pipeline:
         done = 0  # pieces handed out
         p = self.preprocessing
         buffer: torch.Tensor | None = None  # reused for every chunk: no fresh pages per chunk
-        for chunk in _chunks(reader.iter_frames(unique), _CHUNK):
+        for chunk in chunked(reader.iter_frames(unique), _CHUNK):
             if buffer is None:
                 buffer = torch.empty((_CHUNK, *chunk[0][1].shape), dtype=torch.uint8)
             frames = buffer[: len(chunk)]
@@ -272,7 +266,7 @@ class Pipeline:
         return x2 - x1, y2 - y1
 
 
-def _chunks(items: Iterator[_Item], size: int) -> Iterator[list[_Item]]:
+def chunked(items: Iterator[_Item], size: int) -> Iterator[list[_Item]]:
     """Consecutive lists of ``size`` items (the last one shorter)."""
     chunk: list[_Item] = []
     for item in items:

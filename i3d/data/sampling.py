@@ -152,3 +152,20 @@ class FrameWindows:
         """(windows, L) int64 frame indices, window-major."""
         length, starts = self.plan(total_frames)
         return starts[:, None] + np.arange(length, dtype=np.int64)[None, :]
+
+
+def resampled_timeline(
+    total: int, source_fps: float | None, target_fps: float | None
+) -> np.ndarray:
+    """Source frame shown at each tick of a ``target_fps`` clock over ``total`` frames.
+
+    Tick i shows the last frame that started at or before i / target_fps (frame
+    floor(i × source / target)), for int(total × target / source) ticks (at least one): a
+    faster target repeats frames, a slower one skips them. Without both rates, or when they
+    agree to 1e-3, every frame once.
+    """
+    if target_fps is None or source_fps is None or abs(target_fps - source_fps) < 1e-3:
+        return np.arange(total, dtype=np.int64)
+    count = max(1, int(total * target_fps / source_fps))
+    ticks = np.floor(np.arange(count) * (source_fps / target_fps))
+    return np.minimum(ticks, total - 1).astype(np.int64)

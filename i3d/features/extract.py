@@ -1,0 +1,273 @@
+"""Snippet features of whole videos: :class:`SnippetExtractor` and :func:`iter_snippets`.
+
+Each snippet (see :mod:`i3d.features.protocol`) runs through the model to ``endpoint``,
+whose map is averaged over time and space: one vector per snippet and crop. Videos are
+decoded by DataLoader workers ahead of the model, a batch of snippets at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from i3d.data.datasets import auto_workers, worker_init
+from i3d.data.decode import open_video
+from i3d.features.frames import FrameTransform, frame_transform
+from i3d.features.protocol import SnippetProtocol
+from i3d.features.snippets import (
+    SnippetBatch,
+    Timeline,
+    snippet_batches,
+    snippet_times,
+    video_timeline,
+)
+from i3d.models import InputShapeError
+
+
+@attrs.frozen(eq=False)
+class VideoSnippets:
+    """One video's snippet features, or the reason it could not be read.
+
+    ``features`` is float32 (snippets, C), or (crops, snippets, C) for 3 or 10 crops;
+    ``times`` is :func:`~i3d.features.snippets.snippet_times` (one row per snippet).
+    """
+
+    path: Path
+    features: np.ndarray | None = attrs.field(repr=lambda f: "None" if f is None else str(f.shape))
+    times: np.ndarray | None = attrs.field(default=None, repr=False)
+    timeline: Timeline | None = attrs.field(default=None, repr=False)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def default_endpoint(model: torch.nn.Module) -> str:
+    """The model's last feature map before its classifier (Mixed_5c, layer4)."""
+    names = [n for n in model.endpoint_names if n.lower() != "logits"]
+    return names[-1]
+
+
+def pool_map(maps: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, C, t, h, w) endpoint maps → (N, C) vectors: the mean over time and space, or
+    ``i3d``: AvgPool3d (2, 7, 7) with stride 1 (pytorch-i3d's and kinetics-i3d's feature head;
+    the spatial kernel capped at the map's size), then the mean of the pooled positions."""
+    if pool == "mean":
+        return maps.flatten(2).mean(dim=2)
+    if maps.shape[2] < 2:
+        raise ValueError(
+            f"the i3d feature pool averages pairs of time steps, but the endpoint map has "
+            f"{maps.shape[2]}; use longer windows"
+        )
+    kernel = (2, min(7, maps.shape[3]), min(7, maps.shape[4]))
+    return torch.nn.functional.avg_pool3d(maps, kernel, stride=1).flatten(2).mean(dim=2)
+
+
+class _SnippetsOf(IterableDataset):
+    """(video index, Timeline | SnippetBatch | error text) of each video, in order.
+
+    A video gives its timeline, then its batches (the last with ``last`` set), or an error
+    text after whatever it gave. Worker w of n streams videos w, w + n, ...
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Path],
+        protocol: SnippetProtocol,
+        transform: FrameTransform,
+        batch_size: int,
+        decoder: str,
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.sources, self.protocol, self.transform = list(sources), protocol, transform
+        self.batch_size, self.decoder, self.errors = batch_size, decoder, errors
+
+    def __iter__(self) -> Iterator[tuple[int, Timeline | SnippetBatch | str]]:
+        info = get_worker_info()
+        first, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(first, len(self.sources), step):
+            try:
+                with open_video(self.sources[index], backend=self.decoder) as reader:
+                    timeline = video_timeline(reader, self.protocol.fps)
+                    yield index, timeline
+                    batches = snippet_batches(
+                        reader, timeline, self.protocol, self.transform, self.batch_size
+                    )
+                    for batch in batches:
+                        yield index, batch
+            except self.errors as exc:
+                yield index, str(exc) or type(exc).__name__
+
+
+class SnippetExtractor:
+    """A loaded model and a snippet protocol; ``iter_videos`` gives each video's features.
+
+    ``model`` is a loaded :class:`~i3d.models.recognizer.Recognizer` (``i3d.load_model``)
+    on the device to run on; ``batch_size`` snippets (all their crops) run per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        protocol: SnippetProtocol,
+        batch_size: int = 8,
+        decoder: str = "pyav",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model.eval()
+        endpoint = protocol.endpoint or default_endpoint(model)
+        if endpoint not in model.endpoint_names:
+            raise ValueError(
+                f"unknown endpoint {endpoint!r}; available: {', '.join(model.endpoint_names)}"
+            )
+        self.protocol = attrs.evolve(protocol, endpoint=endpoint)
+        self.transform = frame_transform(self.protocol, model.weights_info.preprocessing)
+        self.batch_size, self.decoder = batch_size, decoder
+        self.dim = self._probe()
+
+    def iter_videos(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        workers: int | None = None,
+        errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+    ) -> Iterator[VideoSnippets]:
+        """Features of each video in input order (a failed one carries ``error``);
+        ``workers`` processes decode ahead (None: automatic, none for one video)."""
+        paths = [Path(p) for p in paths]
+        workers = auto_workers(len(paths)) if workers is None else workers
+        dataset = _SnippetsOf(
+            paths, self.protocol, self.transform, self.batch_size, self.decoder, errors
+        )
+        if workers == 0:
+            stream: Any = iter(dataset)
+        else:
+            stream = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=min(workers, len(paths)),
+                prefetch_factor=2,
+                worker_init_fn=worker_init,
+            )
+        done: dict[int, VideoSnippets] = {}
+        given = 0
+        for index, result in self._finish(paths, stream, errors):
+            done[index] = result  # workers interleave videos; results keep the input order
+            while given in done:
+                yield done.pop(given)
+                given += 1
+
+    def video(self, path: str | os.PathLike[str]) -> VideoSnippets:
+        """Features of one video, decoded in this process."""
+        return next(self.iter_videos([path], workers=0))
+
+    def _finish(
+        self,
+        paths: list[Path],
+        stream: Iterator[tuple[int, Timeline | SnippetBatch | str]],
+        errors: tuple[type[BaseException], ...],
+    ) -> Iterator[tuple[int, VideoSnippets]]:
+        """(index, result) as each video's last batch has run."""
+        timelines: dict[int, Timeline] = {}
+        parts: dict[int, list[torch.Tensor]] = {}
+        failed: set[int] = set()
+        for index, item in stream:
+            if index in failed:
+                continue
+            if isinstance(item, str):
+                timelines.pop(index, None)
+                parts.pop(index, None)
+                yield index, VideoSnippets(paths[index], None, error=item)
+                continue
+            if isinstance(item, Timeline):
+                timelines[index], parts[index] = item, []
+                if self.protocol.count(item.ticks) > 0:
+                    continue
+            else:
+                try:
+                    parts[index].append(self._run(item))
+                except errors as exc:
+                    failed.add(index)
+                    timelines.pop(index, None)
+                    parts.pop(index, None)
+                    yield index, VideoSnippets(paths[index], None, error=str(exc))
+                    continue
+                if not item.last:
+                    continue
+            timeline = timelines.pop(index)
+            yield index, self._result(paths[index], timeline, parts.pop(index))
+
+    def _run(self, batch: SnippetBatch) -> torch.Tensor:
+        """(count, crops, C) float32 CPU features of one batch of snippets."""
+        x = self.transform.normalize(batch.views)
+        if batch.pad is not None:  # frames past the video: zero model input
+            rows = x.view(batch.count, -1, *x.shape[1:])
+            rows.masked_fill_(batch.pad[:, None, None, :, None, None], 0.0)
+        param = next(self.model.parameters())
+        with torch.no_grad():
+            maps = self.model.endpoints(x.to(param.device, param.dtype), [self.protocol.endpoint])
+        pooled = pool_map(maps[self.protocol.endpoint], self.protocol.pool)
+        return pooled.to("cpu", torch.float32).view(batch.count, self.protocol.crops, -1)
+
+    def _probe(self) -> int:
+        """Channels of the endpoint's features, from one snippet of zeros; a window the model
+        cannot take (too few frames or pixels) is refused here, before any video is read."""
+        size = self.transform.crop_size
+        shape = (self.protocol.crops, 3, self.protocol.window, size, size)
+        views = torch.zeros(shape, dtype=torch.uint8)
+        try:
+            return int(self._run(SnippetBatch(views, None, 0, 1, 1)).shape[-1])
+        except (RuntimeError, InputShapeError) as exc:
+            raise ValueError(
+                f"snippets of {self.protocol.window} frames at {size}x{size} are too small for "
+                f"this model ({str(exc).splitlines()[0]}); use a longer --window or larger crops"
+            ) from None
+
+    def _result(self, path: Path, timeline: Timeline, parts: list[torch.Tensor]) -> VideoSnippets:
+        crops = self.protocol.crops
+        if parts:
+            feats = torch.cat(parts).numpy()  # (snippets, crops, C)
+        else:
+            feats = np.zeros((0, crops, self.dim), dtype=np.float32)
+        feats = feats[:, 0] if crops == 1 else feats.transpose(1, 0, 2)
+        times = snippet_times(timeline, self.protocol)
+        return VideoSnippets(path, np.ascontiguousarray(feats), times, timeline)
+
+
+def iter_snippets(
+    paths: Sequence[str | os.PathLike[str]],
+    protocol: SnippetProtocol | str,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+    workers: int | None = None,
+    stream: str | None = "rgb",
+) -> Iterator[VideoSnippets]:
+    """Snippet features of each video in order, for code that consumes them directly.
+
+    ``protocol`` is a :class:`SnippetProtocol` or a preset name (``i3d features --preset``,
+    RGB stream); ``weights`` default to the preset's model (or the pulled default model).
+    """
+    from i3d.features.presets import check_streams, get_preset, preset_weights
+    from i3d.predict import check_path_list, check_video_model, default_weights
+    from i3d.weights.format import load_model
+
+    check_path_list(paths)
+    if isinstance(protocol, str):
+        preset = get_preset(protocol)
+        check_streams(preset, stream)
+        protocol = preset.protocol
+        path = Path(weights) if weights is not None else preset_weights(preset)
+    else:
+        path = Path(weights) if weights is not None else default_weights()
+    model = load_model(path, device or "cpu")
+    check_video_model(path, model.weights_info)
+    yield from SnippetExtractor(model, protocol, batch_size).iter_videos(paths, workers)

@@ -1,0 +1,215 @@
+"""Snippet features of many videos into a folder, in one process or on N ranks, resumable.
+
+One mechanism for every world size: :func:`~i3d.distributed.sharded.run_sharded` gives each
+rank a share of the videos (balanced by frame count); the rank that computes a video writes
+its ``.npy`` and timestamps (atomically, named by the video) and hands back the manifest
+record, which ``run_sharded`` keeps in ``DIR/.i3d-parts`` until rank 0 writes the manifest.
+A rerun reuses every video whose record matches the settings and whose file hashes to the
+recorded SHA-256; an interrupted run's records are recovered from the parts folder first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from i3d.distributed.shard import video_cost
+from i3d.distributed.sharded import Failed, ResultFolder, run_sharded
+from i3d.features.extract import SnippetExtractor
+from i3d.features.output import SnippetFolder, check_ids, video_id
+from i3d.features.protocol import SnippetProtocol
+from i3d.utils.files import sha256_file
+
+
+@attrs.frozen
+class SnippetJob:
+    """What every rank needs to extract like the others (pickled to spawned ranks)."""
+
+    weights: str
+    protocol: SnippetProtocol
+    output: str
+    preset: str | None = None
+    batch_size: int = 8
+    backend: str = "torch"
+    device: str | None = None
+    workers: int | None = None
+    decoder: str = "pyav"
+
+
+@attrs.frozen
+class SnippetRun:
+    """What a run did: records in input order (``error`` in failed ones), and how many of
+    the videos were already there."""
+
+    records: list[dict[str, Any]]
+    reused: int
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "error" in r]
+
+
+def settings_of(
+    job: SnippetJob, extractor: SnippetExtractor, weights_sha256: str
+) -> dict[str, Any]:
+    """What decides a video's features, as recorded in (and compared against) the manifest:
+    the protocol, the frame steps it resolved to with these weights, weights and decoder."""
+    return {
+        "protocol": extractor.protocol.to_dict(),
+        "frames": extractor.transform.to_dict(),
+        "preset": job.preset,
+        "weights": Path(job.weights).name,
+        "weights_sha256": weights_sha256,
+        "decoder": job.decoder,
+    }
+
+
+def library_versions(decoder: str) -> dict[str, str]:
+    """Versions of what computed the features (recorded; not compared on resume)."""
+    import numpy
+    import torch
+
+    from i3d import __version__
+
+    versions = {"i3d": __version__, "torch": torch.__version__, "numpy": numpy.__version__}
+    if decoder == "pyav":
+        import av
+
+        versions["av"] = av.__version__
+        versions["ffmpeg"] = ".".join(str(v) for v in av.library_versions.get("libavcodec", ()))
+    return versions
+
+
+def _processor(
+    ctx: Any, job: SnippetJob, on_video: Callable[[], None] | None = None
+) -> Callable[[Sequence[str]], Iterator[Any]]:
+    """One rank: the model on its device; per video the reused or newly written record.
+    ``on_video`` (one process only) hears of each video as it is done."""
+    from i3d.predict import feature_device
+    from i3d.sharded_inference import rank_device
+    from i3d.weights.format import load_model
+
+    model = load_model(
+        job.weights, feature_device(job.backend, rank_device(job.backend, job.device, ctx))
+    )
+    extractor = SnippetExtractor(model, job.protocol, job.batch_size, job.decoder)
+    folder = SnippetFolder(job.output)
+    settings = settings_of(job, extractor, sha256_file(job.weights))
+    versions = library_versions(job.decoder)
+    old = folder.records()
+
+    def run(paths: Sequence[str]) -> Iterator[Any]:
+        keep = {p for p in paths if folder.verified(old.get(p), settings)}
+        results = extractor.iter_videos([Path(p) for p in paths if p not in keep], job.workers)
+        for path in paths:
+            if path in keep:
+                yield {"record": old[path], "reused": True}
+                if on_video is not None:
+                    on_video()
+                continue
+            result = next(results)
+            if result.ok:
+                yield {"record": folder.write_video(result, settings, versions), "reused": False}
+            else:
+                yield Failed(str(result.error))
+            if on_video is not None:
+                on_video()
+
+    return run
+
+
+def _cost(reusable: frozenset[str], path: str) -> float:
+    """A video's share of the work: its frames, or next to nothing when it is reused."""
+    return 1.0 if path in reusable else float(video_cost(path))
+
+
+def _fingerprint(job: SnippetJob) -> str:
+    text = json.dumps(
+        [sha256_file(job.weights), attrs.asdict(job, filter=lambda a, _: a.name != "workers")],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _recover(folder: SnippetFolder) -> None:
+    """Fold the records an interrupted run left in the parts folder into the manifest."""
+    parts = ResultFolder(folder.parts)
+    try:
+        keys = json.loads((folder.parts / "manifest.json").read_text(encoding="utf-8"))["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        shutil.rmtree(folder.parts, ignore_errors=True)
+        return
+    records = folder.records()
+    for index in range(len(keys)):
+        outcome = parts.outcome(index)
+        if outcome is not None and outcome.ok and isinstance(outcome.value, dict):
+            record = outcome.value.get("record")
+            if isinstance(record, dict) and "path" in record:
+                records[str(record["path"])] = record
+    folder.write_manifest(list(records.values()))
+    shutil.rmtree(folder.parts, ignore_errors=True)
+
+
+def extract_snippets(
+    paths: Sequence[Path],
+    job: SnippetJob,
+    world_size: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SnippetRun | None:
+    """Snippet features of ``paths`` into ``job.output`` on ``world_size`` ranks (or this
+    torchrun job's); None on torchrun ranks other than 0 (rank 0 writes the manifest)."""
+    from i3d.distributed.launch import env_launched
+    from i3d.sharded_inference import group_device
+
+    check_ids(paths)
+    folder = SnippetFolder(job.output)
+    keys = [str(p) for p in paths]
+    rank0 = not env_launched() or os.environ.get("RANK", "0") == "0"
+    with folder.locked() if rank0 else contextlib.nullcontext():
+        if rank0 and folder.parts.is_dir():
+            _recover(folder)
+        old = folder.records()
+        processor = functools.partial(_processor, job=job)
+        if on_progress is not None and world_size == 1 and not env_launched():
+            done = [0]
+
+            def on_video() -> None:  # in this process: no ranks to poll
+                done[0] += 1
+                on_progress(done[0], len(keys))
+
+            processor = functools.partial(_processor, job=job, on_video=on_video)
+        outcomes = run_sharded(
+            keys,
+            processor,
+            folder.parts,
+            costs=functools.partial(_cost, frozenset(k for k in keys if k in old)),
+            fingerprint=_fingerprint(job),
+            world_size=world_size,
+            backend=group_device(job.backend, job.device),
+            catch=(),
+            on_progress=on_progress,
+        )
+        if outcomes is None:
+            return None
+        records, reused = [], 0
+        for key, outcome in zip(keys, outcomes, strict=True):
+            if outcome.ok:
+                records.append(outcome.value["record"])
+                reused += bool(outcome.value["reused"])
+            else:
+                records.append({"video": video_id(Path(key)), "path": key, "error": outcome.error})
+        ours = set(keys)
+        kept = [r for p, r in old.items() if p not in ours]
+        folder.write_manifest(kept + records)
+        shutil.rmtree(folder.parts, ignore_errors=True)
+    return SnippetRun(records, reused)

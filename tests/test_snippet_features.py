@@ -1,0 +1,358 @@
+"""Snippet features (i3d.features): counts per tail rule, every preset against an independent
+computation (all frames decoded, windows cut by hand), streaming, and the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tinymodel import save_tiny_weights
+from videogen import write_video
+
+from i3d.data import transforms as T
+from i3d.features import PRESETS, SnippetExtractor, SnippetProtocol, get_preset
+from i3d.features.frames import frame_transform
+from i3d.features.presets import PresetError, check_streams
+from i3d.models import build_model
+from i3d.models import get_preset as model_preset
+from i3d.weights.format import WeightsInfo, load_model, save_weights
+from i3d.weights.preprocessing import DEEPMIND_K400
+
+
+@pytest.mark.parametrize("frames", [1, 5, 15, 16, 17, 20, 21, 64, 65, 100])
+def test_snippet_counts_follow_each_tail_rule(frames):
+    w, s = 16, 4
+    drop = SnippetProtocol(w, s, tail="drop")
+    assert drop.count(frames) == (0 if frames < w else (frames - w) // s + 1)
+    for tail in ("pad", "repeat", "loop"):
+        covered = SnippetProtocol(w, s, tail=tail)
+        count = covered.count(frames)
+        assert count == 1 + max(0, -(-(frames - w) // s))
+        starts = covered.starts(frames)
+        assert starts[-1] + w >= frames > starts[-1]  # the last window reaches the last frame
+    centred = SnippetProtocol(21, 1, anchor="center", tail="pad")
+    assert centred.count(frames) == frames and centred.starts(frames)[0] == -10
+    assert SnippetProtocol(64, 64, lookahead=1).count(frames) == (
+        (frames - 1 - 64) // 64 + 1 if frames >= 65 else 0
+    )
+
+
+def test_published_count_formulas():
+    """The counts each source's code gives (see the README's preset table)."""
+    for n in (16, 17, 100, 1001):
+        assert get_preset("actionformer-thumos14").protocol.count(n) == (n - 16) // 4 + 1
+        assert get_preset("actionformer-anet").protocol.count(n) == (n - 16) // 16 + 1
+        assert get_preset("rtfm").protocol.count(n) == -(-n // 16)
+        assert get_preset("ms-tcn").protocol.count(n) == n
+        assert get_preset("video-features").protocol.count(n) == max(0, (n - 65) // 64 + 1)
+
+
+def test_bad_protocols_and_presets_are_clear_errors():
+    with pytest.raises(ValueError, match="centred windows"):
+        SnippetProtocol(21, 1, anchor="center", tail="drop")
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        SnippetProtocol(0, 1)
+    with pytest.raises(PresetError, match="unknown feature preset 'thumos'; choose one of"):
+        get_preset("thumos")
+    with pytest.raises(PresetError, match=r"does not compute optical flow.*--stream rgb"):
+        check_streams(get_preset("actionformer-thumos14"), None)
+    check_streams(get_preset("actionformer-thumos14"), "rgb")
+    check_streams(get_preset("rtfm"), None)
+
+
+# -- an independent computation ------------------------------------------------------------
+def _all_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _resize(frames: np.ndarray, protocol: SnippetProtocol, short: int | None) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    if protocol.frame_size is not None:
+        size = protocol.frame_size
+    elif protocol.size_rule == "floor":  # torchvision / PIL extractors truncate the long side
+        size = (short, short * h // w) if w <= h else (short * w // h, short)
+    else:
+        size = (int(w * short / min(w, h) + 0.5), int(h * short / min(w, h) + 0.5))
+    if protocol.resampler in (None, "cv2-bilinear"):  # T.resize is tested bit-exact vs OpenCV
+        return T.resize(torch.from_numpy(frames), size, "bilinear").numpy()
+    method = {"pil-bilinear": Image.BILINEAR, "pil-lanczos": Image.LANCZOS}[protocol.resampler]
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, method)) for f in frames])
+
+
+def _crops(frames: np.ndarray, protocol: SnippetProtocol, c: int) -> list[np.ndarray]:
+    h, w = frames.shape[1:3]
+    centre = frames[:, (h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+    if protocol.crops == 1:
+        return [centre]
+    assert protocol.crop_order == "torchvision"  # rtfm: TL, TR, BL, BR, C, then on the mirror
+    out = []
+    for img in (frames, frames[:, :, ::-1]):
+        tl, tr = img[:, :c, :c], img[:, :c, w - c :]
+        bl, br = img[:, h - c :, :c], img[:, h - c :, w - c :]
+        top, left = round((h - c) / 2), round((w - c) / 2)
+        out += [tl, tr, bl, br, img[:, top : top + c, left : left + c]]
+    return out
+
+
+def _reference(model, protocol: SnippetProtocol, path: Path, prep) -> np.ndarray:
+    frames = _all_frames(path)
+    n = len(frames)
+    short = protocol.resize_short or prep.resize_short
+    crop = protocol.crop_size or prep.input_size
+    low, high = protocol.value_range or prep.value_range
+    mean = np.array(protocol.mean or prep.mean, dtype=np.float32)
+    std = np.array(protocol.std or prep.std, dtype=np.float32)
+    feats = []
+    for cut in _crops(_resize(frames, protocol, short), protocol, crop):
+        x = cut.astype(np.float32) * ((high - low) / 255.0) + low
+        x = torch.from_numpy(((x - mean) / std).transpose(3, 0, 1, 2).copy())  # C, T, H, W
+        rows = []
+        for j in range(protocol.count(n)):
+            first = j * protocol.stride - (
+                protocol.window // 2 if protocol.anchor == "center" else 0
+            )
+            idx = np.arange(first, first + protocol.window)
+            if protocol.tail == "loop":
+                idx = np.where(idx < n, idx, first + (idx - first) % (n - first))
+            clip = x[:, np.clip(idx, 0, n - 1)].clone()
+            if protocol.tail == "pad":
+                clip[:, (idx < 0) | (idx >= n)] = 0
+            with torch.no_grad():
+                fmap = model.endpoints(clip[None], [protocol.endpoint])[protocol.endpoint]
+            if protocol.pool == "i3d":
+                fmap = torch.nn.functional.avg_pool3d(fmap, (2, 7, 7), stride=1)
+            rows.append(fmap.flatten(2).mean(2)[0])
+        feats.append(torch.stack(rows).numpy())
+    out = np.stack(feats)
+    return out[0] if protocol.crops == 1 else out
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    torch.manual_seed(0)
+    config = model_preset("inception_i3d_rgb", num_classes=4)
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_weights(path, build_model(config).state_dict(), WeightsInfo(config, None, DEEPMIND_K400))
+    return load_model(path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    path = save_tiny_weights(tmp_path_factory.mktemp("resnet") / "r.safetensors", ("a", "b"))
+    return load_model(path, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "frames"),
+    [("actionformer-thumos14", 20), ("actionformer-anet", 33), ("rtfm", 17), ("ms-tcn", 2),
+     ("video-features", 66)],
+)  # fmt: skip
+def test_every_preset_matches_an_independent_computation(name, frames, inception, resnet, tmp_path):
+    preset = get_preset(name)
+    model = resnet if preset.model.startswith("i3d_r50") else inception
+    video = write_video(tmp_path / "v.mp4", frames, width=64, height=48, fps=25)
+    extractor = SnippetExtractor(model, preset.protocol, batch_size=2)
+    result = extractor.video(video)
+    assert result.ok, result.error
+    expected = _reference(model, extractor.protocol, video, model.weights_info.preprocessing)
+    assert result.features.shape == expected.shape
+    assert result.features.shape[-2] == preset.protocol.count(frames) > 0
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(result.features, expected, rtol=0, atol=2e-5 * scale)
+
+
+def test_fps_resampling_tails_and_timestamps(resnet, tmp_path):
+    """At another fps the windows are cut from the resampled timeline; times follow it."""
+    video = write_video(tmp_path / "v.mp4", 50, width=48, height=40, fps=25)
+    protocol = SnippetProtocol(8, 8, fps=10.0, tail="pad", endpoint="layer4")
+    result = SnippetExtractor(resnet, protocol, batch_size=3).video(video)
+    ticks = np.minimum(np.floor(np.arange(20) * 2.5), 49).astype(int)  # 20 frames at 10 fps
+    assert result.timeline.ticks == 20 and result.features.shape[0] == 3
+    np.testing.assert_array_equal(result.times[:, 0], [0, 8, 16])
+    np.testing.assert_allclose(result.times[:, 2], [0.0, 0.8, 1.6])
+    np.testing.assert_array_equal(result.times[:, 4], ticks[[0, 8, 16]])
+    # the padded third window holds 4 real frames: frames 40, 42, 45, 47 of the video
+    frames = _all_frames(video)[ticks[16:]]
+    prep = attrs.evolve(frame_transform(protocol, resnet.weights_info.preprocessing))
+    crop = T.center_crop(prep.resize(torch.from_numpy(frames)), prep.crop_size)
+    clip = torch.zeros((1, 3, 8, prep.crop_size, prep.crop_size))
+    clip[0, :, :4] = prep.normalize(crop.permute(3, 0, 1, 2))
+    with torch.no_grad():
+        last = resnet.endpoints(clip, ["layer4"])["layer4"].flatten(2).mean(2)[0].numpy()
+    np.testing.assert_allclose(result.features[2], last, atol=2e-5 * np.abs(last).max())
+
+
+def test_videos_shorter_than_a_window(resnet, tmp_path):
+    one = write_video(tmp_path / "one.mp4", 1, width=48, height=40)
+    extractor = SnippetExtractor(resnet, SnippetProtocol(16, 4))
+    empty = extractor.video(one)
+    assert empty.ok and empty.features.shape == (0, extractor.dim) and empty.times.shape == (0, 6)
+    padded = SnippetExtractor(resnet, SnippetProtocol(16, 4, tail="repeat")).video(one)
+    assert padded.features.shape == (1, extractor.dim)
+
+
+def test_presets_cite_their_source():
+    for preset in PRESETS.values():
+        assert preset.source and preset.published_weights and preset.streams[0] == "rgb"
+
+
+# -- the output folder through the CLI -----------------------------------------------------
+@pytest.fixture()
+def videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, n in enumerate((1, 6, 30)):
+        write_video(folder / f"v{i}.mp4", n, width=48, height=40)
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    return folder
+
+
+def _features(args, expect=0):
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+
+    result = CliRunner().invoke(app, ["features", *map(str, args)])
+    assert result.exit_code == expect, result.output
+    return result.output
+
+
+def test_cli_folder_manifest_resume_and_verification(resnet, videos, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    save_tiny_weights(weights, ("a", "b"))
+    out = tmp_path / "feats"
+    args = [videos, "--weights", weights, "--window", "8", "--stride", "4", "--tail", "pad",
+            "-o", out]  # fmt: skip
+    text = _features(args, expect=1)
+    assert "3 videos written" in text and "broken.mp4" in text
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_video = {r["video"]: r for r in records}
+    assert "error" in by_video["broken"]
+    for i, frames in enumerate((1, 6, 30)):
+        record = by_video[f"v{i}"]
+        feats = np.load(out / f"v{i}.npy")
+        assert feats.shape == (SnippetProtocol(8, 4, tail="pad").count(frames), 4 * 8)
+        assert record["frames"] == frames and record["snippets"] == len(feats)
+        assert record["settings"]["protocol"]["window"] == 8
+        assert record["settings"]["frames"]["crop_size"] == 32
+        assert {"torch", "av", "i3d"} <= set(record["versions"])
+        times = (out / f"v{i}.times.csv").read_text().splitlines()
+        assert times[0].startswith("snippet,start_frame,end_frame,start_s,end_s")
+        assert len(times) == len(feats) + 1
+    stamp = {f: (out / f).stat().st_mtime_ns for f in ("v0.npy", "v1.npy", "v2.npy")}
+    # a damaged file is caught by its hash and made again; the others are kept untouched
+    damaged = np.load(out / "v1.npy")
+    damaged[0, 0] += 1
+    np.save(out / "v1.npy", damaged)
+    text = _features(args, expect=1)
+    assert "1 video written" in text and "(2 already there)" in text
+    assert (out / "v0.npy").stat().st_mtime_ns == stamp["v0.npy"]
+    assert hashlib_of(out / "v1.npy") == by_video["v1"]["sha256"]
+    # other settings are not mixed in: every video is made again
+    text = _features([*args[:-2], "--crops", "10", "-o", out], expect=1)
+    assert "3 videos written" in text
+    assert np.load(out / "v2.npy").shape == (10, 7, 32)
+
+
+def hashlib_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_refuses_what_it_must_not_write(videos, tmp_path):
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    pooled = tmp_path / "pooled"
+    pooled.mkdir()
+    (pooled / "index.json").write_text("{}")
+    text = _features([videos, "--weights", weights, "--window", "8", "-o", pooled], expect=1)
+    assert "pooled features" in text
+    twins = tmp_path / "twins"
+    (twins / "a").mkdir(parents=True)
+    (twins / "b").mkdir()
+    for sub in ("a", "b"):
+        write_video(twins / sub / "clip.mp4", 3, width=48, height=40)
+    text = _features([twins, "--weights", weights, "--window", "8", "-o", tmp_path / "t"], 1)
+    assert "would both write clip.npy" in text
+    text = _features([videos, "--weights", weights, "--preset", "ms-tcn", "-o", tmp_path / "m"], 1)
+    assert "--stream rgb" in text
+    text = _features(
+        [videos, "--weights", weights, "--window", "8", "--pool", "none", "-o", tmp_path / "x"], 1
+    )
+    assert "snippet mode" in text
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    from i3d.features.output import SnippetFolder
+    from i3d.utils.files import OutputError
+
+    folder = SnippetFolder(tmp_path / "out")
+    with folder.locked():
+        second = SnippetFolder(tmp_path / "out")
+        with pytest.raises(OutputError, match="another i3d features run"), second.locked():
+            pass
+    with folder.locked():  # released once the first run is through
+        pass
+
+
+def test_an_interrupted_run_resumes_without_recomputing(videos, tmp_path, monkeypatch):
+    """Ctrl-C after two videos: the rerun recovers their records and computes only the rest."""
+    from i3d.distributed.sharded import RunIncomplete
+    from i3d.features import SnippetJob, extract_snippets
+    from i3d.features.output import SnippetFolder
+    from i3d.predict import expand_inputs
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    paths = [p for p in expand_inputs([videos]) if p.name != "broken.mp4"]
+    job = SnippetJob(str(weights), SnippetProtocol(8, 4), str(tmp_path / "out"), workers=0)
+    written = []
+    real_write = SnippetFolder.write_video
+
+    def write_then_stop(self, result, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(result.path.name)
+        return real_write(self, result, *args)
+
+    monkeypatch.setattr(SnippetFolder, "write_video", write_then_stop)
+    with pytest.raises(RunIncomplete):
+        extract_snippets(paths, job)
+    assert written == ["v0.mp4", "v1.mp4"] and (tmp_path / "out" / ".i3d-parts").is_dir()
+
+    def write(self, result, *args):
+        written.append(result.path.name)
+        return real_write(self, result, *args)
+
+    monkeypatch.setattr(SnippetFolder, "write_video", write)
+    run = extract_snippets(paths, job)
+    assert written == ["v0.mp4", "v1.mp4", "v2.mp4"] and run.reused == 2
+    assert [r["video"] for r in run.records] == ["v0", "v1", "v2"]
+    assert not (tmp_path / "out" / ".i3d-parts").exists()
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["video"] for line in lines] == ["v0", "v1", "v2"]
+
+
+def test_two_processes_write_the_same_bytes_as_one(videos, tmp_path):
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    outs = {}
+    for world in (1, 2):
+        outs[world] = tmp_path / f"out{world}"
+        args = [videos, "--weights", weights, "--window", "8", "--stride", "3", "--tail",
+                "repeat", "--world-size", world, "--workers", "0", "-o", outs[world]]  # fmt: skip
+        assert "3 videos written" in _features(args, expect=1)
+    names = sorted(p.name for p in outs[1].iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in outs[2].iterdir() if not p.name.startswith("."))
+    for name in names:
+        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+def test_a_window_too_short_for_the_model_is_a_clear_error(resnet):
+    with pytest.raises(ValueError, match="snippets of 2 frames at 32x32 are too small"):
+        SnippetExtractor(resnet, SnippetProtocol(2, 2))
