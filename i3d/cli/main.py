@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "features_cmd",
     "backend_cmds",
     "train_cmds",
+    "fvd_cmd",
 )
 for _name in COMMAND_MODULES:
     importlib.import_module(f"i3d.cli.{_name}").register(app)

@@ -1,0 +1,56 @@
+"""The Fréchet distance between two Gaussians, with a matrix square root that cannot go complex.
+
+FVD needs ``tr(sqrt(S1 S2))``. ``scipy.linalg.sqrtm`` of the non-symmetric product can return
+complex values or NaN when the covariances are singular (fewer videos than dimensions) and
+its result changed between scipy versions. Here ``S1`` is split as ``A A`` with ``A`` its
+symmetric PSD square root; ``S1 S2`` has the eigenvalues of the symmetric PSD ``A S2 A``, so
+the trace is the sum of the square roots of ``A S2 A``'s eigenvalues (LAPACK ``syevd`` through
+``numpy.linalg.eigh``), with round-off negatives clipped to 0. This is exact arithmetic's
+value, real and finite for every pair of PSD inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_covariance(name: str, cov: np.ndarray, dim: int) -> np.ndarray:
+    cov = np.asarray(cov, dtype=np.float64)
+    if cov.shape != (dim, dim):
+        raise ValueError(f"{name} must be ({dim}, {dim}), got {cov.shape}")
+    if not np.isfinite(cov).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return (cov + cov.T) / 2
+
+
+def psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """Symmetric PSD square root of a symmetric matrix (negative eigenvalues taken as 0)."""
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+    """``tr(sqrt(cov1 @ cov2))`` of two PSD matrices, from the eigenvalues of ``A cov2 A``."""
+    root = psd_sqrt(cov1)
+    inner = root @ cov2 @ root
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+
+def frechet_distance(
+    mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov2: np.ndarray
+) -> float:
+    """``|m1 - m2|² + tr(C1 + C2 - 2 sqrt(C1 C2))`` in float64, finite and >= 0."""
+    mean1 = np.asarray(mean1, dtype=np.float64)
+    mean2 = np.asarray(mean2, dtype=np.float64)
+    if mean1.ndim != 1 or mean1.shape != mean2.shape:
+        raise ValueError(f"means must be two (D,) vectors, got {mean1.shape} and {mean2.shape}")
+    dim = mean1.size
+    cov1 = _check_covariance("cov1", cov1, dim)
+    cov2 = _check_covariance("cov2", cov2, dim)
+    if not (np.isfinite(mean1).all() and np.isfinite(mean2).all()):
+        raise ValueError("means contain NaN or inf")
+    diff = mean1 - mean2
+    value = float(diff @ diff) + float(np.trace(cov1) + np.trace(cov2))
+    value -= 2.0 * trace_sqrt_product(cov1, cov2)
+    return max(value, 0.0)  # the distance is >= 0; only round-off goes below
