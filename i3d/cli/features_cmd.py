@@ -354,6 +354,14 @@ def snippet_features(
         f"{count_videos(written)} written to {output} ({run.reused} already there)",
         highlight=False,
     )
+    empty = [r["video"] for r in run.records if r.get("snippets") == 0]
+    if empty:
+        err_console.print(
+            f"{count_videos(len(empty))} shorter than one window gave no snippets "
+            f"({', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}); --tail pad, repeat or "
+            "loop gives them one",
+            highlight=False,
+        )
     if failed:
         err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
         for record in failed:

@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from i3d.cli.common import err_console
 from i3d.data.datasets import AnnotationError
@@ -109,11 +118,20 @@ def job_progress(progress: Progress, what: str, total: int) -> Callable[[int, in
     return update
 
 
+class RateColumn(ProgressColumn):
+    """Items per second of a task (videos/s on a job's bar), blank until rich has a rate."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.2f}/s", style="progress.data.speed")
+
+
 def new_progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
@@ -136,8 +154,10 @@ def run_sharded_job(
     try:
         return run(todo, spec, folder, world_size, on_progress)
     except (RunIncomplete, KeyboardInterrupt) as exc:
-        left = f"{len(exc.missing)} of {exc.total} videos" if isinstance(exc, RunIncomplete) else (
-            "the rest"
+        left = (
+            f"{len(exc.missing)} of {exc.total} videos"
+            if isinstance(exc, RunIncomplete)
+            else ("the rest")
         )
         err_console.print(f"interrupted: {left} not done; {kept}")
         raise typer.Exit(130) from None
@@ -164,5 +184,3 @@ def print_failure(path: Path | str, error: str | None) -> None:
     """One indented line per failed input; the path is not repeated when the error names it."""
     line = error if error and str(path) in error else f"{path}: {error}"
     err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
-
-
