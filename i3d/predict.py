@@ -25,7 +25,6 @@ from i3d.data.datasets import (
     auto_workers,
     check_labels,
     iter_pieces,
-    iter_views,
     load_annotations,
     match_classes,
 )
@@ -598,83 +597,3 @@ def plot_confusion(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def feature_device(backend: str, device: str | None) -> torch.device:
-    """Where ``i3d features`` runs the model: a torch (cpu/cuda/mps) or npu device.
-
-    Features need the model's layers, so exported backends (onnx, om), which only give
-    logits, are refused with what to use instead.
-    """
-    from i3d.backends import BackendError
-    from i3d.backends.npu_backend import import_torch_npu, npu_placement, parse_npu_device
-    from i3d.backends.torch_backend import resolve_device
-
-    if backend == "torch":
-        return resolve_device(device)
-    if backend == "npu":
-        import_torch_npu()
-        return npu_placement(parse_npu_device(device))[0]
-    raise BackendError(
-        f"features need the model's intermediate layers, which the {backend!r} backend does not "
-        "expose (exported models give logits only); use --backend torch (cpu, cuda) or npu"
-    )
-
-
-def video_features(
-    model: torch.nn.Module,
-    pipeline: Pipeline,
-    source: str | os.PathLike[str] | torch.Tensor,
-    endpoint: str,
-    pool: str = "mean",
-    batch_size: int = 1,
-    on_views: ViewProgress | None = None,
-) -> torch.Tensor:
-    """Endpoint features of one video: (C,) pooled over views and space-time, or (V, C, t, h, w).
-
-    ``source`` is a video path or its uint8 views from ``pipeline.frames``; ``on_views``
-    reports progress (views run so far, views in the video).
-    """
-    if pool not in ("mean", "none"):
-        raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
-    views = source if isinstance(source, torch.Tensor) else pipeline.frames(source)
-    param = next(model.parameters())
-    maps = []
-    with torch.no_grad():
-        for chunk in views.split(batch_size):
-            if on_views is not None:
-                on_views(len(maps) * batch_size, len(views))
-            x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
-            maps.append(model.endpoints(x, [endpoint])[endpoint])
-    if on_views is not None:
-        on_views(len(views), len(views))
-    features = torch.cat(maps)
-    if pool == "none":
-        return features
-    return features.flatten(2).mean(dim=2).mean(dim=0) if features.ndim > 2 else features.mean(0)
-
-
-def iter_features(
-    model: torch.nn.Module,
-    pipeline: Pipeline,
-    paths: Sequence[str | os.PathLike[str]],
-    endpoint: str,
-    pool: str = "mean",
-    batch_size: int = 1,
-    workers: int | None = None,
-    on_views: ViewProgress | None = None,
-) -> Iterator[torch.Tensor | str]:
-    """Float32 CPU features (:func:`video_features`) of each video in order, or the error
-    text of one that could not be read; ``workers`` processes decode ahead (None: auto)."""
-    check_path_list(paths)
-    workers = auto_workers(len(paths)) if workers is None else workers
-    for views in iter_views(paths, pipeline, workers, VIDEO_ERRORS):
-        if isinstance(views, str):  # decoding failed; this is its message
-            yield views
-            continue
-        try:
-            feats = video_features(model, pipeline, views, endpoint, pool, batch_size, on_views)
-        except VIDEO_ERRORS as exc:
-            yield str(exc)
-            continue
-        yield feats.to(device="cpu", dtype=torch.float32)

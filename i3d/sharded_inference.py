@@ -22,7 +22,8 @@ import numpy as np
 
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, run_sharded
-from i3d.predict import Predictor, feature_device, iter_features
+from i3d.features.pooled import feature_device, iter_features
+from i3d.predict import Predictor
 from i3d.utils.files import sha256_file
 
 #: a rank's device type → the process-group device (``npu`` covers the ``om`` backend)

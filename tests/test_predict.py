@@ -16,6 +16,7 @@ from videogen import write_video
 from i3d import get_preset, load_model
 from i3d.cli.main import app
 from i3d.data.pipeline import build_pipeline
+from i3d.features.pooled import video_features
 from i3d.models import build_model
 from i3d.models.recognizer import average_views
 from i3d.predict import (
@@ -23,7 +24,6 @@ from i3d.predict import (
     predict_videos,
     read_predictions,
     summarize,
-    video_features,
 )
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import MMACTION_K400, Preprocessing
@@ -427,7 +427,7 @@ def test_features_files_of_earlier_versions_still_resume(tmp_path):
     """Files that spelled each setting as its own metadata key (before the one-key form)."""
     from safetensors.torch import save_file
 
-    from i3d.feature_files import FeatureSetting, open_feature_store
+    from i3d.features.store import FeatureSetting, open_feature_store
 
     setting = FeatureSetting("layer4", "mean", "ab" * 32, "val 1x1")
     old = {f"i3d.{k}": v for k, v in setting.as_dict().items()}

@@ -30,14 +30,13 @@ from i3d.cli.video_common import (
     view_progress,
 )
 from i3d.data.pipeline import build_pipeline
-from i3d.feature_files import FeatureSetting, open_feature_store
+from i3d.features.pooled import feature_device, iter_features
+from i3d.features.store import FeatureSetting, open_feature_store
 from i3d.predict import (
     InputError,
     check_video_model,
     default_weights,
     expand_inputs,
-    feature_device,
-    iter_features,
 )
 from i3d.sharded_inference import FeatureSpec, sharded_features
 from i3d.utils.files import refuse_overwriting, sha256_file

@@ -94,7 +94,7 @@ def _processor(
 ) -> Callable[[Sequence[str]], Iterator[Any]]:
     """One rank: the model on its device; per video the reused or newly written record.
     ``on_video`` (one process only) hears of each video as it is done."""
-    from i3d.predict import feature_device
+    from i3d.features.pooled import feature_device
     from i3d.sharded_inference import rank_device
     from i3d.weights.format import load_model
 

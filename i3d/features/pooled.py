@@ -1,0 +1,160 @@
+"""Pooled features of whole videos (``i3d features --endpoint``): one vector per video, or
+every view's map, through the weights' own clip pipeline.
+
+Videos stream through the model a piece of clips at a time (all their crops), as
+:class:`~i3d.predict.Predictor` does for scores, so a long video's views are never all in
+memory at once when features are pooled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from i3d.data.datasets import auto_workers, iter_pieces
+from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
+from i3d.predict import VIDEO_ERRORS, ViewProgress, check_path_list
+
+POOLS = ("mean", "none")
+
+
+def feature_device(backend: str, device: str | None) -> torch.device:
+    """Where ``i3d features`` runs the model: a torch (cpu/cuda/mps) or npu device.
+
+    Features need the model's layers, so exported backends (onnx, om), which only give
+    logits, are refused with what to use instead.
+    """
+    from i3d.backends import BackendError
+    from i3d.backends.npu_backend import import_torch_npu, npu_placement, parse_npu_device
+    from i3d.backends.torch_backend import resolve_device
+
+    if backend == "torch":
+        return resolve_device(device)
+    if backend == "npu":
+        import_torch_npu()
+        return npu_placement(parse_npu_device(device))[0]
+    raise BackendError(
+        f"features need the model's intermediate layers, which the {backend!r} backend does not "
+        "expose (exported models give logits only); use --backend torch (cpu, cuda) or npu"
+    )
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
+
+
+def _piece_maps(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    piece: ViewPiece,
+    endpoint: str,
+    pool: str,
+    batch_size: int,
+    on_views: ViewProgress | None,
+) -> torch.Tensor:
+    """One piece's per-view features: (views, C) space-time means, or the maps themselves."""
+    param = next(model.parameters())
+    done, total = piece.start * piece.crops, piece.num_views
+    out = []
+    with torch.no_grad():
+        for chunk in piece.views.split(batch_size):
+            if on_views is not None:
+                on_views(done, total)
+            x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
+            maps = model.endpoints(x, [endpoint])[endpoint]
+            out.append(maps.flatten(2).mean(dim=2) if pool == "mean" and maps.ndim > 2 else maps)
+            done += len(chunk)
+    if on_views is not None and done == total:
+        on_views(total, total)
+    return torch.cat(out)
+
+
+def _finish(per_view: torch.Tensor, pool: str) -> torch.Tensor:
+    """A video's features from its per-view results (crop-major, as ``Pipeline.frames``)."""
+    return per_view.mean(dim=0) if pool == "mean" else per_view
+
+
+def _clips_per_piece(pipeline: Pipeline, batch_size: int) -> int:
+    """The fewest clips whose views fill whole batches."""
+    crops = pipeline.num_crops
+    return math.lcm(batch_size, crops) // crops
+
+
+def video_features(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    source: str | os.PathLike[str],
+    endpoint: str,
+    pool: str = "mean",
+    batch_size: int = 1,
+    on_views: ViewProgress | None = None,
+) -> torch.Tensor:
+    """Endpoint features of one video: (C,) pooled over views and space-time, or the
+    (V, C, t, h, w) maps of every view; ``on_views`` reports (views run, views in it)."""
+    _check_pool(pool)
+    pieces = pipeline.pieces(source, clips_per_piece=_clips_per_piece(pipeline, batch_size))
+    parts = [
+        _piece_maps(model, pipeline, piece, endpoint, pool, batch_size, on_views)
+        for piece in pieces
+    ]
+    return _finish(join_pieces(parts, pipeline.num_crops), pool)
+
+
+def iter_features(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    paths: Sequence[str | os.PathLike[str]],
+    endpoint: str,
+    pool: str = "mean",
+    batch_size: int = 1,
+    workers: int | None = None,
+    on_views: ViewProgress | None = None,
+) -> Iterator[torch.Tensor | str]:
+    """Float32 CPU features (:func:`video_features`) of each video in order, or the error
+    text of one that could not be read; ``workers`` processes decode ahead (None: auto)."""
+    check_path_list(paths)
+    _check_pool(pool)
+    workers = auto_workers(len(paths)) if workers is None else workers
+    size = _clips_per_piece(pipeline, batch_size)
+    pieces = iter_pieces(paths, pipeline, workers, VIDEO_ERRORS, size)
+    finished: dict[int, torch.Tensor | str] = {}
+    given = 0
+    for index, result in _videos(model, pipeline, pieces, endpoint, pool, batch_size, on_views):
+        finished[index] = result  # workers interleave videos; results keep the input order
+        while given in finished:
+            yield finished.pop(given)
+            given += 1
+
+
+def _videos(
+    model: torch.nn.Module,
+    pipeline: Pipeline,
+    pieces: Iterable[tuple[int, ViewPiece | str]],
+    endpoint: str,
+    pool: str,
+    batch_size: int,
+    on_views: ViewProgress | None,
+) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """(video index, features or error) as each video's last piece has run."""
+    parts: dict[int, list[torch.Tensor]] = {}
+    failed: set[int] = set()
+    for index, piece in pieces:
+        if index in failed:
+            continue
+        if isinstance(piece, str):  # it could not be read (after any pieces it gave)
+            parts.pop(index, None)
+            yield index, piece
+            continue
+        try:
+            maps = _piece_maps(model, pipeline, piece, endpoint, pool, batch_size, on_views)
+            parts.setdefault(index, []).append(maps.to(device="cpu", dtype=torch.float32))
+            if piece.last:
+                yield index, _finish(join_pieces(parts.pop(index), piece.crops), pool)
+        except VIDEO_ERRORS as exc:
+            parts.pop(index, None)
+            failed.add(index)
+            yield index, str(exc)
