@@ -296,7 +296,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     folder = SnippetFolder(tmp_path / "out")
     with folder.locked():
         second = SnippetFolder(tmp_path / "out")
-        with pytest.raises(OutputError, match="another i3d features run"), second.locked():
+        with pytest.raises(OutputError, match="another i3d run"), second.locked():
             pass
     with folder.locked():  # released once the first run is through
         pass
@@ -356,3 +356,15 @@ def test_two_processes_write_the_same_bytes_as_one(videos, tmp_path):
 def test_a_window_too_short_for_the_model_is_a_clear_error(resnet):
     with pytest.raises(ValueError, match="snippets of 2 frames at 32x32 are too small"):
         SnippetExtractor(resnet, SnippetProtocol(2, 2))
+
+
+def test_pooled_features_refuse_a_second_writer(videos, tmp_path):
+    """Two runs writing one features file would lose videos: the second is refused."""
+    from i3d.utils.files import exclusive_lock
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    out = tmp_path / "f.safetensors"
+    args = [videos / "v2.mp4", "--weights", weights, "--endpoint", "layer4", "-o", out]
+    with exclusive_lock(tmp_path / ".f.safetensors.i3d-lock", str(out)):
+        assert "another i3d run" in _features(args, expect=1)
+    assert "1 video written" in _features(args)

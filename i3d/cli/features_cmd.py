@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -39,7 +41,13 @@ from i3d.predict import (
     expand_inputs,
 )
 from i3d.sharded_inference import FeatureSpec, sharded_features
-from i3d.utils.files import refuse_overwriting, sha256_file
+from i3d.utils.files import (
+    OutputError,
+    ensure_dir,
+    exclusive_lock,
+    refuse_overwriting,
+    sha256_file,
+)
 from i3d.weights.format import load_model, read_info
 
 console = Console(soft_wrap=True)  # log lines stay whole when redirected
@@ -173,7 +181,7 @@ def features(
         )  # fmt: skip
         return
     batch_size = batch_size or 1
-    with fail_on_errors(*ERRORS, BackendError):
+    with fail_on_errors(*ERRORS, BackendError, OutputError), contextlib.ExitStack() as stack:
         crop_count = parse_crops(crops)
         if endpoint is None:
             raise InputError("pooled features need --endpoint NAME (e.g. Mixed_5c or layer4)")
@@ -196,6 +204,8 @@ def features(
         if clip_len is not None:  # recorded so a resume cannot mix clip lengths
             views += f" clip_len {clip_len}"
         setting = FeatureSetting(endpoint, pool.value, sha256_file(path), views)
+        if os.environ.get("RANK", "0") == "0":  # one writer: this run, or a job's rank 0
+            stack.enter_context(exclusive_lock(_lock_beside(output), str(output)))
         store = open_feature_store(output, setting)
         todo = [p for p in paths if not store.has(p)]
         failed: list[tuple[Path, str]] = []
@@ -220,6 +230,13 @@ def features(
         for path, error in failed:
             print_failure(path, error)
         raise typer.Exit(1)
+
+
+def _lock_beside(output: Path) -> Path:
+    """The lock file of a pooled features output: hidden, beside it (not inside a folder)."""
+    parent = output.parent if str(output.parent) else Path(".")
+    ensure_dir(parent)
+    return parent / f".{output.name}.i3d-lock"
 
 
 def _local_features(
@@ -303,7 +320,6 @@ def snippet_features(
     from i3d.backends import BackendError
     from i3d.features import SnippetJob, SnippetProtocol, extract_snippets, get_preset
     from i3d.features.presets import PresetError, check_streams, preset_weights
-    from i3d.utils.files import OutputError
 
     with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
         crop_count = parse_crops(crops)

@@ -14,17 +14,16 @@ run, so features are only reused when the manifest vouches for their exact bytes
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from i3d.features.extract import VideoSnippets
-from i3d.utils.files import OutputError, atomic_path, ensure_dir, sha256_file
+from i3d.utils.files import OutputError, atomic_path, ensure_dir, exclusive_lock, sha256_file
 
 MANIFEST = "manifest.jsonl"
 PARTS = ".i3d-parts"
@@ -148,32 +147,10 @@ class SnippetFolder:
             "versions": versions,
         }
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the folder's lock for one run; a second run at once is refused."""
         ensure_dir(self.path)
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks; runs are not guarded
-            yield
-            return
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise OutputError(
-                    f"another i3d features run ({holder}) is writing to {self.path}; wait for "
-                    "it to finish, or write to another -o"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+        return exclusive_lock(self.path / LOCK, str(self.path))
 
 
 def _times_csv(times: np.ndarray) -> str:
