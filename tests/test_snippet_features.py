@@ -60,7 +60,7 @@ def test_bad_protocols_and_presets_are_clear_errors():
         SnippetProtocol(0, 1)
     with pytest.raises(PresetError, match="unknown feature preset 'thumos'; choose one of"):
         get_preset("thumos")
-    with pytest.raises(PresetError, match=r"does not compute optical flow.*--stream rgb"):
+    with pytest.raises(PresetError, match=r"optical-flow stream are not built yet.*--stream rgb"):
         check_streams(get_preset("actionformer-thumos14"), None)
     check_streams(get_preset("actionformer-thumos14"), "rgb")
     check_streams(get_preset("rtfm"), None)

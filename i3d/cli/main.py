@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "backend_cmds",
     "train_cmds",
     "fvd_cmd",
+    "flow_cmd",
 )
 for _name in COMMAND_MODULES:
     importlib.import_module(f"i3d.cli.{_name}").register(app)

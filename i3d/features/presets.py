@@ -2,8 +2,9 @@
 
 Each preset is the extraction that made a feature set a well-known codebase reads, with its
 source; the README lists the facts and what could not be pinned down. Presets whose
-features concatenate an optical-flow stream need flow, which i3d does not compute yet: they
-give their RGB stream (the first half of the concatenation) when asked for it explicitly.
+features concatenate an optical-flow stream need flow snippets (``i3d flow`` computes TV-L1
+flow, but snippet extraction does not run a Flow I3D on it yet): they give their RGB stream
+(the first half of the concatenation) when asked for it explicitly.
 """
 
 from __future__ import annotations
@@ -150,14 +151,15 @@ def check_streams(preset: SnippetPreset, stream: str | None) -> None:
         )
     if stream is None and preset.streams != ("rgb",):
         raise PresetError(
-            f"preset {preset.name}'s features are {' + '.join(preset.streams)}, and i3d does not "
-            "compute optical flow from video yet; pass --stream rgb for its RGB stream (the "
-            f"first {'half' if len(preset.streams) > 1 else 'part'} of the published features)"
+            f"preset {preset.name}'s features are {' + '.join(preset.streams)}, and snippet "
+            "features of the optical-flow stream are not built yet; pass --stream rgb for its "
+            f"RGB stream (the first {'half' if len(preset.streams) > 1 else 'part'} of the "
+            "published features)"
         )
     if stream == "flow":
         raise PresetError(
-            f"preset {preset.name}'s flow stream needs optical flow, which i3d does not compute "
-            "from video yet; use --stream rgb"
+            f"preset {preset.name}'s flow stream: snippet features of optical flow are not built "
+            "yet (i3d flow writes TV-L1 flow per video); use --stream rgb"
         )
 
 
