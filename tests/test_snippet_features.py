@@ -368,3 +368,27 @@ def test_pooled_features_refuse_a_second_writer(videos, tmp_path):
     with exclusive_lock(tmp_path / ".f.safetensors.i3d-lock", str(out)):
         assert "another i3d run" in _features(args, expect=1)
     assert "1 video written" in _features(args)
+
+
+def test_a_torchrun_job_writes_what_one_process_writes(videos, tmp_path):
+    """Two torchrun ranks (env://): rank 0 plans and writes the manifest, both write videos."""
+    import os
+    import subprocess
+    import sys
+
+    from i3d.distributed.launch import free_port
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    common = [videos / "v1.mp4", videos / "v2.mp4", "--weights", weights,
+              "--window", "8", "--stride", "3", "--workers", "0", "-o"]  # fmt: skip
+    _features([*common, tmp_path / "one"])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port()), "-m", "i3d"]  # fmt: skip
+    proc = subprocess.run(
+        [*launcher, "features", *map(str, [*common, tmp_path / "two"])],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("2 videos written") == 1  # rank 0 alone reports
+    for name in ("manifest.jsonl", "v1.npy", "v2.npy", "v2.times.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
