@@ -173,21 +173,24 @@ def sharded_activations(
     settings = json.dumps(
         [sha256_file(spec.weights), attrs.asdict(spec, recurse=True)], sort_keys=True, default=str
     )
-    folder = Path(tempfile.mkdtemp(prefix="i3d-fvd-parts-"))
-    try:
-        outcomes = run_sharded(
-            list(range(len(videos))),
-            functools.partial(_rank_processor, spec=spec, videos=videos),
-            folder,
-            keys=[f"{videos.description}#{i}" for i in range(len(videos))],
-            fingerprint=hashlib.sha256(settings.encode()).hexdigest(),
-            world_size=world_size,
-            backend=group_device("torch", spec.device),
-        )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    if outcomes is None:
+    fingerprint = hashlib.sha256(settings.encode()).hexdigest()
+    # one folder every rank of a job finds (torchrun ranks start apart), named by what decides
+    # the activations: an interrupted run's finished videos are reused by the rerun
+    keys = [f"{videos.description}#{i}" for i in range(len(videos))]
+    named = hashlib.sha256(json.dumps([fingerprint, keys]).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / f"i3d-fvd-parts-{named}"
+    outcomes = run_sharded(
+        list(range(len(videos))),
+        functools.partial(_rank_processor, spec=spec, videos=videos),
+        folder,
+        keys=keys,
+        fingerprint=fingerprint,
+        world_size=world_size,
+        backend=group_device("torch", spec.device),
+    )
+    if outcomes is None:  # a torchrun rank other than 0: rank 0 still reads the folder
         return None
+    shutil.rmtree(folder, ignore_errors=True)
     results: list[np.ndarray | Discarded] = []
     for outcome in outcomes:
         if not outcome.ok:
