@@ -18,7 +18,7 @@ from videogen import write_video
 from i3d.data import transforms as T
 from i3d.features import PRESETS, SnippetExtractor, SnippetProtocol, get_preset
 from i3d.features.frames import frame_transform
-from i3d.features.presets import PresetError, check_streams
+from i3d.features.presets import PresetError, choose_streams
 from i3d.models import build_model
 from i3d.models import get_preset as model_preset
 from i3d.weights.format import WeightsInfo, load_model, save_weights
@@ -60,10 +60,15 @@ def test_bad_protocols_and_presets_are_clear_errors():
         SnippetProtocol(0, 1)
     with pytest.raises(PresetError, match="unknown feature preset 'thumos'; choose one of"):
         get_preset("thumos")
-    with pytest.raises(PresetError, match=r"optical-flow stream are not built yet.*--stream rgb"):
-        check_streams(get_preset("actionformer-thumos14"), None)
-    check_streams(get_preset("actionformer-thumos14"), "rgb")
-    check_streams(get_preset("rtfm"), None)
+    thumos = get_preset("actionformer-thumos14")
+    with pytest.raises(PresetError, match=r"needs a Flow-stream I3D.*--stream rgb"):
+        choose_streams(thumos, None, flow_weights=False)
+    assert choose_streams(thumos, "rgb", flow_weights=False) == ("rgb",)
+    assert choose_streams(thumos, None, flow_weights=True) == ("rgb", "flow")
+    assert choose_streams(get_preset("rtfm"), None, flow_weights=False) == ("rgb",)
+    with pytest.raises(PresetError, match="has the rgb stream only"):
+        choose_streams(get_preset("rtfm"), "flow", flow_weights=True)
+    assert choose_streams(None, None, flow_weights=True) == ("rgb", "flow")
 
 
 # -- an independent computation ------------------------------------------------------------
@@ -392,3 +397,74 @@ def test_a_torchrun_job_writes_what_one_process_writes(videos, tmp_path):
     assert proc.stdout.count("2 videos written") == 1  # rank 0 alone reports
     for name in ("manifest.jsonl", "v1.npy", "v2.npy", "v2.times.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path):
+    """The flow stream: TV-L1 between consecutive resized frames, scaled, cropped; W flow
+    fields per snippet (W + 1 frames), one flow tick fewer than frames."""
+    from i3d.flow.params import TVL1Params
+    from i3d.flow.recipe import FlowConfig, deepmind_flow
+
+    model = load_model(_flow_weights(tmp_path), "cpu")
+    video = write_video(tmp_path / "v.mp4", 14, width=48, height=40)
+    flow = FlowConfig(tvl1=TVL1Params(nscales=2, warps=2, inner_iterations=5, outer_iterations=2))
+    protocol = SnippetProtocol(8, 3, tail="pad", endpoint="layer4")
+    result = SnippetExtractor(model, protocol, batch_size=2, flow=flow).video(video)
+    assert result.ok, result.error
+    n_flow = 13
+    assert result.features.shape == (protocol.count(n_flow), 4 * 8)
+    frames = torch.from_numpy(_all_frames(video))
+    resized = T.resize_short(frames, 32, "bilinear").numpy()
+    fields = deepmind_flow(resized, flow, layout="cthw")  # (2, 13, H, W)
+    h, w = fields.shape[2:]
+    fields = fields[:, :, (h - 24) // 2 : (h - 24) // 2 + 24, (w - 24) // 2 : (w - 24) // 2 + 24]
+    rows = []
+    for start in protocol.starts(n_flow):
+        idx = np.arange(start, start + 8)
+        clip = fields[:, np.clip(idx, 0, n_flow - 1)].clone()
+        clip[:, idx >= n_flow] = 0
+        with torch.no_grad():
+            rows.append(model.endpoints(clip[None], ["layer4"])["layer4"].flatten(2).mean(2)[0])
+    expected = torch.stack(rows).numpy()
+    np.testing.assert_allclose(result.features, expected, atol=2e-5 * np.abs(expected).max())
+    assert result.times[-1, 5] == 14  # the last window reads the video's last frame
+
+
+def _flow_weights(folder: Path) -> Path:
+    """A tiny Flow-stream ResNet3d (2 input channels), 24 px crops of a 32 px short side."""
+    torch.manual_seed(0)
+    config = model_preset("i3d_r50", depth=18, base_channels=4, in_channels=2, num_classes=2)
+    prep = attrs.evolve(
+        DEEPMIND_K400, modality="flow", resize_short=32, crop_size=24, input_size=24
+    )  # fmt: skip
+    path = folder / "flow.safetensors"
+    return save_weights(path, build_model(config).state_dict(), WeightsInfo(config, None, prep))
+
+
+def test_cli_two_streams_concatenate_rgb_then_flow(videos, tmp_path):
+    rgb = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"), resize_short=32,
+                            crop_size=24, input_size=24)  # fmt: skip
+    flow = _flow_weights(tmp_path)
+    video = write_video(tmp_path / "v12.mp4", 12, width=40, height=32)
+    common = [video, "--weights", rgb, "--flow-weights", flow, "--window", "8",
+              "--stride", "2", "--flow-impl", "torch", "-o"]  # fmt: skip
+    outs = {}
+    for stream in ("rgb", "flow", "both"):
+        outs[stream] = tmp_path / stream
+        assert "1 video written" in _features([*common, outs[stream], "--stream", stream])
+    both = np.load(outs["both"] / "v12.npy")
+    alone = {s: np.load(outs[s] / "v12.npy") for s in ("rgb", "flow")}
+    # 12 frames: 3 RGB windows; 11 flow fields give 2, so the two-stream snippets are those 2
+    assert alone["rgb"].shape == (3, 32) and alone["flow"].shape == (2, 32)
+    joined = np.concatenate([alone["rgb"][:2], alone["flow"]], axis=1)
+    np.testing.assert_array_equal(both, joined)
+    record = json.loads((outs["both"] / "manifest.jsonl").read_text())
+    assert record["settings"]["streams"] == ["rgb", "flow"]
+    assert (
+        record["settings"]["flow"]["impl"] == "torch"
+        and "flow_weights_sha256" in record["settings"]
+    )
+    text = _features(
+        [videos / "v2.mp4", "--weights", flow, "--window", "8", "-o", tmp_path / "x"], 1
+    )
+    assert "optical-flow model" in text

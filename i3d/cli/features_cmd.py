@@ -27,7 +27,7 @@ from i3d.cli.video_common import (
     job_progress,
     new_progress,
     parts_folder,
-    print_failure,
+    report_written,
     run_sharded_job,
     view_progress,
 )
@@ -151,8 +151,18 @@ def features(
     ] = None,
     stream: Annotated[
         str | None,
-        typer.Option(help="Snippet presets with optical flow: the stream to compute (rgb)."),
+        typer.Option(
+            help="Snippet mode: rgb, flow or both (concatenated, RGB first). Default: the "
+            "preset's streams, else rgb (both with --flow-weights)."
+        ),
     ] = None,
+    flow_weights: Annotated[
+        Path | None,
+        typer.Option(help="Snippet mode: a Flow-stream I3D for the optical-flow stream."),
+    ] = None,
+    flow_impl: Annotated[
+        str, typer.Option(help="Snippet mode: TV-L1 of the flow stream, torch or opencv.")
+    ] = "torch",
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -167,7 +177,7 @@ def features(
     """Features of an endpoint per video, or per snippet over whole videos (resumable)."""
     from i3d.backends import BackendError
 
-    snippet_options = (window, stride, fps, tail, anchor, preset, stream)
+    snippet_options = (window, stride, fps, tail, anchor, preset, stream, flow_weights)
     if any(v is not None for v in snippet_options):
         if pool is not Pool.mean or clips is not None or clip_len is not None:
             with fail_on_errors(InputError):
@@ -177,7 +187,8 @@ def features(
                 )
         snippet_features(
             inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
-            preset, stream, batch_size or 8, backend, device, workers, world_size,
+            preset, stream, flow_weights, flow_impl, batch_size or 8, backend, device, workers,
+            world_size,
         )  # fmt: skip
         return
     batch_size = batch_size or 1
@@ -220,16 +231,7 @@ def features(
             _local_features(todo, model, pipeline, endpoint, pool.value, batch_size, workers,
                             store, failed)  # fmt: skip
         store.save()
-    console.print(
-        f"{count_videos(len(todo) - len(failed))} written to {output} "
-        f"({len(paths) - len(todo)} already there)",
-        highlight=False,
-    )
-    if failed:
-        err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
-        for path, error in failed:
-            print_failure(path, error)
-        raise typer.Exit(1)
+    report_written(len(todo) - len(failed), len(paths) - len(todo), output, failed)
 
 
 def _lock_beside(output: Path) -> Path:
@@ -297,6 +299,15 @@ def _sharded_features(
     return True
 
 
+def check_flow_model(path: Path, info: Any) -> None:
+    """The flow stream's weights must be a Flow-stream (2-channel) I3D."""
+    if info.preprocessing.modality != "flow":
+        raise InputError(
+            f"--flow-weights {path} is an RGB model; give a Flow-stream I3D (e.g. DeepMind's "
+            "flow_imagenet converted with i3d convert-weights)"
+        )
+
+
 def snippet_features(
     inputs: list[str],
     output: Path,
@@ -310,6 +321,8 @@ def snippet_features(
     anchor: AnchorOpt | None,
     preset: str | None,
     stream: str | None,
+    flow_weights: Path | None,
+    flow_impl: str,
     batch_size: int,
     backend: str,
     device: str | None,
@@ -319,7 +332,8 @@ def snippet_features(
     """``i3d features --window/--preset``: one (snippets, C) array per video in a folder."""
     from i3d.backends import BackendError
     from i3d.features import SnippetJob, SnippetProtocol, extract_snippets, get_preset
-    from i3d.features.presets import PresetError, check_streams, preset_weights
+    from i3d.features.presets import PresetError, choose_streams, preset_weights
+    from i3d.flow.recipe import FlowConfig
 
     with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
         crop_count = parse_crops(crops)
@@ -329,28 +343,36 @@ def snippet_features(
             "anchor": anchor.value if anchor else None,
         }  # fmt: skip
         given = {k: v for k, v in chosen.items() if v is not None}
-        if preset is not None:
-            named = get_preset(preset)
-            check_streams(named, stream)
+        named = get_preset(preset) if preset is not None else None
+        streams = choose_streams(named, stream, flow_weights is not None)
+        if named is not None:
             if "window" in given and "stride" not in given:
                 given["stride"] = given["window"]
             protocol = attrs.evolve(named.protocol, **given)
-            path = weights if weights is not None else preset_weights(named)
         else:
             if window is None:
                 raise InputError("snippet features need --window W (or --preset NAME)")
-            if stream not in (None, "rgb"):
-                raise InputError("videos give the rgb stream only (optical flow is not built yet)")
             given.setdefault("stride", window)
             protocol = SnippetProtocol(**given)
-            path = weights if weights is not None else default_weights()
+        if "rgb" in streams:
+            default = preset_weights(named) if named is not None else default_weights()
+            path = weights if weights is not None else default
+        else:  # the flow stream alone: no RGB model is read
+            assert flow_weights is not None
+            path = flow_weights
         paths = expand_inputs(inputs)
-        refuse_overwriting(output, path)
-        check_video_model(path, read_info(path))
+        for model_file in {path, flow_weights} - {None}:
+            refuse_overwriting(output, model_file)
+        if "rgb" in streams:
+            check_video_model(path, read_info(path))
+        if flow_weights is not None and "flow" in streams:
+            check_flow_model(flow_weights, read_info(flow_weights))
         feature_device(backend, device)  # refuse exported backends before any rank starts
         job = SnippetJob(
-            str(path), protocol, str(output), preset, batch_size, backend, device, workers
-        )
+            str(path), protocol, str(output), preset, batch_size, backend, device, workers,
+            streams=streams, flow_weights=str(flow_weights) if flow_weights else None,
+            flow=FlowConfig(impl=flow_impl),
+        )  # fmt: skip
         with new_progress() as progress:
             on_progress = job_progress(progress, "snippets", len(paths))
             try:
@@ -363,12 +385,7 @@ def snippet_features(
                 raise typer.Exit(130) from None
     if run is None:
         return  # a torchrun rank other than 0: rank 0 writes the manifest
-    failed = run.failed
-    written = len(run.records) - len(failed) - run.reused
-    console.print(
-        f"{count_videos(written)} written to {output} ({run.reused} already there)",
-        highlight=False,
-    )
+    failed = [(r["path"], r["error"]) for r in run.failed]
     empty = [r["video"] for r in run.records if r.get("snippets") == 0]
     if empty:
         err_console.print(
@@ -377,11 +394,7 @@ def snippet_features(
             "loop gives them one",
             highlight=False,
         )
-    if failed:
-        err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
-        for record in failed:
-            print_failure(record["path"], record["error"])
-        raise typer.Exit(1)
+    report_written(len(run.records) - len(failed) - run.reused, run.reused, output, failed)
 
 
 def register(app: typer.Typer) -> None:

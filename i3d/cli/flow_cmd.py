@@ -10,8 +10,8 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from i3d.cli.common import err_console, fail_on_errors
-from i3d.cli.video_common import ERRORS, count_videos, print_failure
+from i3d.cli.common import fail_on_errors
+from i3d.cli.video_common import ERRORS, report_written
 from i3d.data.decode import VideoDecodeError
 from i3d.flow.recipe import FlowConfig
 from i3d.flow.tvl1_opencv import OpenCVMissingError, opencv_optflow
@@ -112,16 +112,7 @@ def flow(
             failed.append((path, str(exc)))
             continue
         console.print(f"{path} → {dst} ({frames} × {height}×{width} × 2)", highlight=False)
-    console.print(
-        f"{count_videos(len(todo) - len(failed))} written to {output} "
-        f"({len(paths) - len(todo)} already there)",
-        highlight=False,
-    )
-    if failed:
-        err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
-        for path, error in failed:
-            print_failure(path, error)
-        raise typer.Exit(1)
+    report_written(len(todo) - len(failed), len(paths) - len(todo), output, failed)
 
 
 def register(app: typer.Typer) -> None:

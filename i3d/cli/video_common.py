@@ -184,3 +184,20 @@ def print_failure(path: Path | str, error: str | None) -> None:
     """One indented line per failed input; the path is not repeated when the error names it."""
     line = error if error and str(path) in error else f"{path}: {error}"
     err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def report_written(
+    written: int, kept: int, output: Path, failed: list[tuple[Path | str, str | None]]
+) -> None:
+    """The end of a run that writes per-video outputs: how many were written and kept, then
+    each failed video on its own line, and exit code 1 when any failed."""
+    from rich.console import Console
+
+    Console(soft_wrap=True).print(
+        f"{count_videos(written)} written to {output} ({kept} already there)", highlight=False
+    )
+    if failed:
+        err_console.print(f"[red]{count_videos(len(failed))} failed:[/red]")
+        for path, error in failed:
+            print_failure(path, error)
+        raise typer.Exit(1)

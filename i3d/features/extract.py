@@ -28,6 +28,7 @@ from i3d.features.snippets import (
     snippet_times,
     video_timeline,
 )
+from i3d.flow.recipe import FlowConfig
 from i3d.models import InputShapeError
 
 
@@ -86,9 +87,11 @@ class _SnippetsOf(IterableDataset):
         batch_size: int,
         decoder: str,
         errors: tuple[type[BaseException], ...],
+        flow: FlowConfig | None = None,
     ) -> None:
         self.sources, self.protocol, self.transform = list(sources), protocol, transform
         self.batch_size, self.decoder, self.errors = batch_size, decoder, errors
+        self.flow = flow
 
     def __iter__(self) -> Iterator[tuple[int, Timeline | SnippetBatch | str]]:
         info = get_worker_info()
@@ -99,7 +102,12 @@ class _SnippetsOf(IterableDataset):
                     timeline = video_timeline(reader, self.protocol.fps)
                     yield index, timeline
                     batches = snippet_batches(
-                        reader, timeline, self.protocol, self.transform, self.batch_size
+                        reader,
+                        timeline,
+                        self.protocol,
+                        self.transform,
+                        self.batch_size,
+                        self.flow,
                     )
                     for batch in batches:
                         yield index, batch
@@ -112,6 +120,8 @@ class SnippetExtractor:
 
     ``model`` is a loaded :class:`~i3d.models.recognizer.Recognizer` (``i3d.load_model``)
     on the device to run on; ``batch_size`` snippets (all their crops) run per forward pass.
+    With ``flow``, the model is a Flow-stream I3D and each snippet is W flow fields
+    (:func:`~i3d.features.snippets.snippet_batches`).
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class SnippetExtractor:
         protocol: SnippetProtocol,
         batch_size: int = 8,
         decoder: str = "pyav",
+        flow: FlowConfig | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -131,7 +142,13 @@ class SnippetExtractor:
             )
         self.protocol = attrs.evolve(protocol, endpoint=endpoint)
         self.transform = frame_transform(self.protocol, model.weights_info.preprocessing)
-        self.batch_size, self.decoder = batch_size, decoder
+        self.batch_size, self.decoder, self.flow = batch_size, decoder, flow
+        modality = model.weights_info.preprocessing.modality
+        if (flow is not None) != (modality == "flow"):
+            raise ValueError(
+                f"these weights are a {modality} model; "
+                + ("the flow stream needs Flow-stream weights" if flow else "pass flow= for them")
+            )
         self.dim = self._probe()
 
     def iter_videos(
@@ -145,7 +162,7 @@ class SnippetExtractor:
         paths = [Path(p) for p in paths]
         workers = auto_workers(len(paths)) if workers is None else workers
         dataset = _SnippetsOf(
-            paths, self.protocol, self.transform, self.batch_size, self.decoder, errors
+            paths, self.protocol, self.transform, self.batch_size, self.decoder, errors, self.flow
         )
         if workers == 0:
             stream: Any = iter(dataset)
@@ -189,7 +206,7 @@ class SnippetExtractor:
                 continue
             if isinstance(item, Timeline):
                 timelines[index], parts[index] = item, []
-                if self.protocol.count(item.ticks) > 0:
+                if self.protocol.count(item.ticks - (self.flow is not None)) > 0:
                     continue
             else:
                 try:
@@ -207,7 +224,8 @@ class SnippetExtractor:
 
     def _run(self, batch: SnippetBatch) -> torch.Tensor:
         """(count, crops, C) float32 CPU features of one batch of snippets."""
-        x = self.transform.normalize(batch.views)
+        views = batch.views  # flow fields are model input already ([-1, 1])
+        x = self.transform.normalize(views) if views.dtype == torch.uint8 else views.float()
         if batch.pad is not None:  # frames past the video: zero model input
             rows = x.view(batch.count, -1, *x.shape[1:])
             rows.masked_fill_(batch.pad[:, None, None, :, None, None], 0.0)
@@ -221,8 +239,9 @@ class SnippetExtractor:
         """Channels of the endpoint's features, from one snippet of zeros; a window the model
         cannot take (too few frames or pixels) is refused here, before any video is read."""
         size = self.transform.crop_size
-        shape = (self.protocol.crops, 3, self.protocol.window, size, size)
-        views = torch.zeros(shape, dtype=torch.uint8)
+        channels, dtype = (2, torch.float32) if self.flow is not None else (3, torch.uint8)
+        shape = (self.protocol.crops, channels, self.protocol.window, size, size)
+        views = torch.zeros(shape, dtype=dtype)
         try:
             return int(self._run(SnippetBatch(views, None, 0, 1, 1)).shape[-1])
         except (RuntimeError, InputShapeError) as exc:
@@ -238,7 +257,7 @@ class SnippetExtractor:
         else:
             feats = np.zeros((0, crops, self.dim), dtype=np.float32)
         feats = feats[:, 0] if crops == 1 else feats.transpose(1, 0, 2)
-        times = snippet_times(timeline, self.protocol)
+        times = snippet_times(timeline, self.protocol, flow=self.flow is not None)
         return VideoSnippets(path, np.ascontiguousarray(feats), times, timeline)
 
 
@@ -249,25 +268,40 @@ def iter_snippets(
     device: str | None = None,
     batch_size: int = 8,
     workers: int | None = None,
-    stream: str | None = "rgb",
+    stream: str | None = None,
+    flow_weights: str | os.PathLike[str] | None = None,
+    flow: FlowConfig | None = None,
 ) -> Iterator[VideoSnippets]:
     """Snippet features of each video in order, for code that consumes them directly.
 
-    ``protocol`` is a :class:`SnippetProtocol` or a preset name (``i3d features --preset``,
-    RGB stream); ``weights`` default to the preset's model (or the pulled default model).
+    ``protocol`` is a :class:`SnippetProtocol` or a preset name (``i3d features --preset``);
+    ``weights`` default to the preset's model (or the pulled default model). ``stream``
+    (rgb, flow, both; default as ``i3d features``) with ``flow_weights`` (a Flow-stream
+    I3D) adds the optical-flow stream, concatenated after RGB.
     """
-    from i3d.features.presets import check_streams, get_preset, preset_weights
+    from i3d.features.presets import choose_streams, get_preset, preset_weights
+    from i3d.features.run import concatenate_streams
     from i3d.predict import check_path_list, check_video_model, default_weights
     from i3d.weights.format import load_model
 
     check_path_list(paths)
-    if isinstance(protocol, str):
-        preset = get_preset(protocol)
-        check_streams(preset, stream)
+    preset = get_preset(protocol) if isinstance(protocol, str) else None
+    if preset is not None:
         protocol = preset.protocol
-        path = Path(weights) if weights is not None else preset_weights(preset)
-    else:
-        path = Path(weights) if weights is not None else default_weights()
-    model = load_model(path, device or "cpu")
-    check_video_model(path, model.weights_info)
-    yield from SnippetExtractor(model, protocol, batch_size).iter_videos(paths, workers)
+    assert isinstance(protocol, SnippetProtocol)
+    streams = choose_streams(preset, stream, flow_weights is not None)
+    extractors = []
+    if "rgb" in streams:
+        default = preset_weights(preset) if preset is not None else default_weights()
+        path = Path(weights) if weights is not None else default
+        model = load_model(path, device or "cpu")
+        check_video_model(path, model.weights_info)
+        extractors.append(SnippetExtractor(model, protocol, batch_size))
+    if "flow" in streams:
+        assert flow_weights is not None
+        config = flow or FlowConfig(device=device or "cpu")
+        model = load_model(flow_weights, device or "cpu")
+        extractors.append(SnippetExtractor(model, protocol, batch_size, flow=config))
+    results = [extractor.iter_videos(paths, workers) for extractor in extractors]
+    for parts in zip(*results, strict=True):
+        yield concatenate_streams(list(parts))

@@ -2,9 +2,9 @@
 
 Each preset is the extraction that made a feature set a well-known codebase reads, with its
 source; the README lists the facts and what could not be pinned down. Presets whose
-features concatenate an optical-flow stream need flow snippets (``i3d flow`` computes TV-L1
-flow, but snippet extraction does not run a Flow I3D on it yet): they give their RGB stream
-(the first half of the concatenation) when asked for it explicitly.
+features concatenate an optical-flow stream run a Flow-stream I3D on TV-L1 flow too (given
+its weights), or give their RGB stream alone (the first half of the concatenation) when
+asked for it explicitly.
 """
 
 from __future__ import annotations
@@ -143,24 +143,33 @@ def get_preset(name: str) -> SnippetPreset:
         ) from None
 
 
-def check_streams(preset: SnippetPreset, stream: str | None) -> None:
-    """Refuse a preset whose features need optical flow unless only RGB is asked for."""
-    if stream is not None and stream not in preset.streams:
+STREAM_CHOICES = {"rgb": ("rgb",), "flow": ("flow",), "both": ("rgb", "flow")}
+
+
+def choose_streams(
+    preset: SnippetPreset | None, stream: str | None, flow_weights: bool
+) -> tuple[str, ...]:
+    """The streams to compute: ``stream`` (rgb, flow or both), or by default the preset's
+    (RGB alone without a preset); the flow stream needs Flow-stream weights."""
+    if stream is not None and stream not in STREAM_CHOICES:
+        raise PresetError(f"--stream takes rgb, flow or both, not {stream!r}")
+    have = preset.streams if preset is not None else ("rgb", "flow")
+    if stream is None:
+        wanted = preset.streams if preset is not None else ("rgb", "flow")[: 1 + flow_weights]
+    else:
+        wanted = STREAM_CHOICES[stream]
+    if set(wanted) - set(have):
+        assert preset is not None
+        raise PresetError(f"preset {preset.name} has the {' + '.join(have)} stream only")
+    if "flow" in wanted and not flow_weights:
+        name = f"preset {preset.name}'s features are" if preset else "the flow stream is"
         raise PresetError(
-            f"preset {preset.name} has streams {', '.join(preset.streams)}, not {stream!r}"
+            f"{name} {' + '.join(wanted)}: the optical-flow stream needs a Flow-stream I3D "
+            "(--flow-weights W, e.g. DeepMind's flow_imagenet converted with i3d "
+            "convert-weights); or pass --stream rgb for the RGB stream alone (the first "
+            "half of two-stream features)"
         )
-    if stream is None and preset.streams != ("rgb",):
-        raise PresetError(
-            f"preset {preset.name}'s features are {' + '.join(preset.streams)}, and snippet "
-            "features of the optical-flow stream are not built yet; pass --stream rgb for its "
-            f"RGB stream (the first {'half' if len(preset.streams) > 1 else 'part'} of the "
-            "published features)"
-        )
-    if stream == "flow":
-        raise PresetError(
-            f"preset {preset.name}'s flow stream: snippet features of optical flow are not built "
-            "yet (i3d flow writes TV-L1 flow per video); use --stream rgb"
-        )
+    return wanted
 
 
 def preset_weights(preset: SnippetPreset) -> Path:

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, ResultFolder, run_sharded
-from i3d.features.extract import SnippetExtractor
+from i3d.features.extract import SnippetExtractor, VideoSnippets
 from i3d.features.output import SnippetFolder, check_ids, video_id
 from i3d.features.protocol import SnippetProtocol
+from i3d.flow.recipe import FlowConfig
 from i3d.utils.files import sha256_file
 
 
@@ -43,6 +45,18 @@ class SnippetJob:
     device: str | None = None
     workers: int | None = None
     decoder: str = "pyav"
+    streams: tuple[str, ...] = ("rgb",)
+    """``rgb``, ``flow``, or both (concatenated in this order, per snippet)."""
+    flow_weights: str | None = None
+    """A Flow-stream I3D (``flow`` in ``streams``)."""
+    flow: FlowConfig = attrs.field(factory=FlowConfig)
+    """How the flow stream's TV-L1 runs (its ``device`` follows the rank's)."""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.streams or set(self.streams) - {"rgb", "flow"}:
+            raise ValueError(f"streams must be rgb, flow or both, not {self.streams}")
+        if "flow" in self.streams and self.flow_weights is None:
+            raise ValueError("the flow stream needs Flow-stream weights (flow_weights)")
 
 
 @attrs.frozen
@@ -58,19 +72,28 @@ class SnippetRun:
         return [r for r in self.records if "error" in r]
 
 
-def settings_of(
-    job: SnippetJob, extractor: SnippetExtractor, weights_sha256: str
-) -> dict[str, Any]:
+def settings_of(job: SnippetJob, extractors: Sequence[SnippetExtractor]) -> dict[str, Any]:
     """What decides a video's features, as recorded in (and compared against) the manifest:
-    the protocol, the frame steps it resolved to with these weights, weights and decoder."""
-    return {
-        "protocol": extractor.protocol.to_dict(),
-        "frames": extractor.transform.to_dict(),
+    the protocol and the frame steps it resolved to, the streams and their weights (hashes),
+    the flow recipe's settings, and the decoder."""
+    first = extractors[0]
+    settings: dict[str, Any] = {
+        "protocol": first.protocol.to_dict(),
+        "frames": first.transform.to_dict(),
         "preset": job.preset,
-        "weights": Path(job.weights).name,
-        "weights_sha256": weights_sha256,
         "decoder": job.decoder,
     }
+    if job.streams != ("rgb",):
+        settings["streams"] = list(job.streams)
+    if "rgb" in job.streams:
+        settings["weights"] = Path(job.weights).name
+        settings["weights_sha256"] = sha256_file(job.weights)
+    if job.flow_weights is not None and "flow" in job.streams:
+        settings["flow_weights"] = Path(job.flow_weights).name
+        settings["flow_weights_sha256"] = sha256_file(job.flow_weights)
+        flow = attrs.asdict(attrs.evolve(job.flow, device="any", batch_size=1))
+        settings["flow"] = {k: v for k, v in flow.items() if k not in ("device", "batch_size")}
+    return settings
 
 
 def library_versions(decoder: str) -> dict[str, str]:
@@ -98,25 +121,34 @@ def _processor(
     from i3d.sharded_inference import rank_device
     from i3d.weights.format import load_model
 
-    model = load_model(
-        job.weights, feature_device(job.backend, rank_device(job.backend, job.device, ctx))
-    )
-    extractor = SnippetExtractor(model, job.protocol, job.batch_size, job.decoder)
+    device = feature_device(job.backend, rank_device(job.backend, job.device, ctx))
+    extractors = []
+    if "rgb" in job.streams:
+        model = load_model(job.weights, device)
+        extractors.append(SnippetExtractor(model, job.protocol, job.batch_size, job.decoder))
+    if "flow" in job.streams:
+        assert job.flow_weights is not None
+        flow = attrs.evolve(job.flow, device=str(device)) if job.flow.impl == "torch" else job.flow
+        model = load_model(job.flow_weights, device)
+        extractors.append(
+            SnippetExtractor(model, job.protocol, job.batch_size, job.decoder, flow=flow)
+        )
     folder = SnippetFolder(job.output)
-    settings = settings_of(job, extractor, sha256_file(job.weights))
+    settings = settings_of(job, extractors)
     versions = library_versions(job.decoder)
     old = folder.records()
 
     def run(paths: Sequence[str]) -> Iterator[Any]:
         keep = {p for p in paths if folder.verified(old.get(p), settings)}
-        results = extractor.iter_videos([Path(p) for p in paths if p not in keep], job.workers)
+        todo = [Path(p) for p in paths if p not in keep]
+        streams = [extractor.iter_videos(todo, job.workers) for extractor in extractors]
         for path in paths:
             if path in keep:
                 yield {"record": old[path], "reused": True}
                 if on_video is not None:
                     on_video()
                 continue
-            result = next(results)
+            result = concatenate_streams([next(stream) for stream in streams])
             if result.ok:
                 yield {"record": folder.write_video(result, settings, versions), "reused": False}
             else:
@@ -127,17 +159,31 @@ def _processor(
     return run
 
 
+def concatenate_streams(results: Sequence[VideoSnippets]) -> VideoSnippets:
+    """One video's streams as one result: features concatenated per snippet (RGB first).
+
+    The flow stream has one frame fewer (flow goes from each frame to the next), so where
+    its count is one smaller the two-stream snippets are those the flow stream has, with
+    its times."""
+    failed = [r for r in results if not r.ok]
+    if failed or len(results) == 1:
+        return failed[0] if failed else results[0]
+    count = min(r.features.shape[-2] for r in results)  # type: ignore[union-attr]
+    features = np.concatenate([r.features[..., :count, :] for r in results], axis=-1)  # type: ignore[index]
+    times = results[-1].times[:count]  # type: ignore[index]
+    return VideoSnippets(results[0].path, features, times, results[0].timeline)
+
+
 def _cost(reusable: frozenset[str], path: str) -> float:
     """A video's share of the work: its frames, or next to nothing when it is reused."""
     return 1.0 if path in reusable else float(video_cost(path))
 
 
 def _fingerprint(job: SnippetJob) -> str:
-    text = json.dumps(
-        [sha256_file(job.weights), attrs.asdict(job, filter=lambda a, _: a.name != "workers")],
-        sort_keys=True,
-        default=str,
-    )
+    hashes = [sha256_file(job.weights) if "rgb" in job.streams else None]
+    hashes.append(sha256_file(job.flow_weights) if job.flow_weights else None)
+    settings = attrs.asdict(job, filter=lambda a, _: a.name != "workers")
+    text = json.dumps([hashes, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
@@ -23,6 +24,9 @@ from i3d.data.sampling import resampled_timeline
 from i3d.features.frames import FrameTransform
 from i3d.features.protocol import SnippetProtocol
 from i3d.utils.memory import empty_frames
+
+if TYPE_CHECKING:
+    from i3d.flow.recipe import FlowConfig
 
 _CHUNK = 16  # decoded frames resized together
 
@@ -83,11 +87,17 @@ def snippet_batches(
     protocol: SnippetProtocol,
     transform: FrameTransform,
     batch_size: int,
+    flow: FlowConfig | None = None,
 ) -> Iterator[SnippetBatch]:
-    """The video's snippets in order, ``batch_size`` at a time (see the module docstring)."""
+    """The video's snippets in order, ``batch_size`` at a time (see the module docstring).
+
+    With ``flow``, a snippet's frames are optical flow (DeepMind's recipe, on the resized
+    frames, then cropped): flow tick t goes from timeline frame t to t + 1, so a video of N
+    frames has N − 1 flow ticks and a window of W flow ticks reads W + 1 frames.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    ticks = timeline.ticks
+    ticks = timeline.ticks - (flow is not None)
     starts = protocol.starts(ticks)
     if starts.size == 0:
         return
@@ -96,35 +106,28 @@ def snippet_batches(
     # a snippet is complete once the last tick inside the video it covers has arrived
     ready_at = np.minimum(starts + window, ticks) - 1
     last_tick = int(ready_at.max())
-    wanted = np.unique(timeline.source[: last_tick + 1])
-    held: dict[int, torch.Tensor] = {}  # tick -> its crops (crops, h, w, 3), while needed
-    boxes: list[tuple[T.Box, bool]] = []
+    last_frame = last_tick + (flow is not None)
+    wanted = np.unique(timeline.source[: last_frame + 1])
+    held: dict[int, torch.Tensor] = {}  # tick -> its crops (crops, h, w, channels), while needed
     batch: torch.Tensor | None = None
     pad_rows: list[np.ndarray] = []
     filled = 0
     done = 0  # snippets copied into batches so far
-    for chunk in chunked(reader.iter_frames(wanted), _CHUNK):
-        frames = torch.from_numpy(np.stack([frame for _, frame in chunk]))
-        frames = transform.resize(frames)
-        if not boxes:
-            boxes = transform.boxes(frames.shape[2], frames.shape[1])
-        cuts = [T.crop(frames, box) for box, _ in boxes]
-        crops = torch.stack(
-            [
-                T.flip(cut) if flipped else cut
-                for cut, (_, flipped) in zip(cuts, boxes, strict=True)
-            ],
-            dim=1,
-        )  # (n, crops, h, w, 3)
-        for i, (index, _) in enumerate(chunk):
-            lo, hi = np.searchsorted(timeline.source, [index, index + 1])
-            for tick in range(int(lo), min(int(hi), last_tick + 1)):
-                held[tick] = crops[i]
+    chunks = _tick_crops(reader, timeline, wanted, transform, last_frame)
+    items = (c.items for c in chunks) if flow is None else _flow_crops(chunks, transform, flow)
+    for group in items:
+        for tick, crops in group:
+            if tick <= last_tick:
+                held[tick] = crops
+        if not held:
+            continue
         newest = max(held)
         while done < starts.size and ready_at[done] <= newest:
             if batch is None:
                 count = min(batch_size, starts.size - done)
-                batch = empty_frames((count, window, *crops.shape[1:]))
+                sample = next(iter(held.values()))
+                shape = (count, window, *sample.shape)
+                batch = empty_frames(shape, sample.dtype)
                 pad_rows, filled = [], 0
             ticks_of = _window_ticks(int(starts[done]), window, ticks, protocol.tail)
             inside = (ticks_of >= 0) & (ticks_of < ticks)
@@ -150,6 +153,80 @@ def snippet_batches(
         )
 
 
+@attrs.frozen
+class _Chunk:
+    """A chunk of decoded frames: (tick, crops) of every tick they show, the resized frames,
+    and which of them each tick shows."""
+
+    items: list[tuple[int, torch.Tensor]]
+    frames: torch.Tensor
+    frame_of_tick: dict[int, int]
+
+
+def _tick_crops(
+    reader: VideoReader,
+    timeline: Timeline,
+    wanted: np.ndarray,
+    transform: FrameTransform,
+    last_tick: int,
+) -> Iterator[_Chunk]:
+    """Per chunk of decoded frames, (tick, its crops) of every tick up to ``last_tick`` they
+    show: uint8 (crops, h, w, 3), resized and cut once per decoded frame."""
+    boxes: list[tuple[T.Box, bool]] = []
+    for chunk in chunked(reader.iter_frames(wanted), _CHUNK):
+        frames = torch.from_numpy(np.stack([frame for _, frame in chunk]))
+        frames = transform.resize(frames)
+        if not boxes:
+            boxes = transform.boxes(frames.shape[2], frames.shape[1])
+        crops = _cut(frames, boxes)  # (n, crops, h, w, 3)
+        items, frame_of_tick = [], {}
+        for i, (index, _) in enumerate(chunk):
+            lo, hi = np.searchsorted(timeline.source, [index, index + 1])
+            for tick in range(int(lo), min(int(hi), last_tick + 1)):
+                items.append((tick, crops[i]))
+                frame_of_tick[tick] = i
+        yield _Chunk(items, frames, frame_of_tick)
+
+
+def _cut(frames: torch.Tensor, boxes: list[tuple[T.Box, bool]]) -> torch.Tensor:
+    """Every crop of (n, H, W, C) frames, mirrored where the crop says: (n, crops, h, w, C)."""
+    cuts = [T.crop(frames, box) for box, _ in boxes]
+    return torch.stack(
+        [T.flip(cut) if flipped else cut for cut, (_, flipped) in zip(cuts, boxes, strict=True)],
+        dim=1,
+    )
+
+
+def _flow_crops(
+    chunks: Iterator[_Chunk], transform: FrameTransform, flow: FlowConfig
+) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Flow tick t (timeline frame t to t + 1) of every tick pair, as float32 crops
+    (crops, h, w, 2) in [-1, 1]: greyscale resized frames, TV-L1, DeepMind's scaling, then
+    the same crops as the RGB stream (mirrored crops are mirrored, x not negated)."""
+    from i3d.flow.recipe import pair_flow, rgb_to_gray, scale_flow
+
+    previous: tuple[int, np.ndarray] | None = None  # the last tick seen and its grey frame
+    boxes: list[tuple[T.Box, bool]] = []
+    for chunk in chunks:
+        grey = rgb_to_gray(chunk.frames.numpy())
+        firsts, seconds, flow_ticks = [], [], []
+        for tick in sorted(chunk.frame_of_tick):
+            frame = grey[chunk.frame_of_tick[tick]]
+            if previous is not None and previous[0] == tick - 1:
+                firsts.append(previous[1])
+                seconds.append(frame)
+                flow_ticks.append(tick - 1)
+            previous = (tick, frame)
+        if not flow_ticks:
+            continue
+        field = scale_flow(pair_flow(np.stack(firsts), np.stack(seconds), flow), flow.bound)
+        field = field.permute(0, 2, 3, 1).contiguous()  # (n, H, W, 2)
+        if not boxes:
+            boxes = transform.boxes(field.shape[2], field.shape[1])
+        crops = _cut(field, boxes)
+        yield list(zip(flow_ticks, crops, strict=True))
+
+
 def _window_ticks(start: int, window: int, ticks: int, tail: str) -> np.ndarray:
     """Timeline frame at each window position; outside [0, ticks) where the video is not
     (``loop`` wraps them onto the window's own frames instead)."""
@@ -170,14 +247,15 @@ def _batch(
     return SnippetBatch(views, mask, first, len(pad_rows), total)
 
 
-def snippet_times(timeline: Timeline, protocol: SnippetProtocol) -> np.ndarray:
+def snippet_times(timeline: Timeline, protocol: SnippetProtocol, flow: bool = False) -> np.ndarray:
     """(snippets, 6) float64 per snippet: first and one-past-last timeline frame, the same in
-    seconds (NaN without a frame rate), and the first and one-past-last decoded frame read."""
-    starts = protocol.starts(timeline.ticks)
+    seconds (NaN without a frame rate), and the first and one-past-last decoded frame read
+    (a flow window reads one frame after its last flow tick)."""
+    starts = protocol.starts(timeline.ticks - flow)
     ends = starts + protocol.window
     last = timeline.ticks - 1
     first_read = timeline.source[np.clip(starts, 0, last)]
-    end_read = timeline.source[np.clip(ends - 1, 0, last)] + 1
+    end_read = timeline.source[np.clip(ends - 1 + flow, 0, last)] + 1
     rate = timeline.fps or math.nan
     columns = [starts, ends, starts / rate, ends / rate, first_read, end_read]
     return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
