@@ -27,6 +27,63 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv")
 BACKENDS = ("pyav", "decord")
 
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+"""Pillow decoders a frame folder may use. Pillow picks its decoder by content, not by name,
+so without this list a "frame" could be PostScript (handed to Ghostscript) or another rarely
+used, riskier format."""
+
+VIDEO_FORMATS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,mpeg,mpegts,mpegvideo,flv,h264,hevc,"
+    "m4v,mjpeg,ivf,ogg,asf,nut,yuv4mpegpipe,wav,mp3"
+)
+"""FFmpeg demuxers PyAV may use: container formats of video files. Playlist and indirection
+demuxers (hls, concat, image sequences, ...) are not among them, and only the ``file``
+protocol is allowed, so a video never makes FFmpeg open the network or other files."""
+
+MAX_PIXELS_ENV = "I3D_MAX_FRAME_PIXELS"
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def max_frame_pixels() -> int:
+    """The largest frame (width × height) decoded: ``$I3D_MAX_FRAME_PIXELS``, else 8192²
+    (twice 8K UHD). A file claiming more is refused before anything is allocated."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise VideoDecodeError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number") from None
+    if limit < 1:
+        raise VideoDecodeError(f"{MAX_PIXELS_ENV} must be positive, got {limit}")
+    return limit
+
+
+def check_frame_size(path: Path, width: int, height: int) -> None:
+    """Refuse a frame (or canvas) larger than :func:`max_frame_pixels` before decoding it."""
+    limit = max_frame_pixels()
+    if width * height > limit:
+        raise VideoDecodeError(
+            f"{path}: frames of {width}x{height} ({width * height:,} pixels) exceed the limit of "
+            f"{limit:,} pixels; raise it with {MAX_PIXELS_ENV}=N if the file is trusted"
+        )
+
+
+def check_regular_file(path: Path, what: str = "video file") -> None:
+    """Refuse what is not a regular file (a FIFO, device or socket would block or never end)."""
+    if not path.exists():
+        raise VideoDecodeError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise VideoDecodeError(f"{path} is not a regular file (a FIFO, device or folder?)")
+
+
+def open_container(path: Path) -> av.container.InputContainer:
+    """A PyAV input container with only :data:`VIDEO_FORMATS` and the file protocol allowed."""
+    import av
+
+    options = {"protocol_whitelist": "file", "format_whitelist": VIDEO_FORMATS}
+    return av.open(str(path), mode="r", options=options)
+
 
 class VideoDecodeError(ValueError):
     """A video (or frame directory) cannot be opened or the requested frames cannot be decoded."""
@@ -108,16 +165,22 @@ class PyAVReader(VideoReader):
         from av.video.reformatter import VideoReformatter
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise VideoDecodeError(f"video file {self.path} does not exist")
+        check_regular_file(self.path)
         try:
-            self._container = av.open(str(self.path), mode="r")
+            self._container = open_container(self.path)
+        except av.ArgumentError:  # what FFmpeg says when a demuxer is not allowed
+            raise VideoDecodeError(
+                f"{self.path}: not a readable video (not one of the container formats i3d "
+                "opens: mp4/mov, mkv/webm, avi, gif, mpeg, flv, ogg, ... ; or damaged)"
+            ) from None
         except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
             raise VideoDecodeError(f"{self.path}: not a readable video ({exc})") from exc
         try:
             if not self._container.streams.video:
                 raise VideoDecodeError(f"{self.path}: the file has no video stream")
             self._stream = self._container.streams.video[0]
+            codec = self._stream.codec_context
+            check_frame_size(self.path, int(codec.width or 0), int(codec.height or 0))
             if threads:
                 self._stream.thread_type = "AUTO"
             self._index_packets()
@@ -287,13 +350,20 @@ class FrameDirReader(VideoReader):
         from PIL import Image, UnidentifiedImageError
 
         file = self.path / self.template.format(self.start_index + index)
+        check_regular_file(file, "frame")
         try:
-            with Image.open(file) as img:
+            with Image.open(file, formats=IMAGE_FORMATS) as img:
+                check_frame_size(file, *img.size)
                 if img.mode.startswith("I"):  # 16/32-bit grey: RGB conversion would clip at 255
                     grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
                     return np.repeat(grey[..., None], 3, axis=-1)
                 return np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
+        except UnidentifiedImageError:
+            raise VideoDecodeError(
+                f"cannot read frame {file}: not a {'/'.join(IMAGE_FORMATS)} image (other formats "
+                "are not opened)"
+            ) from None
+        except (OSError, Image.DecompressionBombError) as exc:
             raise VideoDecodeError(f"cannot read frame {file}: {exc}") from exc
 
     def _iter_frames(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:

@@ -75,8 +75,10 @@ def video_cost(path: str | os.PathLike[str]) -> int:
 def _header_frames(path: Path) -> int:
     import av
 
+    from i3d.data.decode import open_container
+
     try:
-        with av.open(str(path), mode="r") as container:
+        with open_container(path) as container:
             if not container.streams.video:
                 return 1
             stream = container.streams.video[0]

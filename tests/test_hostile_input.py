@@ -1,0 +1,74 @@
+"""Hostile input (issue 15): only trusted decoders, no blocking on special files, frame sizes
+checked before anything is allocated; each gives a one-line VideoDecodeError."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+from videogen import write_video
+
+from i3d.data.decode import VideoDecodeError, open_video
+
+
+def _frames_dir(tmp_path, count=3):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(1, count + 1):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"img_{i:05d}.jpg")
+    return folder
+
+
+def test_a_postscript_frame_is_never_handed_to_ghostscript(tmp_path):
+    folder = _frames_dir(tmp_path)
+    (folder / "img_00002.jpg").write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    )
+    with open_video(folder) as reader, pytest.raises(VideoDecodeError, match="not a JPEG/PNG"):
+        reader.get_frames([0, 1])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_are_refused_before_anything_opens_them(tmp_path):
+    folder = _frames_dir(tmp_path)
+    os.unlink(folder / "img_00003.jpg")
+    os.mkfifo(folder / "img_00003.jpg")  # opening it would block forever
+    with open_video(folder) as reader, pytest.raises(VideoDecodeError, match="not a regular file"):
+        reader.get_frames([2])
+    os.mkfifo(tmp_path / "video.mp4")
+    with pytest.raises(VideoDecodeError, match="not a regular file"):
+        open_video(tmp_path / "video.mp4")
+
+
+def test_a_png_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    folder = _frames_dir(tmp_path, count=1)
+    Image.new("1", (6000, 6000)).save(folder / "img_00001.png")  # 4.5 MB of pixels, tiny file
+    monkeypatch.setenv("I3D_MAX_FRAME_PIXELS", str(4000 * 4000))
+    from i3d.data.decode import open_frames_dir
+
+    with pytest.raises(VideoDecodeError, match=r"exceed the limit of 16,000,000 pixels.*I3D_MAX"):
+        open_frames_dir(folder, template="img_{:05d}.png")
+    monkeypatch.setenv("I3D_MAX_FRAME_PIXELS", str(6000 * 6000))
+    assert open_frames_dir(folder, template="img_{:05d}.png").size == (6000, 6000)
+
+
+def test_a_gif_claiming_a_huge_canvas_is_refused(tmp_path):
+    path = tmp_path / "big.gif"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[6:10] = struct.pack("<HH", 16000, 16000)  # logical screen: 256 megapixels
+    path.write_bytes(bytes(data))
+    with pytest.raises(VideoDecodeError, match="16000x16000"):
+        open_video(path)
+
+
+def test_indirection_demuxers_are_not_used(tmp_path):
+    """FFmpeg's concat demuxer (picked by content) would read another file; it is not allowed."""
+    write_video(tmp_path / "real.mp4", 3)
+    playlist = tmp_path / "clip.mp4"
+    playlist.write_text("ffconcat version 1.0\nfile 'real.mp4'\n")
+    with pytest.raises(VideoDecodeError, match="not a readable video"):
+        open_video(playlist)
