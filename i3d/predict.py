@@ -48,6 +48,21 @@ class InputError(ValueError):
     """A command-line input (file, directory, glob) names no video."""
 
 
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or inf for a video (bad weights or preprocessing metadata)."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Refuse NaN or inf model outputs: they would pass as a confident answer (NaN sorts
+    first) instead of showing that the weights or their preprocessing are broken."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise NonFiniteOutputError(
+            f"the model's {what} hold {bad} NaN/inf values of {values.numel()}; the weights or "
+            "their preprocessing (mean, std, value range: `i3d inspect W`) are broken"
+        )
+
+
 def default_weights() -> Path:
     """The pulled Kinetics-400 model, or an error asking for ``--weights``."""
     try:
@@ -320,6 +335,7 @@ class Predictor:
 
     def _average(self, logits: torch.Tensor) -> np.ndarray:
         """Scores (K,) of a video from its views' logits (V, K), as the weights average."""
+        check_finite(logits, "class scores")
         return average_views(logits[None], self.average)[0].numpy()
 
     def predict(self, path: str | os.PathLike[str]) -> Prediction:

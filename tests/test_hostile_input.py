@@ -72,3 +72,20 @@ def test_indirection_demuxers_are_not_used(tmp_path):
     playlist.write_text("ffconcat version 1.0\nfile 'real.mp4'\n")
     with pytest.raises(VideoDecodeError, match="not a readable video"):
         open_video(playlist)
+
+
+def test_nan_outputs_fail_the_video_instead_of_passing_as_an_answer(tmp_path):
+    """Absurd preprocessing metadata (std 1e-38) makes the input inf and the logits NaN."""
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+    from i3d.features import SnippetExtractor, SnippetProtocol
+    from i3d.weights.format import load_model
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"), std=(1e-38,) * 3)
+    video = write_video(tmp_path / "v.mp4", 20, width=48, height=40)
+    result = CliRunner().invoke(app, ["predict", str(video), "--weights", str(weights)])
+    assert result.exit_code == 1 and "NaN/inf" in result.output and "i3d inspect" in result.output
+    with pytest.raises(ValueError, match="NaN/inf"):  # refused when probing the window
+        SnippetExtractor(load_model(weights), SnippetProtocol(8, 8))

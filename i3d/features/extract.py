@@ -30,6 +30,7 @@ from i3d.features.snippets import (
 )
 from i3d.flow.recipe import FlowConfig
 from i3d.models import InputShapeError
+from i3d.predict import check_finite
 
 
 @attrs.frozen(eq=False)
@@ -233,6 +234,7 @@ class SnippetExtractor:
         with torch.no_grad():
             maps = self.model.endpoints(x.to(param.device, param.dtype), [self.protocol.endpoint])
         pooled = pool_map(maps[self.protocol.endpoint], self.protocol.pool)
+        check_finite(pooled, "features")
         return pooled.to("cpu", torch.float32).view(batch.count, self.protocol.crops, -1)
 
     def _probe(self) -> int:

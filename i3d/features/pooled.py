@@ -16,7 +16,7 @@ import torch
 
 from i3d.data.datasets import auto_workers, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
-from i3d.predict import VIDEO_ERRORS, ViewProgress, check_path_list
+from i3d.predict import VIDEO_ERRORS, ViewProgress, check_finite, check_path_list
 
 POOLS = ("mean", "none")
 
@@ -66,6 +66,7 @@ def _piece_maps(
                 on_views(done, total)
             x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
             maps = model.endpoints(x, [endpoint])[endpoint]
+            check_finite(maps, "features")
             out.append(maps.flatten(2).mean(dim=2) if pool == "mean" and maps.ndim > 2 else maps)
             done += len(chunk)
     if on_views is not None and done == total:
