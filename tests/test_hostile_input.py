@@ -89,3 +89,27 @@ def test_nan_outputs_fail_the_video_instead_of_passing_as_an_answer(tmp_path):
     assert result.exit_code == 1 and "NaN/inf" in result.output and "i3d inspect" in result.output
     with pytest.raises(ValueError, match="NaN/inf"):  # refused when probing the window
         SnippetExtractor(load_model(weights), SnippetProtocol(8, 8))
+
+
+def test_a_pickle_cannot_patch_allow_listed_functions(tmp_path):
+    """GLOBAL torch._utils._rebuild_tensor_v2, then BUILD with a slot state: the C unpickler
+    would setattr its __defaults__ for the rest of the process. Refused; a later load works."""
+    import torch
+    import torch._utils
+
+    from i3d.weights.safe_pickle import UnsafePickleError, load_checkpoint, loads_restricted
+
+    name = b"__defaults__"
+    payload = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X" + len(name).to_bytes(4, "little")
+        + name + b"K\x01\x85s\x86b."
+    )  # fmt: skip
+    before = torch._utils._rebuild_tensor_v2.__defaults__
+    with pytest.raises(UnsafePickleError, match="sets attributes on '_rebuild_tensor_v2'"):
+        loads_restricted(payload)
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == before
+    for target in (b"ctorch\nTensor\n", b"cbuiltins\ndict\n"):
+        with pytest.raises(UnsafePickleError, match="sets attributes"):
+            loads_restricted(b"\x80\x02" + target + b"N}\x86b.")
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "ok.pth")["w"], torch.arange(4.0))

@@ -20,7 +20,7 @@ import pickle
 import types
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -128,11 +128,41 @@ def _numpy_global(module: str, name: str) -> Any:
     return getattr(np, name)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` goes through :func:`resolve_global`."""
+_SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose ``find_class`` goes through :func:`resolve_global` and whose BUILD
+    never touches an object shared with the rest of the process.
+
+    BUILD sets attributes (``__setstate__``, or ``setattr`` of its state) on the object below
+    it; on an allow-listed global (a torch rebuild function, ``torch.Tensor``) that would
+    patch it for every later load in the process. The pure-Python unpickler is used because
+    its opcode table can be given a checked BUILD (a copy: the module's table is untouched).
+    """
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._shared: set[int] = set()  # ids of the globals this load resolved
 
     def find_class(self, module: str, name: str) -> Any:
-        return resolve_global(module, name)
+        obj = resolve_global(module, name)
+        self._shared.add(id(obj))
+        return obj
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # BUILD pops its state, then updates the object below it
+        if id(target) in self._shared or isinstance(target, _SHARED_KINDS):
+            name = getattr(target, "__name__", type(target).__name__)
+            raise UnsafePickleError(
+                f"refusing to load: the pickle sets attributes on {name!r}, a function or "
+                "class shared with the rest of the program (the file may be malicious)"
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 # torch.load accepts any module exposing Unpickler/load; this one is restricted.
