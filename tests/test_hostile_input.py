@@ -3,6 +3,7 @@ checked before anything is allocated; each gives a one-line VideoDecodeError."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -113,3 +114,23 @@ def test_a_pickle_cannot_patch_allow_listed_functions(tmp_path):
             loads_restricted(b"\x80\x02" + target + b"N}\x86b.")
     torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.pth")
     assert torch.equal(load_checkpoint(tmp_path / "ok.pth")["w"], torch.arange(4.0))
+
+
+def test_the_npy_feature_store_resumes_after_a_kill_at_any_point(tmp_path):
+    """Killed after a video's file but before the index was rewritten, or mid-write (a temp
+    file left): the next run knows the folder, counts the video as done, and cleans up."""
+    import torch
+
+    from i3d.features.store import FeatureSetting, open_feature_store
+
+    setting = FeatureSetting("layer4", "mean", "ab" * 32, "val 1x1")
+    out = tmp_path / "feats"
+    store = open_feature_store(out, setting)  # the index exists from the start
+    store.add(tmp_path / "a.mp4", torch.ones(3))  # ... then "kill -9": no save()
+    (out / ".b-1234.npy.x1y2.tmp").write_bytes(b"half a file")
+    again = open_feature_store(out, setting)
+    assert again.has(tmp_path / "a.mp4") and not again.has(tmp_path / "b.mp4")
+    assert not list(out.glob(".*.tmp"))
+    again.save()
+    index = json.loads((out / "index.json").read_text())
+    assert list(index["files"].values()) == [str(tmp_path / "a.mp4")]

@@ -29,7 +29,7 @@ from i3d.features.extract import SnippetExtractor, VideoSnippets
 from i3d.features.output import SnippetFolder, check_ids, video_id
 from i3d.features.protocol import SnippetProtocol
 from i3d.flow.recipe import FlowConfig
-from i3d.utils.files import sha256_file
+from i3d.utils.files import remove_stale_temporaries, sha256_file
 
 
 @attrs.frozen
@@ -222,8 +222,10 @@ def extract_snippets(
     keys = [str(p) for p in paths]
     rank0 = not env_launched() or os.environ.get("RANK", "0") == "0"
     with folder.locked() if rank0 else contextlib.nullcontext():
-        if rank0 and folder.parts.is_dir():
-            _recover(folder)
+        if rank0:
+            remove_stale_temporaries(folder.path)  # left by a killed run's writers
+            if folder.parts.is_dir():
+                _recover(folder)
         old = folder.records()
         processor = functools.partial(_processor, job=job)
         if on_progress is not None and world_size == 1 and not env_launched():

@@ -16,7 +16,7 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.utils.files import OutputError, atomic_path, ensure_dir
+from i3d.utils.files import OutputError, atomic_path, ensure_dir, remove_stale_temporaries
 
 
 @attrs.frozen
@@ -78,6 +78,7 @@ class SafetensorsFeatures:
         from safetensors import SafetensorError, safe_open
 
         self.path, self.setting = path, setting
+        remove_stale_temporaries(path.parent if str(path.parent) else Path("."), path.name)
         self.tensors: dict[str, torch.Tensor] = {}
         self.videos: list[str] = []
         if path.exists():
@@ -136,6 +137,9 @@ class NpyFeatures:
             raise OutputError(f"{index} is not a readable features index ({exc})") from exc
         setting.check(path, {k: v for k, v in stored.items() if k in SETTING_KEYS})
         self.index: dict[str, str] = stored.get("files", {})
+        remove_stale_temporaries(path)
+        if not index.is_file():  # the folder is ours from the start: a killed run resumes
+            self.save()
 
     @staticmethod
     def name(video: Path) -> str:
@@ -143,7 +147,13 @@ class NpyFeatures:
         return f"{video.stem}-{digest}.npy"
 
     def has(self, video: Path) -> bool:
-        return (self.path / self.name(video)).is_file()
+        """Whether the video's file is there: written (atomically) under this folder's
+        settings, also by a run killed before it updated the index, which this one does."""
+        name = self.name(video)
+        if not (self.path / name).is_file():
+            return False
+        self.index.setdefault(name, str(video))
+        return True
 
     def add(self, video: Path, features: torch.Tensor) -> None:
         name = self.name(video)

@@ -115,3 +115,22 @@ def exclusive_lock(lock: str | os.PathLike[str], what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the file releases the lock
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = None) -> int:
+    """Remove what :func:`atomic_path` leaves when a run is killed mid-write: ``.NAME.*.tmp``
+    files in ``folder`` (of output ``name``, or of any). Call it only while holding the
+    output's lock, so no live writer's temp file is taken. Returns how many were removed."""
+    folder = Path(folder)
+    prefix = f".{name}." if name is not None else "."
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and entry.is_file():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed += 1
+    return removed
