@@ -33,6 +33,7 @@ from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accu
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
 from i3d.models.recognizer import average_views
 from i3d.utils.files import atomic_path
+from i3d.utils.untrusted import load_json
 from i3d.weights.format import WeightsError, WeightsInfo, read_info
 
 DEFAULT_MODEL = "i3d_inception_k400_rgb"
@@ -551,7 +552,7 @@ def read_predictions(path: str | os.PathLike[str]) -> list[Scored]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = load_json(line, f"{path}:{number}")
             scored.append(
                 Scored(
                     str(record["path"]),

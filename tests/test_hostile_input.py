@@ -134,3 +134,26 @@ def test_the_npy_feature_store_resumes_after_a_kill_at_any_point(tmp_path):
     again.save()
     index = json.loads((out / "index.json").read_text())
     assert list(index["files"].values()) == [str(tmp_path / "a.mp4")]
+
+
+def test_deeply_nested_metadata_is_a_one_line_error(tmp_path):
+    """JSON nested 100k deep in a weights file's labels: no RecursionError traceback."""
+    from safetensors.torch import load_file, save_file
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+    from i3d.utils.untrusted import load_json
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta["i3d.labels"] = "[" * 100_000 + "]" * 100_000
+    save_file(load_file(str(weights)), str(tmp_path / "deep.safetensors"), metadata=meta)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "deep.safetensors")])
+    assert result.exit_code == 1 and "nested too deeply" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ValueError, match="more than the 10 read"):
+        load_json("[1, 2, 3, 4, 5]", "x", max_bytes=10)

@@ -24,6 +24,7 @@ import numpy as np
 
 from i3d.features.extract import VideoSnippets
 from i3d.utils.files import OutputError, atomic_path, ensure_dir, exclusive_lock, sha256_file
+from i3d.utils.untrusted import load_json
 
 MANIFEST = "manifest.jsonl"
 PARTS = ".i3d-parts"
@@ -85,7 +86,7 @@ class SnippetFolder:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = load_json(line, f"{manifest}:{number}")
                 records[str(record["path"])] = record
             except (ValueError, KeyError, TypeError):
                 raise OutputError(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from i3d.utils.files import OutputError, atomic_path, ensure_dir, remove_stale_temporaries
+from i3d.utils.untrusted import load_json
 
 
 @attrs.frozen
@@ -62,12 +63,12 @@ def _stored_metadata(meta: dict[str, str]) -> dict[str, object] | None:
     """Settings and ``videos`` of a features file's metadata (the one-key form, or the
     per-key ``i3d.<name>`` form of earlier versions), or None if it is not a features file."""
     if FEATURES_KEY in meta:
-        data = json.loads(meta[FEATURES_KEY])
+        data = load_json(meta[FEATURES_KEY], FEATURES_KEY)
         return data if isinstance(data, dict) and "videos" in data else None
     if "i3d.videos" not in meta or "i3d.endpoint" not in meta:
         return None
     data: dict[str, object] = {k: meta[f"i3d.{k}"] for k in SETTING_KEYS if f"i3d.{k}" in meta}
-    data["videos"] = json.loads(meta["i3d.videos"])
+    data["videos"] = load_json(meta["i3d.videos"], "i3d.videos")
     return data
 
 
@@ -132,7 +133,7 @@ class NpyFeatures:
             )
         ensure_dir(path)
         try:
-            stored = json.loads(index.read_text()) if index.is_file() else {}
+            stored = load_json(index.read_text(), str(index)) if index.is_file() else {}
         except (OSError, ValueError) as exc:
             raise OutputError(f"{index} is not a readable features index ({exc})") from exc
         setting.check(path, {k: v for k, v in stored.items() if k in SETTING_KEYS})

@@ -23,6 +23,7 @@ from i3d.fvd.frechet import frechet_distance
 from i3d.fvd.inputs import FVDInputError, VideoSet, open_videos
 from i3d.fvd.protocols import Protocol, Role, get_protocol
 from i3d.fvd.stats import ActivationStats
+from i3d.utils.untrusted import load_json
 
 STATS_KEY = "i3d.fvd"
 STATS_FORMAT = 1
@@ -304,7 +305,7 @@ def load_stats(path: str | os.PathLike[str]) -> FVDStats:
             meta = fh.metadata() or {}
             if STATS_KEY not in meta:
                 raise FVDInputError(f"{bad} (no {STATS_KEY} record; make one with i3d fvd-stats)")
-            record = json.loads(meta[STATS_KEY])
+            record = load_json(meta[STATS_KEY], STATS_KEY)
             dim = int(record["dim"])
             want = {"mean": (dim,), "m2": (dim, dim)}
             if set(fh.keys()) != set(want):

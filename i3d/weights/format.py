@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from i3d.models import build_model, config_from_dict, config_to_dict
 from i3d.models.config import ConfigError
 from i3d.utils.files import atomic_path
+from i3d.utils.untrusted import load_json
 from i3d.weights.preprocessing import Preprocessing
 
 FORMAT_VERSION = "1"
@@ -109,8 +110,8 @@ class WeightsInfo:
                 f"reads format {FORMAT_VERSION}"
             )
         try:
-            config = config_from_dict(json.loads(meta["i3d.config"]))
-            labels = json.loads(meta.get("i3d.labels", "null"))
+            config = config_from_dict(load_json(meta["i3d.config"], "i3d.config"))
+            labels = load_json(meta.get("i3d.labels", "null"), "i3d.labels")
             prep = Preprocessing.from_dict(_json_object(meta, "i3d.preprocessing"))
             prov = Provenance(**_json_object(meta, "i3d.provenance"))
             return cls(config=config, labels=labels, preprocessing=prep, provenance=prov)
@@ -120,7 +121,7 @@ class WeightsInfo:
 
 def _json_object(meta: dict[str, str], key: str) -> dict[str, Any]:
     """The JSON object stored under ``key`` (``{}`` when absent); anything else is refused."""
-    value = json.loads(meta.get(key, "{}"))
+    value = load_json(meta.get(key, "{}"), key)
     if not isinstance(value, dict):
         raise WeightsError(f"{key} must be a JSON object, got {type(value).__name__}")
     return value
