@@ -157,3 +157,22 @@ def test_deeply_nested_metadata_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.output
     with pytest.raises(ValueError, match="more than the 10 read"):
         load_json("[1, 2, 3, 4, 5]", "x", max_bytes=10)
+
+
+def test_weight_files_record_a_tensor_digest_that_loading_checks(tmp_path):
+    """Changing tensor bytes in place (header untouched) is caught by load_model."""
+    from tinymodel import save_tiny_weights
+
+    from i3d.weights.format import WeightsError, load_model, verify_tensors
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    load_model(weights)
+    verify_tensors(weights)
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # the last tensor's last bytes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="does not match the digest"):
+        load_model(weights)
+    with pytest.raises(WeightsError, match="does not match the digest"):
+        verify_tensors(weights)
+    load_model(weights, verify=False)  # the opt-out, for speed on trusted files

@@ -313,12 +313,17 @@ def small_weights(tmp_path_factory) -> Path:
 
 
 def _tampered(src: Path, dst: Path, meta: dict | None = None, **tensors) -> Path:
-    """Copy of ``src`` with metadata entries and tensors replaced."""
+    """Copy of ``src`` with metadata entries and tensors replaced; with new tensors, without
+    the tensor digest (as a file another tool made), so the checks behind it are reached."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from i3d.weights.format import DIGEST_KEY
+
     with safe_open(str(src), "pt") as fh:
         metadata = {**fh.metadata(), **(meta or {})}
+    if tensors:
+        metadata.pop(DIGEST_KEY, None)
     save_file({**load_file(str(src)), **tensors}, str(dst), metadata=metadata)
     return dst
 

@@ -30,7 +30,7 @@ from typing import IO, Any
 import attrs
 
 from i3d.utils.files import atomic_path, sha256_file
-from i3d.weights.format import WeightsError, read_info
+from i3d.weights.format import WeightsError, read_info, verify_tensors
 
 CACHE_ENV = "I3D_CACHE"
 MIRROR_ENV = "I3D_WEIGHTS_MIRROR"
@@ -184,8 +184,11 @@ def weights_path(entry: HubEntry | str, cache: str | os.PathLike[str] | None = N
     return Path(cache or cache_dir()) / "weights" / f"{name}.safetensors"
 
 
-def damage(entry: HubEntry | str, cache: str | os.PathLike[str] | None = None) -> str | None:
-    """Why the cached file of ``entry`` is unreadable (truncated, corrupt), or None if it is not.
+def damage(
+    entry: HubEntry | str, cache: str | os.PathLike[str] | None = None, tensors: bool = True
+) -> str | None:
+    """Why the cached file of ``entry`` is unreadable (truncated, corrupt) or was modified
+    (its tensors against their recorded digest; ``tensors=False``: the header only), or None.
 
     None also when nothing is cached: only a file that exists can be damaged.
     """
@@ -194,6 +197,8 @@ def damage(entry: HubEntry | str, cache: str | os.PathLike[str] | None = None) -
         return None
     try:
         read_info(path)
+        if tensors:
+            verify_tensors(path)
     except WeightsError as exc:  # the cause, not read_info's advice for user-given files
         return str(exc.__cause__ or exc)
     return None
@@ -204,7 +209,7 @@ def resolve(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
     path = weights_path(name, cache)
     if not path.is_file():
         raise HubError(f"weights {name!r} are not pulled yet; run `i3d weights pull {name}`")
-    problem = damage(name, cache)
+    problem = damage(name, cache, tensors=False)  # loading the file checks its tensors
     if problem is not None:
         raise HubError(
             f"the cached weights {name!r} ({path}) are damaged ({problem}); run "
