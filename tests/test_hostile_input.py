@@ -176,3 +176,24 @@ def test_weight_files_record_a_tensor_digest_that_loading_checks(tmp_path):
     with pytest.raises(WeightsError, match="does not match the digest"):
         verify_tensors(weights)
     load_model(weights, verify=False)  # the opt-out, for speed on trusted files
+
+
+def test_a_legacy_tar_checkpoint_with_a_fifo_member_is_refused(tmp_path):
+    """torch.load extracts a tar checkpoint's members; a FIFO one would block it forever."""
+    import io
+    import tarfile
+
+    from i3d.weights.format import WeightsError
+    from i3d.weights.safe_pickle import load_checkpoint
+
+    path = tmp_path / "legacy.pth"
+    with tarfile.open(path, "w") as tar:
+        for name in ("pickle", "tensors"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\x80\x02N."))
+        fifo = tarfile.TarInfo("storages")
+        fifo.type = tarfile.FIFOTYPE
+        tar.addfile(fifo)
+    with pytest.raises(WeightsError, match="'storages' is not a regular file"):
+        load_checkpoint(path)

@@ -17,6 +17,7 @@ import copyreg
 import io
 import os
 import pickle
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -179,6 +180,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise WeightsError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise WeightsError(f"checkpoint {path} is empty (0 bytes)")
+    _check_tar_members(path)
     try:
         return torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
@@ -191,6 +193,31 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _check_tar_members(path: Path) -> None:
+    """torch's oldest checkpoint format is a tar that ``torch.load`` extracts to a temporary
+    folder: refuse one with a member that is not a regular file (a FIFO would block the
+    load forever, a link would point elsewhere) or that claims more bytes than the file has."""
+    try:
+        if not tarfile.is_tarfile(path):
+            return
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError):
+        return  # not a tar after all: torch.load reports what it is
+    size = path.stat().st_size
+    for member in members:
+        if not member.isfile():
+            raise WeightsError(
+                f"{path}: archive member {member.name!r} is not a regular file (a FIFO, link or "
+                "device); refusing to load it"
+            )
+        if member.size > size:
+            raise WeightsError(
+                f"{path}: archive member {member.name!r} claims {member.size:,} bytes, more than "
+                f"the {size:,}-byte file holds"
+            )
 
 
 def loads_restricted(data: bytes) -> Any:
