@@ -85,8 +85,8 @@ WorldSizeOpt = Annotated[
         "--world-size",
         min=1,
         help="Processes, one per device (cpu, cuda:N, npu:N), each taking a share of the "
-        "videos; under torchrun the job's ranks. Results are kept per video in OUT.parts/ "
-        "so a rerun finishes only what is missing.",
+        "videos; under torchrun the job's ranks. Results are kept per video (OUT.parts/, "
+        "snippet folders: DIR/.i3d-parts/) so a rerun finishes only what is missing.",
     ),
 ]
 
