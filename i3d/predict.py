@@ -7,6 +7,7 @@ averaged as the weights say (mmaction ``average_clips``: ``prob`` = softmax, the
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -24,6 +25,8 @@ from i3d.data.datasets import (
     UnknownClassError,
     auto_workers,
     check_labels,
+    finish_pieces,
+    in_input_order,
     iter_pieces,
     load_annotations,
     match_classes,
@@ -374,35 +377,8 @@ class Predictor:
         check_path_list(paths)
         workers = auto_workers(len(paths)) if workers is None else workers
         pieces = iter_pieces(paths, self.pipeline, workers, VIDEO_ERRORS, self.clips_per_piece)
-        finished: dict[int, np.ndarray | str] = {}
-        given = 0
-        for index, result in self._finish_videos(pieces, on_views):
-            finished[index] = result  # workers interleave videos; results keep the input order
-            while given in finished:
-                yield finished.pop(given)
-                given += 1
-
-    def _finish_videos(
-        self, pieces: Iterable[tuple[int, ViewPiece | str]], on_views: ViewProgress | None
-    ) -> Iterator[tuple[int, np.ndarray | str]]:
-        """(video index, scores or error) as each video's last piece has been run."""
-        logits: dict[int, list[torch.Tensor]] = {}
-        failed: set[int] = set()
-        for index, piece in pieces:
-            if index in failed:
-                continue
-            if isinstance(piece, str):  # it could not be read (after any pieces it gave)
-                logits.pop(index, None)
-                yield index, piece
-                continue
-            try:
-                logits.setdefault(index, []).append(self._piece_logits(piece, on_views))
-                if piece.last:
-                    yield index, self._average(join_pieces(logits.pop(index), piece.crops))
-            except VIDEO_ERRORS as exc:
-                logits.pop(index, None)
-                failed.add(index)
-                yield index, str(exc)
+        run = functools.partial(self._piece_logits, on_views=on_views)
+        yield from in_input_order(finish_pieces(pieces, run, self._average, VIDEO_ERRORS))
 
 
 def predict_videos(

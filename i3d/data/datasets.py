@@ -13,16 +13,16 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError, open_frames_dir, open_video
-from i3d.data.pipeline import Pipeline, ViewPiece
+from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
 from i3d.data.rng import sample_rng
 
 log = logging.getLogger(__name__)
@@ -470,3 +470,49 @@ def iter_pieces(
         prefetch_factor=1,
         worker_init_fn=worker_init,
     )
+
+
+_Result = TypeVar("_Result")
+
+
+def in_input_order(results: Iterable[tuple[int, _Result]]) -> Iterator[_Result]:
+    """Values that arrive as (input index, value) in any order (decoding workers interleave
+    videos), yielded in index order 0, 1, 2, ... as soon as each is next."""
+    finished: dict[int, _Result] = {}
+    given = 0
+    for index, value in results:
+        finished[index] = value
+        while given in finished:
+            yield finished.pop(given)
+            given += 1
+
+
+def finish_pieces(
+    pieces: Iterable[tuple[int, ViewPiece | str]],
+    run: Callable[[ViewPiece], torch.Tensor],
+    finish: Callable[[torch.Tensor], _Result],
+    errors: tuple[type[BaseException], ...],
+) -> Iterator[tuple[int, _Result | str]]:
+    """(source index, result or error text) as each source's last piece has run.
+
+    ``run`` maps a piece to its per-view outputs; at a source's last piece they are joined in
+    view order (:func:`~i3d.data.pipeline.join_pieces`) and given to ``finish``. A source
+    that could not be read, or whose piece raised one of ``errors``, yields its error once.
+    """
+    outputs: dict[int, list[torch.Tensor]] = {}
+    failed: set[int] = set()
+    for index, piece in pieces:
+        if index in failed:
+            continue
+        if isinstance(piece, str):  # it could not be read (after any pieces it gave)
+            outputs.pop(index, None)
+            yield index, piece
+            continue
+        try:
+            outputs.setdefault(index, []).append(run(piece))
+            if piece.last:
+                yield index, finish(join_pieces(outputs.pop(index), piece.crops))
+        except errors as exc:
+            outputs.pop(index, None)
+            failed.add(index)
+            yield index, str(exc)

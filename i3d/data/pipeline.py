@@ -252,11 +252,7 @@ class Pipeline:
                 self.random_crop,
             )
             return [(box, bool(rng.random() < self.flip_ratio))]
-        if self.num_crops == 1:
-            return [(T.center_box(width, height, self.crop_size), False)]
-        if self.num_crops == 3:
-            return [(box, False) for box in T.three_boxes(width, height, self.crop_size)]
-        return [(box, f) for box in T.five_boxes(width, height, self.crop_size) for f in (0, 1)]
+        return T.view_boxes(width, height, self.crop_size, self.num_crops)
 
     def _output_size(self, box: T.Box) -> tuple[int, int]:
         """(width, height) of one view's frames."""

@@ -152,6 +152,18 @@ def five_boxes(width: int, height: int, size: int | Sequence[int]) -> list[Box]:
     return [(x, y, x + crop_w, y + crop_h) for x, y in offsets]
 
 
+def view_boxes(width: int, height: int, size: int, crops: int) -> list[tuple[Box, bool]]:
+    """(box, mirrored) of mmaction's test crops: the centre (1), ThreeCrop (3), or TenCrop
+    (10: each of the five boxes, then its mirror)."""
+    if crops == 1:
+        return [(center_box(width, height, size), False)]
+    if crops == 3:
+        return [(box, False) for box in three_boxes(width, height, size)]
+    if crops == 10:
+        return [(box, flip) for box in five_boxes(width, height, size) for flip in (False, True)]
+    raise ValueError(f"test crops are 1, 3 or 10, not {crops}")
+
+
 def center_crop(frames: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """Centre crop of ``size`` (int or (w, h))."""
     height, width = frames.shape[1:3]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from i3d.data.datasets import auto_workers, worker_init
+from i3d.data.datasets import auto_workers, in_input_order, worker_init
 from i3d.data.decode import open_video
 from i3d.features.frames import FrameTransform, frame_transform
 from i3d.features.protocol import SnippetProtocol
@@ -175,13 +175,7 @@ class SnippetExtractor:
                 prefetch_factor=2,
                 worker_init_fn=worker_init,
             )
-        done: dict[int, VideoSnippets] = {}
-        given = 0
-        for index, result in self._finish(paths, stream, errors):
-            done[index] = result  # workers interleave videos; results keep the input order
-            while given in done:
-                yield done.pop(given)
-                given += 1
+        yield from in_input_order(self._finish(paths, stream, errors))
 
     def video(self, path: str | os.PathLike[str]) -> VideoSnippets:
         """Features of one video, decoded in this process."""

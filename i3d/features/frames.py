@@ -69,12 +69,8 @@ class FrameTransform:
         size = self.crop_size
         if size > min(width, height):
             raise ValueError(f"crop size {size} does not fit in the {width}x{height} resized frame")
-        if self.crops == 1:
-            return [(T.center_box(width, height, size), False)]
-        if self.crops == 3:
-            return [(box, False) for box in T.three_boxes(width, height, size)]
-        if self.crop_order == "mmaction":  # each of five boxes, then its mirror
-            return [(b, flip) for b in T.five_boxes(width, height, size) for flip in (False, True)]
+        if self.crops != 10 or self.crop_order == "mmaction":
+            return T.view_boxes(width, height, size, self.crops)
         five = _torchvision_five if self.crop_order == "torchvision" else _oversample_five
         plain = [(box, False) for box in five(width, height, size)]
         # the same five boxes taken on the mirrored frame, in the original frame's coordinates

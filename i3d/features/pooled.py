@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from i3d.data.datasets import auto_workers, iter_pieces
+from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
 from i3d.predict import VIDEO_ERRORS, ViewProgress, check_finite, check_path_list
 
@@ -122,40 +122,12 @@ def iter_features(
     workers = auto_workers(len(paths)) if workers is None else workers
     size = _clips_per_piece(pipeline, batch_size)
     pieces = iter_pieces(paths, pipeline, workers, VIDEO_ERRORS, size)
-    finished: dict[int, torch.Tensor | str] = {}
-    given = 0
-    for index, result in _videos(model, pipeline, pieces, endpoint, pool, batch_size, on_views):
-        finished[index] = result  # workers interleave videos; results keep the input order
-        while given in finished:
-            yield finished.pop(given)
-            given += 1
 
+    def run(piece: ViewPiece) -> torch.Tensor:
+        maps = _piece_maps(model, pipeline, piece, endpoint, pool, batch_size, on_views)
+        return maps.to(device="cpu", dtype=torch.float32)
 
-def _videos(
-    model: torch.nn.Module,
-    pipeline: Pipeline,
-    pieces: Iterable[tuple[int, ViewPiece | str]],
-    endpoint: str,
-    pool: str,
-    batch_size: int,
-    on_views: ViewProgress | None,
-) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """(video index, features or error) as each video's last piece has run."""
-    parts: dict[int, list[torch.Tensor]] = {}
-    failed: set[int] = set()
-    for index, piece in pieces:
-        if index in failed:
-            continue
-        if isinstance(piece, str):  # it could not be read (after any pieces it gave)
-            parts.pop(index, None)
-            yield index, piece
-            continue
-        try:
-            maps = _piece_maps(model, pipeline, piece, endpoint, pool, batch_size, on_views)
-            parts.setdefault(index, []).append(maps.to(device="cpu", dtype=torch.float32))
-            if piece.last:
-                yield index, _finish(join_pieces(parts.pop(index), piece.crops), pool)
-        except VIDEO_ERRORS as exc:
-            parts.pop(index, None)
-            failed.add(index)
-            yield index, str(exc)
+    def finish(per_view: torch.Tensor) -> torch.Tensor:
+        return _finish(per_view, pool)
+
+    yield from in_input_order(finish_pieces(pieces, run, finish, VIDEO_ERRORS))
