@@ -8,6 +8,7 @@ Distance: ``i3d.fvd(real, fake)``), ``i3d.cli`` (command line).
 
 __version__ = "0.1.0"
 
+import i3d._torch_env  # noqa: F401  (first: it must run before anything imports torch)
 from i3d import fvd  # callable: i3d.fvd(real, fake) is i3d.fvd.api.fvd
 from i3d.models import build_model, get_preset, preset_names
 from i3d.weights.format import WeightsInfo, load_model, load_weights, read_info, save_weights

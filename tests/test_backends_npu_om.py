@@ -7,9 +7,13 @@ static-batch splitting and error surfacing. Nothing here ran on a real NPU.
 from __future__ import annotations
 
 import importlib.machinery
+import json
+import os
+import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +107,108 @@ def test_npu_without_torch_npu_or_cann_says_which(tmp_path, monkeypatch, tiny):
         load_runner(tiny, backend="npu")
     info = get_backend("npu").is_available()
     assert not info.ok and "set_env.sh" in info.install_hint
+
+
+def _broken_torch_npu_site(root: Path) -> Path:
+    """A site dir with a fake torch_npu 2.13.0 shaped like the real wheel on a host without CANN.
+
+    Its dist-info declares torch's ``torch.backends`` entry point ``torch_npu:_autoload`` and
+    its ``import torch_npu.npu`` fails as the real one does when libhccl.so cannot be found.
+    """
+    site = root / "site"
+    pkg = site / "torch_npu"
+    (pkg / "npu").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import torch\nimport torch_npu.npu\n\n\ndef _autoload():\n    pass\n"
+    )
+    (pkg / "npu" / "__init__.py").write_text(
+        "raise ImportError('libhccl.so: cannot open shared object file: No such file or "
+        "directory. Please check that the cann package is installed.')\n"
+    )
+    meta = site / "torch_npu-2.13.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.13.0\n")
+    (meta / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+    return site
+
+
+#: one process, commands run as the console script runs them (``from i3d.cli.main import app``)
+CLI_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from typer.testing import CliRunner
+    from i3d.cli.main import app
+    runs = [CliRunner().invoke(app, args) for args in json.loads(sys.argv[1])]
+    print(json.dumps([[r.exit_code, r.stdout] for r in runs]))
+    """
+)
+
+
+def test_cli_runs_next_to_a_torch_npu_without_cann(tmp_path, monkeypatch):
+    from tinymodel import save_tiny_weights
+    from videogen import write_video
+
+    site = _broken_torch_npu_site(tmp_path)
+    with monkeypatch.context() as patch:  # the fake fails in torch's auto-load as the wheel does
+        patch.syspath_prepend(str(site))
+        with pytest.raises(RuntimeError, match="Failed to load the backend extension: torch_npu"):
+            torch._import_device_backends()
+    env = {**os.environ, "COLUMNS": "400"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)  # this process's `import i3d` set it
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    video = write_video(tmp_path / "v.mp4", 20, width=48, height=32)
+    predict = ["predict", str(video), "--weights", str(weights), "--device", "cpu", "--json"]
+    commands = json.dumps([["--help"], ["backends"], predict])
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_SCRIPT, commands],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (help_code, _), (list_code, listing), (predict_code, predicted) = json.loads(done.stdout)
+    assert help_code == 0 and list_code == 0 and predict_code == 0, predicted
+    (row,) = [line for line in listing.splitlines() if line.strip("│ ").startswith("npu")]
+    assert "torch_npu is installed but the CANN runtime is missing (libhccl.so" in row
+    assert "set_env.sh" in row
+    assert {t["label"] for t in json.loads(predicted)["top"]} == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("raising", "expected"),
+    [
+        (
+            "ImportError('libascendcl.so: cannot open shared object file')",
+            r"CANN runtime is missing \(libascendcl\.so.*; install the Ascend CANN",
+        ),
+        (
+            "OSError('libhccl.so: cannot open shared object file')",
+            r"CANN runtime is missing \(libhccl\.so.*; install the Ascend CANN",
+        ),
+        (
+            "RuntimeError('Cannot register two accelerators: CUDA is already in use')",
+            r"CUDA build of torch .*; install the CPU build of torch next to torch_npu",
+        ),
+        (
+            "Exception('ASCEND_HOME_PATH /opt/nowhere is not a CANN install')",
+            r"rejected the CANN setup \(ASCEND_HOME_PATH.*; install the Ascend CANN",
+        ),
+    ],
+)
+def test_every_torch_npu_import_failure_is_one_line(tmp_path, monkeypatch, raising, expected):
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    broken = tmp_path / "torch_npu"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(f"raise {raising}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailable, match=expected) as caught:
+        npu_backend.import_torch_npu()
+    assert "\n" not in str(caught.value)
+    info = get_backend("npu").is_available()
+    assert not info.ok and info.reason and info.install_hint in str(caught.value)
+    assert not str(caught.value).startswith(info.install_hint)
 
 
 FAKE_INTERFACE = textwrap.dedent(

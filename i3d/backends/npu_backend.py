@@ -25,13 +25,19 @@ from i3d.backends.base import (
 )
 from i3d.backends.torch_backend import DEFAULT_BATCH_SIZE, TORCH_OPTIONS, TorchRunner, parse_flag
 
+_TORCH_RELEASE = torch.__version__.split("+")[0]
 TORCH_NPU_HINT = (
-    "pip install torch-npu whose version matches torch "
-    f"{torch.__version__.split('+')[0]} (see https://gitee.com/ascend/pytorch releases)"
+    f"pip install torch-npu=={_TORCH_RELEASE} (the release matching torch {_TORCH_RELEASE}; "
+    "see https://gitcode.com/ascend/pytorch); on x86 torch must be the CPU build: pip install "
+    f"torch=={_TORCH_RELEASE} --index-url https://download.pytorch.org/whl/cpu"
 )
 CANN_HINT = (
     "install the Ascend CANN toolkit and driver, then `source "
     "/usr/local/Ascend/ascend-toolkit/set_env.sh` before running i3d"
+)
+CPU_TORCH_HINT = (
+    "install the CPU build of torch next to torch_npu: pip install "
+    f"torch=={_TORCH_RELEASE} --index-url https://download.pytorch.org/whl/cpu"
 )
 
 NPU_OPTIONS = {
@@ -42,18 +48,41 @@ NPU_OPTIONS = {
 
 
 def import_torch_npu() -> ModuleType:
-    """Import torch_npu, turning a missing package or missing CANN into a clear error."""
+    """Import torch_npu, sorting every way it fails on a broken setup into a one-line error.
+
+    The message is ``what went wrong; how to fix it`` (:class:`BackendUnavailable`).
+    """
     if importlib.util.find_spec("torch_npu") is None:
         raise BackendUnavailable(f"torch_npu is not installed; {TORCH_NPU_HINT}")
     try:
         return importlib.import_module("torch_npu")
-    except (ImportError, OSError) as exc:
-        text = str(exc)
+    except (ImportError, OSError) as exc:  # libhccl.so / libascendcl.so not found
+        text = _first_line(exc)
         if re.search(r"lib(ascend|hccl|acl|ge_|runtime|opapi)|Ascend|\.so", text, re.IGNORECASE):
             raise BackendUnavailable(
                 f"torch_npu is installed but the CANN runtime is missing ({text}); {CANN_HINT}"
             ) from exc
         raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
+    except RuntimeError as exc:  # a CUDA build of torch already owns the accelerator slot
+        text = _first_line(exc)
+        if re.search(r"accelerator|cuda", text, re.IGNORECASE):
+            raise BackendUnavailable(
+                f"torch_npu cannot load into a CUDA build of torch ({text}); {CPU_TORCH_HINT}"
+            ) from exc
+        raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
+    except Exception as exc:  # torch_npu raises a bare Exception for a wrong ASCEND_HOME_PATH
+        text = _first_line(exc)
+        if "ASCEND" in text.upper():
+            raise BackendUnavailable(
+                f"torch_npu rejected the CANN setup ({text}); {CANN_HINT}"
+            ) from exc
+        raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type name."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    return next((line for line in lines if line), type(exc).__name__)
 
 
 def parse_npu_device(device: str | None) -> int:
@@ -88,8 +117,10 @@ class NpuBackend:
         try:
             torch_npu = import_torch_npu()
         except BackendUnavailable as exc:
-            hint = CANN_HINT if "CANN" in str(exc) else TORCH_NPU_HINT
-            return Availability(ok=False, reason=str(exc).split(";")[0], install_hint=hint)
+            text = str(exc)
+            hint = next(h for h in (CANN_HINT, CPU_TORCH_HINT, TORCH_NPU_HINT) if text.endswith(h))
+            reason = text.removesuffix(hint).removesuffix("; ")
+            return Availability(ok=False, reason=reason, install_hint=hint)
         version = getattr(torch_npu, "__version__", None)
         count = torch_npu.npu.device_count()
         if count == 0:
