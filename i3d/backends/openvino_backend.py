@@ -1,0 +1,337 @@
+"""OpenVINO on the CPU: models converted once per clip shape, cached on disk, run as async requests.
+
+The torch model is converted with ``openvino.convert_model`` (from a TorchScript trace, or
+``torch.export`` where tracing cannot convert; exact to ~1e-6), checked against torch on natural
+frames, and saved as OpenVINO IR. The compiled model of each precision and mode is saved
+beside it, so a second run imports it in seconds. Each clip is one infer request; a batch of
+clips (e.g. a video's 30 views) runs as concurrent requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from i3d.backends.base import (
+    Availability,
+    BackendError,
+    BackendUnavailable,
+    ClipRunner,
+    check_options,
+    check_precision,
+    labels_of,
+    preprocessing_of,
+    resolve_model,
+    thread_count,
+)
+from i3d.backends.check_input import natural_clips_for
+from i3d.backends.torch_backend import parse_flag
+from i3d.utils.files import atomic_path
+
+INSTALL_HINT = 'pip install "i3d[openvino]" (or: pip install openvino)'
+DEFAULT_CHUNK = 30  # clips handed to the request queue at once: a 30-view video
+CHECK_RTOL = 1e-4  # max|openvino - torch| / max|torch| allowed for a converted model
+CACHE_FORMAT = "1"  # part of every cache key; change it when the conversion changes
+OPENVINO_OPTIONS = {
+    "mode": "latency (default) or throughput: OpenVINO's PERFORMANCE_HINT",
+    "threads": "int, OpenVINO inference threads (INFERENCE_NUM_THREADS)",
+    "cache": "bool, keep converted and compiled models in the i3d cache (default: true for "
+    "weight files, false for in-memory models)",
+}
+#: precision -> (OpenVINO element type name, the CPU capability it needs)
+OV_PRECISIONS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
+MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module, or :class:`BackendUnavailable` saying how to install it."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendUnavailable(f"{missing_reason(exc)}; {INSTALL_HINT}") from exc
+    return openvino
+
+
+def missing_reason(exc: ImportError) -> str:
+    """Why ``import openvino`` failed, in a few words: absent, or installed but broken."""
+    if isinstance(exc, ModuleNotFoundError) or "None in sys.modules" in str(exc):
+        return "openvino is not installed"
+    return f"openvino is installed but cannot be imported ({exc})"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``openvino/`` in the i3d cache (``$I3D_CACHE`` overrides)."""
+    from i3d.weights.hub import cache_dir
+
+    return cache_dir() / "openvino"
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's class, config and tensors: equal digests convert identically."""
+    from i3d.models import config_to_dict
+    from i3d.weights.format import tensor_digest
+
+    config = getattr(model, "config", None)
+    described = {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": config_to_dict(config) if config is not None else None,
+        "tensors": tensor_digest(model.state_dict().items()),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def ir_key(digest: str, clip: tuple[int, ...], version: str) -> str:
+    """Cache key of a converted model: weights digest, clip shape (C, T, H, W), versions."""
+    text = json.dumps([CACHE_FORMAT, digest, list(clip), version])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cpu_capabilities(core: Any) -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin can compute here (FP32, BF16, FP16, INT8, ...)."""
+    return tuple(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def compile_config(precision: str, mode: str, threads: int | None) -> dict[str, str]:
+    """CPU plugin properties; the precision is always explicit (bf16 CPUs default to bf16)."""
+    config = {
+        "INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision][0],
+        "PERFORMANCE_HINT": MODES[mode],
+    }
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return config
+
+
+class OpenVinoRunner(ClipRunner):
+    """Clips through OpenVINO's CPU plugin; one compiled model per clip shape, built on demand."""
+
+    backend = "openvino"
+    device = "cpu"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: str,
+        batch_size: int | None,
+        mode: str,
+        threads: int | None,
+        cache: Path | None,
+    ) -> None:
+        super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
+        self.ov = import_openvino()
+        self.core = self.ov.Core()
+        self.version = self.ov.get_version()
+        self.labels = labels_of(model)
+        self.precision = precision
+        self.mode = mode
+        self.config = compile_config(precision, mode, threads)
+        self.model = model
+        self.digest = model_digest(model)
+        self.cache = cache
+        self.queues: dict[tuple[int, ...], Any] = {}
+        #: where each clip shape's compiled model came from: converted, ir cache, compiled cache
+        self.sources: dict[tuple[int, ...], str] = {}
+
+    def _queue_for(self, clip: tuple[int, ...]) -> Any:
+        if clip not in self.queues:
+            compiled = self._compiled(clip)
+            got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            if got != self.config["INFERENCE_PRECISION_HINT"]:
+                raise BackendError(
+                    f"OpenVINO compiled the model for {got}, not the {self.precision} asked "
+                    "for (the CPU cannot run it); use --precision fp32"
+                )
+            jobs = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            self.queues[clip] = self.ov.AsyncInferQueue(compiled, max(jobs, 1))
+        return self.queues[clip]
+
+    def _compiled(self, clip: tuple[int, ...]) -> Any:
+        """The compiled model for ``clip``: imported, compiled from cached IR, or converted."""
+        if self.cache is None:
+            self.sources[clip] = "converted"
+            return self.core.compile_model(self._convert(clip), "CPU", self.config)
+        key = ir_key(self.digest, clip, self.version)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        blob = self.cache / f"{key}-{self._compiled_suffix()}.blob"
+        if blob.is_file():
+            with contextlib.suppress(RuntimeError):  # damaged, or from another CPU: rebuild
+                compiled = self.core.import_model(blob.read_bytes(), "CPU", self.config)
+                self.sources[clip] = "compiled cache"
+                return compiled
+        xml = self.cache / f"{key}.xml"
+        ir = None
+        if xml.is_file():
+            with contextlib.suppress(RuntimeError):
+                ir = self.core.read_model(str(xml))
+                self.sources[clip] = "ir cache"
+        if ir is None:
+            ir = self._convert(clip)
+            save_ir(self.ov, ir, xml)
+            self.sources[clip] = "converted"
+        compiled = self.core.compile_model(ir, "CPU", self.config)
+        stream = io.BytesIO()
+        compiled.export_model(stream)
+        with atomic_path(blob) as tmp:
+            tmp.write_bytes(stream.getvalue())
+        return compiled
+
+    def _compiled_suffix(self) -> str:
+        """Compile settings and the CPU, for the compiled model's file name."""
+        cpu = self.core.get_property("CPU", "FULL_DEVICE_NAME")
+        text = json.dumps([self.config, cpu])
+        return f"{self.precision}-{self.mode}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+    def _convert(self, clip: tuple[int, ...]) -> Any:
+        """Convert the torch model for (1, *clip) input and check it against torch (fp32)."""
+        shape = (1, *clip)
+        where = f"; cached in {self.cache}" if self.cache is not None else ""
+        print(
+            f"openvino: converting the model for clips {'×'.join(map(str, clip))} "
+            f"(first use only{where})",
+            file=sys.stderr,
+        )
+        check = natural_clips_for(self.model, shape)
+        try:
+            with torch.no_grad():
+                expected = self.model(check).float().numpy()
+        except (RuntimeError, ValueError) as exc:  # clips too short or small for the strides
+            raise BackendError(f"the model failed on clips {shape}: {exc}") from exc
+        if not np.isfinite(expected).all():
+            raise BackendError(
+                "torch gives non-finite logits on natural frames; the weights are broken, "
+                "so the conversion cannot be checked"
+            )
+        ir = to_openvino(self.ov, self.model, check)
+        exact = self.core.compile_model(ir, "CPU", compile_config("fp32", "latency", None))
+        got = exact(check.numpy())[0]
+        rel = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
+        if not rel <= CHECK_RTOL:
+            raise BackendError(
+                f"OpenVINO disagrees with torch on the converted model: relative logit "
+                f"difference {rel:.3g} > {CHECK_RTOL:g}; use --backend torch"
+            )
+        return ir
+
+    def _run(self, clips: torch.Tensor) -> torch.Tensor:
+        queue = self._queue_for(tuple(clips.shape[1:]))
+        outputs: list[np.ndarray | None] = [None] * clips.shape[0]
+
+        def done(request: Any, index: int) -> None:
+            outputs[index] = request.get_output_tensor(0).data.copy()
+
+        queue.set_callback(done)
+        try:
+            for index in range(clips.shape[0]):
+                queue.start_async({0: clips[index : index + 1].numpy()}, index)
+            queue.wait_all()
+        except RuntimeError as exc:
+            raise BackendError(
+                f"OpenVINO inference failed on clips {tuple(clips.shape)}: {exc}"
+            ) from exc
+        if any(out is None for out in outputs):
+            raise BackendError("OpenVINO returned no output for some clips")
+        return torch.from_numpy(np.concatenate(outputs))
+
+
+def to_openvino(ov: ModuleType, model: nn.Module, example: torch.Tensor) -> Any:
+    """An OpenVINO model for ``example``'s shape: from a TorchScript trace (the faster
+    build), else from ``torch.export``, whose static shapes make shape-derived values (such
+    as Inception's TF-SAME padding) constants that the TorchScript route cannot convert."""
+    shape = list(example.shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and exporter notices
+        try:
+            # tracing here without trace checking halves convert_model's own tracing time
+            traced = torch.jit.trace(model, example, check_trace=False)
+            return ov.convert_model(traced, example_input=example, input=[shape])
+        except Exception:  # the converter raises many types; torch.export may still work
+            pass
+        try:
+            return ov.convert_model(torch.export.export(model, (example,)))
+        except Exception as exc:  # as above
+            raise BackendError(
+                f"openvino.convert_model failed: {type(exc).__name__}: {conversion_failure(exc)}"
+            ) from exc
+
+
+def conversion_failure(exc: Exception) -> str:
+    """The useful part of a converter error: its summary of failed operations, if any."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    failed = [line.removeprefix("-- ") for line in lines if line.startswith("-- ")]
+    return "; ".join(failed) if failed else (lines[0] if lines else "no message")
+
+
+def save_ir(ov: ModuleType, ir: Any, xml: Path) -> None:
+    """Save IR as ``xml`` + ``.bin`` atomically: both are written aside, the ``.bin`` renamed
+    first, so a reader that finds the ``.xml`` finds its weights complete."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{xml.stem}.", dir=xml.parent))
+    try:
+        ov.save_model(ir, str(folder / "model.xml"), compress_to_fp16=False)
+        os.replace(folder / "model.bin", xml.with_suffix(".bin"))
+        os.replace(folder / "model.xml", xml)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class OpenVinoBackend:
+    """OpenVINO's CPU plugin: fp32 (exact), bf16 / fp16 where the CPU has the units."""
+
+    name = "openvino"
+
+    def is_available(self) -> Availability:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return Availability(False, missing_reason(exc), None, INSTALL_HINT)
+        capabilities = ", ".join(cpu_capabilities(ov.Core()))
+        return Availability(
+            True, f"CPU: {capabilities}", importlib.metadata.version("openvino"), INSTALL_HINT
+        )
+
+    def load(
+        self,
+        weights_or_model: Any,
+        device: str | None,
+        precision: str,
+        batch_size: int | None,
+        **options: Any,
+    ) -> OpenVinoRunner:
+        check_options(options, OPENVINO_OPTIONS, self.name)
+        check_precision(precision, tuple(OV_PRECISIONS), self.name)
+        if (device or "cpu").strip().lower() != "cpu":
+            raise BackendError(f"the openvino backend runs on cpu, not {device!r}")
+        mode = str(options.get("mode", "latency")).lower()
+        if mode not in MODES:
+            raise BackendError(f"option mode must be latency or throughput, got {mode!r}")
+        threads = thread_count(options, self.name)
+        ov = import_openvino()
+        capabilities = cpu_capabilities(ov.Core())
+        needed = OV_PRECISIONS[precision][1]
+        if needed not in capabilities:
+            raise BackendError(
+                f"precision {precision} needs a CPU with {precision} units (OpenVINO's CPU "
+                f"plugin offers {', '.join(capabilities)} here); use --precision fp32"
+            )
+        from_file = isinstance(weights_or_model, str | os.PathLike)
+        cache = cache_root() if parse_flag(options, "cache", from_file) else None
+        model = resolve_model(weights_or_model)
+        if not from_file:  # the caller's module: snapshot it before changing dtype or mode
+            model = copy.deepcopy(model)
+        model = model.float().eval()
+        return OpenVinoRunner(model, precision, batch_size, mode, threads, cache)

@@ -1,0 +1,167 @@
+"""The openvino backend: conversion checked against torch, the on-disk cache, precision
+refusals, the CLI, and the message when openvino is not installed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from tinymodel import save_tiny_weights
+from typer.testing import CliRunner
+from videogen import write_video
+
+from i3d.backends import BackendError, BackendUnavailable, get_backend, load_runner
+from i3d.backends import openvino_backend as ovb
+from i3d.cli.main import app
+
+LABELS = ("walk", "run", "jump", "swim", "sit")
+CLIP = (3, 8, 32, 32)  # the tiny weights' test clip (C, T, H, W)
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private i3d cache for the module (the openvino cache lives under it)."""
+    root = tmp_path_factory.mktemp("i3d_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("I3D_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def converted(cache, tmp_path_factory):
+    """Tiny weights converted once (fp32, latency) and their logits on two samples × 2 views."""
+    pytest.importorskip("openvino")
+    weights = save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", LABELS)
+    x = torch.randn(2, 2, *CLIP, generator=torch.Generator().manual_seed(0))
+    runner = load_runner(weights, backend="openvino")
+    return weights, x, runner, runner.predict(x)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_fp32_conversion_matches_torch_and_keeps_views_and_labels(converted):
+    weights, x, runner, logits = converted
+    expected = load_runner(weights, backend="torch").predict(x)
+    assert logits.shape == (2, 2, len(LABELS))
+    assert _rel(logits, expected) <= 1e-4
+    assert runner.labels == LABELS and runner.precision == "fp32"
+    assert runner.sources == {CLIP: "converted"}
+
+
+def test_second_load_imports_the_compiled_model_from_the_cache(converted, cache):
+    weights, x, _, logits = converted
+    again = load_runner(weights, backend="openvino")
+    assert torch.equal(again.predict(x), logits)
+    assert again.sources == {CLIP: "compiled cache"}
+    files = sorted(p.suffix for p in (cache / "openvino").iterdir())
+    assert files == [".bin", ".blob", ".xml"]  # no temp files left behind
+
+
+def test_other_mode_compiles_from_the_cached_ir(converted):
+    weights, x, _, logits = converted
+    runner = load_runner(weights, backend="openvino", mode="throughput")
+    assert _rel(runner.predict(x), logits) <= 1e-5
+    assert runner.sources == {CLIP: "ir cache"}
+
+
+def test_a_damaged_compiled_model_is_rebuilt(converted, cache):
+    weights, x, _, logits = converted
+    for blob in (cache / "openvino").glob("*-fp32-latency-*.blob"):
+        blob.write_bytes(b"not a compiled model")
+    runner = load_runner(weights, backend="openvino")
+    assert _rel(runner.predict(x), logits) <= 1e-5
+    assert runner.sources == {CLIP: "ir cache"}
+
+
+def test_other_weights_or_clip_shape_convert_again(converted, tmp_path):
+    weights, x, _, _ = converted
+    other = save_tiny_weights(tmp_path / "other.safetensors", LABELS[:4])
+    runner = load_runner(other, backend="openvino")
+    runner.predict(x[:1, 0])
+    longer = load_runner(weights, backend="openvino")
+    longer.predict(torch.randn(1, 3, 10, 32, 32))
+    assert runner.sources == {CLIP: "converted"}
+    assert longer.sources == {(3, 10, 32, 32): "converted"}
+
+
+def test_in_memory_models_are_not_cached_unless_asked(converted):
+    weights, _, _, _ = converted
+    from i3d import load_model
+
+    assert load_runner(load_model(weights), backend="openvino").cache is None
+    assert load_runner(load_model(weights), backend="openvino", cache="true").cache is not None
+
+
+def test_reduced_precision_is_refused_without_the_cpu_units(converted, monkeypatch):
+    weights, _, _, _ = converted
+    monkeypatch.setattr(ovb, "cpu_capabilities", lambda core: ("FP32", "INT8"))
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(BackendError, match=rf"{precision} needs a CPU with {precision} units"):
+            load_runner(weights, backend="openvino", precision=precision)
+    with pytest.raises(BackendError, match="does not support precision 'int4'"):
+        load_runner(weights, backend="openvino", precision="int4")
+
+
+def test_a_precision_the_cpu_silently_drops_is_refused(converted, monkeypatch):
+    weights, x, _, _ = converted
+    core = ovb.import_openvino().Core()
+    if "BF16" in ovb.cpu_capabilities(core):
+        pytest.skip("this CPU has bf16 units")
+    monkeypatch.setattr(ovb, "cpu_capabilities", lambda core: ("FP32", "BF16"))
+    runner = load_runner(weights, backend="openvino", precision="bf16")
+    with pytest.raises(BackendError, match="compiled the model for f32, not the bf16"):
+        runner.predict(x)
+
+
+def test_bf16_keeps_top1_where_the_cpu_has_bf16(converted):
+    weights, x, _, logits = converted
+    if "BF16" not in ovb.cpu_capabilities(ovb.import_openvino().Core()):
+        pytest.skip("this CPU has no bf16 units")
+    got = load_runner(weights, backend="openvino", precision="bf16").predict(x)
+    assert torch.equal(got.argmax(-1), logits.argmax(-1))
+
+
+def test_option_and_device_errors_are_one_line(converted):
+    weights, _, _, _ = converted
+    with pytest.raises(BackendError, match="mode must be latency or throughput"):
+        load_runner(weights, backend="openvino", mode="fast")
+    with pytest.raises(BackendError, match="unknown option"):
+        load_runner(weights, backend="openvino", channels_last=True)
+    with pytest.raises(BackendError, match="runs on cpu, not 'cuda:0'"):
+        load_runner(weights, backend="openvino", device="cuda:0")
+
+
+def test_without_openvino_the_backend_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
+    info = get_backend("openvino").is_available()
+    assert not info.ok and 'pip install "i3d[openvino]"' in info.install_hint
+    with pytest.raises(BackendUnavailable, match=r"openvino is not installed.*i3d\[openvino\]"):
+        load_runner(tmp_path / "w.safetensors", backend="openvino")
+    result = cli.invoke(app, ["bench", "--backend", "openvino", "--iters", "1"])
+    assert result.exit_code != 0
+    assert "openvino is not installed" in result.output and "Traceback" not in result.output
+
+
+def test_cli_predict_and_bench_run_on_openvino(converted, tmp_path):
+    weights, _, _, _ = converted
+    video = write_video(tmp_path / "v.mp4", 24, width=48, height=32)
+    common = [str(video), "--weights", str(weights), "--json", "--all-scores"]
+    torch_out = cli.invoke(app, ["predict", *common])
+    ov_out = cli.invoke(app, ["predict", *common, "--backend", "openvino", "--batch-size", "2"])
+    assert torch_out.exit_code == 0 and ov_out.exit_code == 0, ov_out.output
+    want, got = (json.loads(r.stdout.splitlines()[-1]) for r in (torch_out, ov_out))
+    assert [t["label"] for t in got["top"]] == [t["label"] for t in want["top"]]
+    assert _rel(torch.tensor(got["scores"]), torch.tensor(want["scores"])) <= 1e-4
+    bench = cli.invoke(
+        app,
+        ["bench", "--backend", "openvino", "--weights", str(weights), "--iters", "1",
+         "--warmup", "0", "--json", "-O", "mode=throughput"],
+    )  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    result = json.loads(bench.stdout.splitlines()[-1])
+    assert result["backend"] == "openvino" and result["input_shape"] == [1, *CLIP]
