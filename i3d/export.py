@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.backends.base import BackendError, resolve_model
+from i3d.backends.base import BackendError, first_line, resolve_model
 from i3d.backends.check_input import natural_clips_for
 from i3d.utils.files import atomic_path
 from i3d.weights.format import WeightsError, WeightsInfo
@@ -30,6 +30,17 @@ INPUT_NAME = "clips"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 DEFAULT_OPSET = 18  # the torch.export-based exporter's native opset; 17 is converted down
+#: ``--format om`` goes lower (:func:`downgrade_opset`): CANN releases document ONNX opsets
+#: 9-13, 11-15 and 9-18, so 11 is the lowest every release in use takes
+MIN_OM_OPSET = 11
+#: i3d's OM precisions → ATC's --precision_mode and --precision_mode_v2 values
+OM_PRECISIONS = {
+    "fp32": ("must_keep_origin_dtype", "origin"),
+    "fp16": ("force_fp16", "fp16"),
+    "mixed": ("allow_mix_precision", "mixed_float16"),
+}
+#: ONNX metadata key, in the .onnx beside an .om, recording how ATC was asked to build it
+OM_BUILD_KEY = "i3d.om_build"
 
 #: hears each step of an export as it starts (a short lowercase phrase), as hub.pull's ``stage``
 Stage = Callable[[str], None]
@@ -58,6 +69,7 @@ class OmExport:
     command: tuple[str, ...]
     om_path: Path | None
     replaced_onnx: bool  # an earlier file at the ONNX path was overwritten
+    precision: str = "fp16"  # a key of OM_PRECISIONS
 
     @property
     def command_line(self) -> str:
@@ -323,16 +335,27 @@ def atc_command(
     om_stem: str | os.PathLike[str],
     shape: tuple[int | str, ...],
     soc: str,
+    precision: str = "fp16",
+    precision_v2: bool = False,
 ) -> tuple[str, ...]:
-    """The ATC call converting ``onnx_path`` to ``om_stem``.om for ``soc`` (static shape)."""
+    """The ATC call converting ``onnx_path`` to an OM under ``om_stem`` for ``soc`` (static shape).
+
+    ``precision`` (fp32, fp16, mixed) is always passed, as ``--precision_mode`` or with
+    ``precision_v2`` as ``--precision_mode_v2`` (CANN 8), so the OM's precision is known.
+    """
     if any(isinstance(d, str) for d in shape):
         raise ExportError("OM models need a static batch; pass --batch N, not dynamic")
+    if precision not in OM_PRECISIONS:
+        raise ExportError(
+            f"OM precision must be one of {', '.join(OM_PRECISIONS)}, got {precision!r}"
+        )
     dims = ",".join(str(d) for d in shape)
     # ATC's --input_format for ONNX models accepts NCHW (the default), NCDHW and ND (ND only
     # up to 4 dims): https://www.hiascend.com/document/detail/en/canncommercial/800/devaids/
     # atc/atlasatcparam_16_0015.html. NCDHW is the layout of a (B, C, T, H, W) clip; the
     # docs name no format for 6-D (B, V, C, T, H, W) input, which keeps the default NCHW.
     layout = "NCDHW" if len(shape) == 5 else "NCHW"
+    mode, mode_v2 = OM_PRECISIONS[precision]
     return (
         "atc",
         "--framework=5",
@@ -341,6 +364,7 @@ def atc_command(
         f"--input_format={layout}",
         f"--input_shape={INPUT_NAME}:{dims}",
         f"--soc_version={soc}",
+        f"--precision_mode_v2={mode_v2}" if precision_v2 else f"--precision_mode={mode}",
     )
 
 
@@ -353,45 +377,278 @@ def export_om(
     views: int | None = None,
     batch: int = 1,
     opset: int = DEFAULT_OPSET,
-    simplify: bool = False,
+    simplify: bool | None = None,
     stage: Stage | None = None,
+    precision: str = "fp16",
+    precision_v2: bool = False,
 ) -> OmExport:
     """Write ``path`` minus .om + ``.onnx``, then run ATC if it is on PATH (else only plan it).
 
     The ONNX file stays beside the OM on purpose: ATC drops ONNX metadata, so it is where
-    ``i3d predict`` finds the OM's labels and preprocessing. An existing file there is
-    replaced (``replaced_onnx`` says so). With ATC present the OM is produced under a temp
-    name and renamed onto ``path``. ``stage`` hears the ONNX export's steps, then ATC's.
+    ``i3d predict`` finds the OM's labels, preprocessing and build precision. An existing
+    file there is replaced (``replaced_onnx`` says so). The graph is made ATC-compatible
+    (max-pools' pads folded in, ``opset`` down to 11, onnxsim when installed unless
+    ``simplify=False``) and checked with onnxruntime. With ATC present the OM is built in a
+    temporary folder and renamed onto ``path``. ``stage`` hears each step as it starts.
     """
     stage = stage or (lambda _what: None)
     path = Path(path)
     if path.suffix != ".om":
         raise ExportError(f"OM output must end in .om, got {path}")
+    if not MIN_OM_OPSET <= opset <= DEFAULT_OPSET:
+        raise ExportError(
+            f"--format om takes --opset {MIN_OM_OPSET} to {DEFAULT_OPSET}, got {opset}"
+        )
     shape = input_shape(clip_len, size, views, batch)
-    atc_command("model.onnx", "model", shape, soc)  # validates the static shape before exporting
+    atc_command("model.onnx", "model", shape, soc, precision)  # validates before exporting
+    if simplify is None:  # as the seeds' om recipe did, whenever onnxsim is there
+        simplify = importlib.util.find_spec("onnxsim") is not None
     onnx_path = path.with_suffix(".onnx")
     replaced = onnx_path.exists()
+    model = resolve_model(weights_or_model)
+    # exported at 18: the exporter's own down-conversion fails on Inception's Pad nodes
     onnx_export = export_onnx(
-        weights_or_model, onnx_path, clip_len, size, views, batch, opset, simplify, stage=stage
+        model, onnx_path, clip_len, size, views, batch, DEFAULT_OPSET, simplify, stage=stage
     )
-    final = atc_command(onnx_export.path, path.with_suffix(""), onnx_export.input_shape, soc)
+    onnx_export = _atc_ready(model, onnx_export, opset, {"precision": precision, "soc": soc}, stage)
+    final = atc_command(
+        onnx_export.path, path.with_suffix(""), onnx_export.input_shape, soc, precision,
+        precision_v2,
+    )  # fmt: skip
     if shutil.which("atc") is None:
-        return OmExport(onnx_export, final, None, replaced)
+        return OmExport(onnx_export, final, None, replaced, precision)
     stage(f"converting to {path.name} (atc, soc {soc})")
     with _atc_temp_stem(path) as stem:
-        command = atc_command(onnx_export.path, stem, onnx_export.input_shape, soc)
+        command = atc_command(
+            onnx_export.path, stem, onnx_export.input_shape, soc, precision, precision_v2
+        )
         result = subprocess.run(command, capture_output=True, text=True, check=False)
-        produced = Path(f"{stem}.om")
-        if result.returncode != 0 or not produced.is_file():
+        if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip()[-2000:]
             raise ExportError(f"atc failed (exit {result.returncode}): {tail}")
-        os.replace(produced, path)
-    return OmExport(onnx_export, final, path, replaced)
+        os.replace(_produced_om(stem.parent), path)
+    return OmExport(onnx_export, final, path, replaced, precision)
+
+
+def _atc_ready(
+    model: torch.nn.Module,
+    exported: OnnxExport,
+    opset: int,
+    build: dict[str, str],
+    stage: Stage,
+) -> OnnxExport:
+    """Rewrite the exported ONNX for ATC, record ``build`` in it, and check it with onnxruntime.
+
+    Max-pools' Pad nodes become the pools' own pads, then the graph is rewritten for ``opset``.
+    """
+    import json
+
+    import onnx
+
+    stage(f"preparing the graph for atc (opset {opset})")
+    proto = onnx.load(str(exported.path))
+    fold_pads_into_pools(proto)
+    if opset < exported.opset:
+        downgrade_opset(proto, opset)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"the graph prepared for atc at opset {opset} is invalid: {first_line(exc)}; "
+            f"use a higher --opset (up to {DEFAULT_OPSET})"
+        ) from exc
+    kept = [p for p in proto.metadata_props if p.key != OM_BUILD_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = OM_BUILD_KEY, json.dumps(build)
+    stage("checking onnxruntime against torch")
+    with atomic_path(exported.path) as tmp:
+        onnx.save(proto, str(tmp))
+        check = torch.randn(
+            _concrete(exported.input_shape, 3), generator=torch.Generator().manual_seed(1)
+        )
+        max_abs, rel = verify_onnx(copy.deepcopy(model).float().eval(), tmp, check)
+        if not rel <= 1e-4:
+            raise ExportError(
+                f"onnxruntime disagrees with torch on the graph prepared for atc: max abs "
+                f"diff {max_abs:.3g}, relative {rel:.3g}; the ONNX file was not written"
+            )
+    return attrs.evolve(exported, opset=opset, max_abs_diff=max_abs, rel_diff=rel)
+
+
+def fold_pads_into_pools(proto: Any) -> int:
+    """Move each -inf Pad that only feeds MaxPools into their ``pads``; returns how many.
+
+    TF-SAME max-pools export as Pad(constant, -inf) + MaxPool, and ATC's Pad only takes 0.
+    MaxPool's own (asymmetric) pads never win the max, exactly as -inf cells do.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {out.name for out in graph.output}
+    folded = [pad for pad in graph.node if _fold_pad(pad, readers, constants, graph_outputs)]
+    for pad in folded:
+        graph.node.remove(pad)
+    return len(folded)
+
+
+def _fold_pad(
+    pad: Any, readers: dict[str, list[Any]], constants: dict[str, Any], outputs: set[str]
+) -> bool:
+    """Fold one Pad node into the MaxPools reading it, if that is exact; True when done."""
+    from onnx import helper
+
+    if pad.op_type != "Pad" or pad.output[0] in outputs:
+        return False
+    pools = readers.get(pad.output[0], [])
+    inputs = [*pad.input, "", "", ""][:4]
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    pads, value = constants.get(inputs[1]), constants.get(inputs[2])
+    if (
+        not pools
+        or any(p.op_type != "MaxPool" for p in pools)
+        or mode != b"constant"
+        or inputs[3]  # explicit axes
+        or pads is None
+        or value is None
+        or not np.isneginf(value).all()
+    ):
+        return False
+    flat = [int(v) for v in pads.reshape(-1)]
+    rank = len(flat) // 2
+    begin, end = flat[:rank], flat[rank:]
+    if min(flat) < 0 or begin[:2] != [0, 0] or end[:2] != [0, 0]:
+        return False  # negative pads crop; batch/channel pads are not a pool's to take
+    for pool in pools:
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in pool.attribute):
+            return False
+    for pool in pools:
+        own = next((list(a.ints) for a in pool.attribute if a.name == "pads"), None)
+        extra = begin[2:] + end[2:]
+        merged = [o + p for o, p in zip(own or [0] * len(extra), extra, strict=True)]
+        kept = [a for a in pool.attribute if a.name != "pads"]
+        del pool.attribute[:]
+        pool.attribute.extend([*kept, helper.make_attribute("pads", merged)])
+        pool.input[0] = pad.input[0]
+    return True
+
+
+#: ops whose versions from opset 11 to 18 differ only in the element types they accept
+#: (float32 graphs are unaffected) or in attributes i3d's exports never set
+_TYPE_ONLY_CHANGES = frozenset(
+    {
+        "Add", "AveragePool", "Cast", "Concat", "Constant", "Conv", "Div", "Flatten", "Gather",
+        "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Relu", "Sigmoid",
+        "Slice", "Sub", "Transpose",
+    }
+)  # fmt: skip
+
+
+def downgrade_opset(proto: Any, opset: int) -> None:
+    """Rewrite an opset-18 ONNX graph in place as an ``opset`` one (11 to 17), exactly.
+
+    onnx's version converter has no down-adapters for Relu-14, Add-14 or Concat-13 and leaves
+    ReduceMean-18's ``noop_with_empty_axes`` on ReduceMean-13, so the few ops whose signature
+    changed are rewritten here; anything else is refused. onnxruntime checks the result.
+    """
+    from onnx import defs, helper, numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        same = (
+            defs.get_schema(node.op_type, opset).since_version
+            == defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        )
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if same or node.op_type in _TYPE_ONLY_CHANGES:
+            if node.op_type == "Constant" and set(attributes) != {"value"}:
+                raise ExportError(f"cannot take a Constant with {sorted(attributes)} below 18")
+            continue
+        if node.op_type == "Reshape" and _allowzero_droppable(node, attributes, constants):
+            _drop_attributes(node, "allowzero")
+        elif node.op_type == "Pad" and not (len(node.input) > 3 and node.input[3]):
+            del node.input[3:]
+        elif node.op_type == "ReduceMean" and not attributes.get("noop_with_empty_axes"):
+            _drop_attributes(node, "noop_with_empty_axes")
+            if len(node.input) > 1 and node.input[1]:
+                if node.input[1] not in constants:
+                    raise ExportError("cannot take a ReduceMean with computed axes below 18")
+                axes = [int(a) for a in constants[node.input[1]].reshape(-1)]
+                node.attribute.append(helper.make_attribute("axes", axes))
+                del node.input[1:]
+        else:
+            raise ExportError(
+                f"cannot take {node.op_type} from opset {DEFAULT_OPSET} to {opset}; "
+                f"use a higher --opset (up to {DEFAULT_OPSET})"
+            )
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+
+
+def _allowzero_droppable(node: Any, attributes: dict[str, Any], constants: dict[str, Any]) -> bool:
+    """Whether dropping Reshape's ``allowzero`` keeps it exact: off, or a constant shape
+    without zeros (where 0 could mean "copy this dim" instead of "size 0")."""
+    if not attributes.get("allowzero"):
+        return True
+    shape = constants.get(node.input[1])
+    return shape is not None and 0 not in shape.reshape(-1).tolist()
+
+
+def _drop_attributes(node: Any, *names: str) -> None:
+    kept = [a for a in node.attribute if a.name not in names]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def read_om_build(onnx_path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The build settings :func:`export_om` recorded in ``onnx_path`` (None if it has none)."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    value = next((p.value for p in proto.metadata_props if p.key == OM_BUILD_KEY), None)
+    if value is None:
+        return None
+    try:
+        record = json.loads(value)
+    except ValueError as exc:
+        raise ExportError(f"{onnx_path}: unreadable {OM_BUILD_KEY} metadata: {exc}") from exc
+    if not isinstance(record, dict) or record.get("precision") not in OM_PRECISIONS:
+        raise ExportError(f"{onnx_path}: {OM_BUILD_KEY} metadata names no known precision")
+    return record
+
+
+def _produced_om(folder: Path) -> Path:
+    """The one .om ATC wrote in ``folder``; it may name it ``<stem>_<os>_<arch>.om``."""
+    produced = sorted(folder.glob("*.om"))
+    if len(produced) != 1:
+        found = ", ".join(p.name for p in produced) or "none"
+        raise ExportError(
+            f"atc reported success but wrote {len(produced)} .om files ({found}) in {folder}, "
+            "expected one; run the printed atc command by hand to see what it did"
+        )
+    return produced[0]
 
 
 @contextlib.contextmanager
 def _atc_temp_stem(path: Path) -> Iterator[Path]:
-    """A unique stem beside ``path`` for ATC to write ``<stem>.om``; leftovers are removed."""
+    """A stem in a new folder beside ``path`` for ATC to write its .om under; removed after."""
     folder = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
     try:
         yield folder / path.stem

@@ -90,6 +90,12 @@ def check_options(options: dict[str, Any], accepted: dict[str, str], backend: st
         )
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (else its type name): one-line errors."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    return next((line for line in lines if line), type(exc).__name__)
+
+
 def thread_count(options: dict[str, Any], backend: str) -> int | None:
     """The ``threads`` option as a positive int (it may arrive as a string), None if absent."""
     if "threads" not in options:

@@ -21,6 +21,7 @@ from i3d.backends.base import (
     BackendUnavailable,
     check_options,
     check_precision,
+    first_line,
     resolve_model,
 )
 from i3d.backends.torch_backend import DEFAULT_BATCH_SIZE, TORCH_OPTIONS, TorchRunner, parse_flag
@@ -57,32 +58,26 @@ def import_torch_npu() -> ModuleType:
     try:
         return importlib.import_module("torch_npu")
     except (ImportError, OSError) as exc:  # libhccl.so / libascendcl.so not found
-        text = _first_line(exc)
+        text = first_line(exc)
         if re.search(r"lib(ascend|hccl|acl|ge_|runtime|opapi)|Ascend|\.so", text, re.IGNORECASE):
             raise BackendUnavailable(
                 f"torch_npu is installed but the CANN runtime is missing ({text}); {CANN_HINT}"
             ) from exc
         raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
     except RuntimeError as exc:  # a CUDA build of torch already owns the accelerator slot
-        text = _first_line(exc)
+        text = first_line(exc)
         if re.search(r"accelerator|cuda", text, re.IGNORECASE):
             raise BackendUnavailable(
                 f"torch_npu cannot load into a CUDA build of torch ({text}); {CPU_TORCH_HINT}"
             ) from exc
         raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
     except Exception as exc:  # torch_npu raises a bare Exception for a wrong ASCEND_HOME_PATH
-        text = _first_line(exc)
+        text = first_line(exc)
         if "ASCEND" in text.upper():
             raise BackendUnavailable(
                 f"torch_npu rejected the CANN setup ({text}); {CANN_HINT}"
             ) from exc
         raise BackendUnavailable(f"torch_npu failed to import ({text}); {TORCH_NPU_HINT}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, else its type name."""
-    lines = (line.strip() for line in str(exc).splitlines())
-    return next((line for line in lines if line), type(exc).__name__)
 
 
 def parse_npu_device(device: str | None) -> int:

@@ -94,9 +94,28 @@ def export(
         int | None, typer.Option(help="Views per sample: input (B, V, C, T, H, W).")
     ] = None,
     batch: Annotated[str, typer.Option(help="Batch size N, or 'dynamic' (onnx only).")] = "1",
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
-    simplify: Annotated[bool, typer.Option(help="Run onnxsim on the exported graph.")] = False,
+    opset: Annotated[
+        int, typer.Option(help="ONNX opset: 17 or 18; --format om also takes 11 to 16.")
+    ] = 18,
+    simplify: Annotated[
+        bool | None,
+        typer.Option(
+            "--simplify/--no-simplify",
+            help="Run onnxsim on the graph (default: off for onnx; for om, on if installed).",
+        ),
+    ] = None,
     soc: Annotated[str, typer.Option(help="ATC --soc_version for --format om.")] = "Ascend310P3",
+    precision: Annotated[
+        str,
+        typer.Option(help="--format om: fp32, fp16 (ATC's own default) or mixed."),
+    ] = "fp16",
+    precision_v2: Annotated[
+        bool,
+        typer.Option(
+            "--precision-mode-v2",
+            help="--format om: pass ATC --precision_mode_v2 (CANN 8) instead of --precision_mode.",
+        ),
+    ] = False,
 ) -> None:
     """Export to ONNX (checked against torch with onnxruntime) or to an Ascend OM via ATC."""
     from i3d.export import export_om, export_onnx
@@ -138,9 +157,19 @@ def export(
                 clip_len=clip_len, size=size, views=views, opset=opset, simplify=simplify
             )
             if fmt == "onnx":
+                shared["simplify"] = bool(simplify)
                 result = export_onnx(source, output, batch=batch_value, stage=stage, **shared)
             else:
-                om = export_om(source, output, soc, batch=int(batch_value), stage=stage, **shared)
+                om = export_om(
+                    source,
+                    output,
+                    soc,
+                    batch=int(batch_value),
+                    stage=stage,
+                    precision=precision,
+                    precision_v2=precision_v2,
+                    **shared,
+                )
                 result = om.onnx
     console.print(
         f"[green]wrote[/green] {result.path}  input {result.input_shape}, opset {result.opset}; "
@@ -159,7 +188,9 @@ def export(
         else:
             console.print(f"{result.path} stays beside the .om ({why})")
         if om.om_path is not None:
-            console.print(f"[green]wrote[/green] {om.om_path}  (atc, soc {soc})")
+            console.print(
+                f"[green]wrote[/green] {om.om_path}  (atc, soc {soc}, precision {om.precision})"
+            )
         else:
             console.print("atc is not on PATH; convert on a machine with CANN by running:")
             print(om.command_line)
