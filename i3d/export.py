@@ -465,9 +465,7 @@ def _atc_ready(
     stage("checking onnxruntime against torch")
     with atomic_path(exported.path) as tmp:
         onnx.save(proto, str(tmp))
-        check = torch.randn(
-            _concrete(exported.input_shape, 3), generator=torch.Generator().manual_seed(1)
-        )
+        check = natural_clips_for(model, _concrete(exported.input_shape, 3))  # as export_onnx
         max_abs, rel = verify_onnx(copy.deepcopy(model).float().eval(), tmp, check)
         if not rel <= 1e-4:
             raise ExportError(
