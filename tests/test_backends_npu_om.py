@@ -6,6 +6,7 @@ static-batch splitting and error surfacing. Nothing here ran on a real NPU.
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import json
 import os
@@ -213,9 +214,16 @@ def test_every_torch_npu_import_failure_is_one_line(tmp_path, monkeypatch, raisi
 
 FAKE_INTERFACE = textwrap.dedent(
     """
+    import os
+
     import numpy as np
 
     LOG = []
+
+
+    def _chatter(text):  # as ais_bench's logger (Python) and aclruntime (C, fd 1) do
+        print(f"[INFO] {text}")
+        os.write(1, f"[INFO] acl {text}\\n".encode())
 
     class _Node:
         def __init__(self, name, shape):
@@ -227,6 +235,11 @@ FAKE_INTERFACE = textwrap.dedent(
 
         def __init__(self, device_id, model_path):
             LOG.append(("init", device_id, model_path))
+            _chatter("load model success")
+
+        def free_resource(self):
+            LOG.append(("free",))
+            _chatter("free resource success")
 
         def get_inputs(self):
             return [_Node("clips", list(self.shape))]
@@ -234,6 +247,7 @@ FAKE_INTERFACE = textwrap.dedent(
         def infer(self, feeds, mode="static"):
             (x,) = feeds
             LOG.append(("infer", x.shape, x.dtype))
+            _chatter("infer done")
             if self.fail:
                 raise RuntimeError("aclmdlExecute failed, error code 507011")
             # logits k of a clip = mean of the clip * (k + 1): checkable, layout (B, V, K)
@@ -249,14 +263,16 @@ def fake_ais_bench(tmp_path, monkeypatch):
     (pkg / "infer").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "infer" / "__init__.py").write_text("")
-    (pkg / "infer" / "interface.py").write_text(FAKE_INTERFACE)
+    (pkg / "infer" / "interface.py").write_text("import aclruntime\n" + FAKE_INTERFACE)
+    (tmp_path / "fake_site" / "aclruntime.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
     om = tmp_path / "model.om"
     om.write_bytes(b"not really an om")
+    om.chmod(0o640)
     import ais_bench.infer.interface as interface
 
     yield interface, om
-    for name in [m for m in sys.modules if m.startswith("ais_bench")]:
+    for name in [m for m in sys.modules if m.startswith(("ais_bench", "aclruntime"))]:
         del sys.modules[name]
 
 
@@ -321,8 +337,6 @@ def test_om_without_ais_bench_says_how_to_install(tmp_path):
 
 def test_predict_on_an_om_file_reads_labels_from_the_onnx_beside_it(fake_ais_bench, tmp_path):
     pytest.importorskip("onnxruntime")
-    import json
-
     import attrs
     from typer.testing import CliRunner
     from videogen import write_video
@@ -351,8 +365,94 @@ def test_predict_on_an_om_file_reads_labels_from_the_onnx_beside_it(fake_ais_ben
     export_onnx(weights, om.with_suffix(".onnx"), clip_len=8, size=32)  # as export_om leaves it
     result = CliRunner().invoke(app, [*args, "--top-k", "4"])
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output)
+    record = json.loads(result.stdout)  # ais_bench's log lines went to stderr
+    assert "[INFO] infer done" in result.stderr
     assert sorted(t["label"] for t in record["top"]) == sorted(labels)
     assert sum(t["score"] for t in record["top"]) == pytest.approx(1.0, abs=1e-5)
     infers = [entry for entry in interface.LOG if entry[0] == "infer"]
     assert len(infers) == 2 and infers[0][1] == (1, 3, 8, 32, 32)  # 2 clips × 1 crop
+
+
+def test_om_keeps_ais_bench_logs_off_stdout_and_frees_the_session(fake_ais_bench, capfd):
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 3, 8, 16, 16]
+    runner = load_runner(om, backend="om")
+    assert runner.precision == "unknown"  # no .onnx beside it records what ATC built
+    runner.predict(torch.zeros(2, 3, 8, 16, 16))
+    runner.close()
+    runner.close()
+    streams = capfd.readouterr()
+    assert streams.out == ""
+    for line in ("[INFO] load model success", "[INFO] acl infer done", "[INFO] free resource"):
+        assert line in streams.err
+    assert interface.LOG.count(("free",)) == 1
+    with pytest.raises(BackendError, match="was closed; load it again"):
+        runner.predict(torch.zeros(1, 3, 8, 16, 16))
+
+
+def test_om_reports_the_precision_atc_built(fake_ais_bench):
+    from onnx import TensorProto, helper, save
+
+    from i3d.export import OM_BUILD_KEY
+
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 3, 8, 16, 16]
+    x = helper.make_tensor_value_info("clips", TensorProto.FLOAT, [1, 3, 8, 16, 16])
+    graph = helper.make_graph([helper.make_node("Identity", ["clips"], ["y"])], "g", [x], [x])
+    proto = helper.make_model(graph)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = OM_BUILD_KEY, json.dumps({"precision": "mixed", "soc": "Ascend310P3"})
+    save(proto, str(om.with_suffix(".onnx")))
+    assert load_runner(om, backend="om").precision == "mixed"
+
+
+def test_om_model_path_rules_say_which_failed(fake_ais_bench, tmp_path, monkeypatch):
+    interface, om = fake_ais_bench
+    odd = tmp_path / "modèle v2.om"
+    odd.write_bytes(b"x")
+    with pytest.raises(BackendError, match=r"\[A-Za-z0-9_./-\]; .* has ' è': rename it"):
+        load_runner(odd, backend="om")
+    link = tmp_path / "link.om"
+    link.symlink_to(om)
+    with pytest.raises(BackendError, match=f"refuses symlinked models; .* links to {om}"):
+        load_runner(link, backend="om")
+    om.chmod(0o664)
+    with pytest.raises(BackendError, match=r"mode -rw-rw-r--: chmod go-w"):
+        load_runner(om, backend="om")
+    om.chmod(0o600)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(BackendError, match=r"belongs to uid \d+, not 4242: copy it"):
+        load_runner(om, backend="om")
+    monkeypatch.undo()
+    os.truncate(om, 10 * 2**30 + 1)  # sparse: no disk used
+    with pytest.raises(BackendError, match=r"refuses models over 10 GB; .* has 10.0 GiB"):
+        load_runner(om, backend="om")
+    assert not [entry for entry in interface.LOG if entry[0] == "init"]
+
+
+def test_om_tells_aclruntime_missing_from_cann_missing(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "ais_bench" / "infer").mkdir(parents=True)
+    (site / "ais_bench" / "__init__.py").write_text("")
+    (site / "ais_bench" / "infer" / "__init__.py").write_text("")
+    (site / "ais_bench" / "infer" / "interface.py").write_text("import aclruntime\n")
+    monkeypatch.syspath_prepend(str(site))
+    om = tmp_path / "m.om"
+    om.write_bytes(b"")
+    om.chmod(0o600)
+    try:
+        missing = r"unavailable: aclruntime \(the runtime ais_bench drives\) is not installed"
+        with pytest.raises(BackendUnavailable, match=missing):
+            load_runner(om, backend="om")
+        (site / "aclruntime.py").write_text(
+            "raise ImportError('libascendcl.so: cannot open shared object file')\n"
+        )
+        importlib.invalidate_caches()
+        with pytest.raises(
+            BackendUnavailable, match=r"CANN runtime is missing \(libascendcl\.so.*set_env\.sh"
+        ):
+            load_runner(om, backend="om")
+        assert "CANN runtime is missing" in get_backend("om").is_available().reason
+    finally:
+        for name in [m for m in sys.modules if m.startswith(("ais_bench", "aclruntime"))]:
+            del sys.modules[name]

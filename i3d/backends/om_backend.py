@@ -9,10 +9,16 @@ Not run on real Ascend hardware: tested against a fake ``ais_bench``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
+import stat
+import sys
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from i3d.backends.base import (
     ClipRunner,
     check_options,
     check_precision,
+    first_line,
 )
 from i3d.backends.npu_backend import CANN_HINT, parse_npu_device
 from i3d.weights.format import WeightsInfo
@@ -34,33 +41,113 @@ INSTALL_HINT = (
     "install the aclruntime and ais_bench wheels of ait's benchmark component "
     "(https://gitee.com/ascend/ait, ait/components/benchmark) on a machine with CANN set up"
 )
+#: ais_bench (2024-25) refuses model paths with other characters, and models over 10 GB
+PATH_CHARACTERS = re.compile(r"[A-Za-z0-9_./-]")
+MAX_MODEL_BYTES = 10 * 2**30
 
 
 def import_infer_session() -> Any:
     """``ais_bench.infer.interface.InferSession``, or a clear error naming what is missing."""
     if importlib.util.find_spec("ais_bench") is None:
         raise BackendUnavailable(f"ais_bench is not installed; {INSTALL_HINT}")
-    try:
-        module = importlib.import_module("ais_bench.infer.interface")
-    except (ImportError, OSError) as exc:
+    if importlib.util.find_spec("aclruntime") is None:
         raise BackendUnavailable(
-            f"ais_bench is installed but cannot load its runtime ({exc}); {CANN_HINT}"
+            f"aclruntime (the runtime ais_bench drives) is not installed; {INSTALL_HINT}"
+        )
+    try:
+        with stdout_to_stderr():  # ais_bench logs to stdout as it loads
+            module = importlib.import_module("ais_bench.infer.interface")
+    except (ImportError, OSError) as exc:  # aclruntime's libascendcl.so not found
+        raise BackendUnavailable(
+            f"aclruntime is installed but the CANN runtime is missing ({first_line(exc)}); "
+            f"{CANN_HINT}"
         ) from exc
     return module.InferSession
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout in the block to stderr, C code's writes included.
+
+    ais_bench and aclruntime log to stdout, where ``--json`` output goes.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 (a closed stdout): only Python-level writes to move
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def check_model_path(path: Path) -> Path:
+    """``path`` made absolute, once it passes ais_bench's model-path rules (else say which failed).
+
+    ais_bench refuses a path outside [A-Za-z0-9_./-], a symlink, a file of another user or
+    writable by group or others, and a model over 10 GB, with a log line instead of a reason.
+    """
+    absolute = Path(os.path.abspath(path))
+    bad = sorted({c for c in str(absolute) if not PATH_CHARACTERS.fullmatch(c)})
+    if bad:
+        raise BackendError(
+            f"ais_bench refuses model paths with characters other than [A-Za-z0-9_./-]; "
+            f"{absolute} has {''.join(bad)!r}: rename it or move it to a plain path"
+        )
+    if absolute.is_symlink():
+        raise BackendError(
+            f"ais_bench refuses symlinked models; {absolute} links to {absolute.resolve()}: "
+            "pass that file instead"
+        )
+    info = absolute.stat()
+    user = os.geteuid()
+    if user != 0 and info.st_uid != user:
+        raise BackendError(
+            f"ais_bench only loads models owned by the user running it; {absolute} belongs to "
+            f"uid {info.st_uid}, not {user}: copy it (cp {absolute} ~/) and use the copy"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BackendError(
+            f"ais_bench refuses models writable by group or others; {absolute} has mode "
+            f"{stat.filemode(info.st_mode)}: chmod go-w {absolute}"
+        )
+    if info.st_size > MAX_MODEL_BYTES:
+        raise BackendError(
+            f"ais_bench refuses models over 10 GB; {absolute} has {info.st_size / 2**30:.1f} "
+            "GiB: export a smaller batch or fewer views"
+        )
+    return absolute
+
+
+def _free(session: Any) -> None:
+    with stdout_to_stderr():
+        session.free_resource()
 
 
 class OmRunner(ClipRunner):
     """Feeds static-batch chunks of clips to an ais_bench ``InferSession``."""
 
     backend = "om"
-    precision = "fp32"
 
     def __init__(
-        self, session: Any, path: Path, device_index: int, info: WeightsInfo | None = None
+        self,
+        session: Any,
+        path: Path,
+        device_index: int,
+        info: WeightsInfo | None = None,
+        precision: str = "unknown",
     ) -> None:
         self.session = session
         self.path = path
         self.device = f"npu:{device_index}"
+        self.precision = precision  # what ATC built (recorded by i3d export), not a choice here
         inputs = session.get_inputs()
         if len(inputs) != 1:
             raise BackendError(f"{path}: expected a model with one input, it has {len(inputs)}")
@@ -75,8 +162,12 @@ class OmRunner(ClipRunner):
             clips_per_call, info.preprocessing if info else None, pad_multiple=clips_per_call
         )
         self.labels = info.labels if info else None
+        # the device memory is freed by close(), else when the runner goes or Python exits
+        self._release = weakref.finalize(self, _free, session)
 
     def _run(self, clips: torch.Tensor) -> torch.Tensor:
+        if not self._release.alive:
+            raise BackendError(f"the om runner of {self.path} was closed; load it again")
         clip_shape = tuple(clips.shape[1:])
         if clip_shape != self.input_shape[-4:]:
             raise BackendError(
@@ -85,7 +176,8 @@ class OmRunner(ClipRunner):
             )
         feed = np.ascontiguousarray(clips.numpy().reshape(self.input_shape), dtype=np.float32)
         try:
-            outputs = self.session.infer([feed])
+            with stdout_to_stderr():
+                outputs = self.session.infer([feed])
         except Exception as exc:  # ais_bench/aclruntime raise plain RuntimeError and more
             raise BackendError(f"ais_bench inference failed on {self.path}: {exc}") from exc
         if not outputs:
@@ -98,20 +190,26 @@ class OmRunner(ClipRunner):
             )
         return torch.from_numpy(logits.reshape(clips.shape[0], -1))
 
+    def close(self) -> None:
+        """Free the session's device memory and model now (ais_bench's ``free_resource``)."""
+        self._release()
 
-def om_info(path: Path) -> WeightsInfo | None:
-    """Labels and preprocessing of ``x.om`` from the ``x.onnx`` that ``i3d export`` left beside it.
 
-    ATC drops ONNX metadata, so the source ONNX is the record; None when it is gone or when
-    onnx is not installed (then inputs must be normalised floats and labels are indices).
+def om_info(path: Path) -> tuple[WeightsInfo | None, str]:
+    """Labels/preprocessing and ATC precision of ``x.om``, from the ``x.onnx`` beside it.
+
+    ATC drops ONNX metadata, so the source ONNX that ``i3d export`` leaves is the record.
+    Without it (or without onnx installed) there is no WeightsInfo, so inputs must be
+    normalised floats and labels are indices, and the precision is "unknown".
     """
     source = path.with_suffix(".onnx")
     if not source.is_file() or importlib.util.find_spec("onnx") is None:
-        return None
-    from i3d.export import ExportError, read_onnx_info
+        return None, "unknown"
+    from i3d.export import ExportError, read_om_build, read_onnx_info
 
     try:
-        return read_onnx_info(source)
+        build = read_om_build(source)
+        return read_onnx_info(source), build["precision"] if build else "unknown"
     except ExportError as exc:
         raise BackendError(f"{path}: no labels/preprocessing from {source}: {exc}") from exc
 
@@ -125,7 +223,9 @@ class OmBackend:
         try:
             import_infer_session()
         except BackendUnavailable as exc:
-            return Availability(False, str(exc).split(";")[0], None, INSTALL_HINT)
+            text = str(exc)
+            hint = CANN_HINT if text.endswith(CANN_HINT) else INSTALL_HINT
+            return Availability(False, text.removesuffix(hint).removesuffix("; "), None, hint)
         try:
             version = importlib.metadata.version("ais_bench")
         except importlib.metadata.PackageNotFoundError:
@@ -153,11 +253,18 @@ class OmBackend:
         path = Path(weights_or_model)
         if not path.is_file():
             raise BackendError(f"OM model {path} does not exist")
+        path = check_model_path(path)
         index = parse_npu_device(device)
+        info, built = om_info(path)
         infer_session = import_infer_session()
         try:
-            session = infer_session(index, str(path))
+            with stdout_to_stderr():
+                session = infer_session(index, str(path))
         except Exception as exc:  # device or model load failure inside aclruntime
             raise BackendError(f"ais_bench could not load {path} on npu:{index}: {exc}") from exc
         # a static model's own batch replaces batch_size
-        return OmRunner(session, path, index, om_info(path))
+        try:
+            return OmRunner(session, path, index, info, built)
+        except BackendError:
+            _free(session)
+            raise
