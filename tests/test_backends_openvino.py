@@ -32,7 +32,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(cache, tmp_path_factory):
-    """Tiny weights converted once (fp32, latency) and their logits on two samples × 2 views."""
+    """Tiny weights converted once and their logits on two samples × 2 views (4 clips: the
+    auto mode compiles for throughput)."""
     pytest.importorskip("openvino")
     weights = save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", LABELS)
     x = torch.randn(2, 2, *CLIP, generator=torch.Generator().manual_seed(0))
@@ -50,32 +51,35 @@ def test_fp32_conversion_matches_torch_and_keeps_views_and_labels(converted):
     assert logits.shape == (2, 2, len(LABELS))
     assert _rel(logits, expected) <= 1e-4
     assert runner.labels == LABELS and runner.precision == "fp32"
-    assert runner.sources == {CLIP: "converted"}
+    assert runner.sources == {(CLIP, "throughput"): "converted"}
 
 
 def test_second_load_imports_the_compiled_model_from_the_cache(converted, cache):
     weights, x, _, logits = converted
     again = load_runner(weights, backend="openvino")
     assert torch.equal(again.predict(x), logits)
-    assert again.sources == {CLIP: "compiled cache"}
+    assert again.sources == {(CLIP, "throughput"): "compiled cache"}
     files = sorted(p.suffix for p in (cache / "openvino").iterdir())
     assert files == [".bin", ".blob", ".xml"]  # no temp files left behind
 
 
 def test_other_mode_compiles_from_the_cached_ir(converted):
     weights, x, _, logits = converted
-    runner = load_runner(weights, backend="openvino", mode="throughput")
+    runner = load_runner(weights, backend="openvino", mode="latency")
     assert _rel(runner.predict(x), logits) <= 1e-5
-    assert runner.sources == {CLIP: "ir cache"}
+    auto = load_runner(weights, backend="openvino")
+    auto.predict(x[:1, 0])  # one clip: latency
+    assert runner.sources == {(CLIP, "latency"): "ir cache"}
+    assert auto.sources == {(CLIP, "latency"): "compiled cache"}
 
 
 def test_a_damaged_compiled_model_is_rebuilt(converted, cache):
     weights, x, _, logits = converted
-    for blob in (cache / "openvino").glob("*-fp32-latency-*.blob"):
+    for blob in (cache / "openvino").glob("*-fp32-throughput-*.blob"):
         blob.write_bytes(b"not a compiled model")
     runner = load_runner(weights, backend="openvino")
     assert _rel(runner.predict(x), logits) <= 1e-5
-    assert runner.sources == {CLIP: "ir cache"}
+    assert runner.sources == {(CLIP, "throughput"): "ir cache"}
 
 
 def test_other_weights_or_clip_shape_convert_again(converted, tmp_path):
@@ -85,8 +89,8 @@ def test_other_weights_or_clip_shape_convert_again(converted, tmp_path):
     runner.predict(x[:1, 0])
     longer = load_runner(weights, backend="openvino")
     longer.predict(torch.randn(1, 3, 10, 32, 32))
-    assert runner.sources == {CLIP: "converted"}
-    assert longer.sources == {(3, 10, 32, 32): "converted"}
+    assert runner.sources == {(CLIP, "latency"): "converted"}
+    assert longer.sources == {((3, 10, 32, 32), "latency"): "converted"}
 
 
 def test_in_memory_models_are_not_cached_unless_asked(converted):
@@ -128,7 +132,7 @@ def test_bf16_keeps_top1_where_the_cpu_has_bf16(converted):
 
 def test_option_and_device_errors_are_one_line(converted):
     weights, _, _, _ = converted
-    with pytest.raises(BackendError, match="mode must be latency or throughput"):
+    with pytest.raises(BackendError, match="mode must be auto, latency or throughput"):
         load_runner(weights, backend="openvino", mode="fast")
     with pytest.raises(BackendError, match="unknown option"):
         load_runner(weights, backend="openvino", channels_last=True)

@@ -49,7 +49,8 @@ DEFAULT_CHUNK = 30  # clips handed to the request queue at once: a 30-view video
 CHECK_RTOL = 1e-4  # max|openvino - torch| / max|torch| allowed for a converted model
 CACHE_FORMAT = "1"  # part of every cache key; change it when the conversion changes
 OPENVINO_OPTIONS = {
-    "mode": "latency (default) or throughput: OpenVINO's PERFORMANCE_HINT",
+    "mode": "auto (default: latency for one clip, throughput for several), latency or "
+    "throughput: OpenVINO's PERFORMANCE_HINT",
     "threads": "int, OpenVINO inference threads (INFERENCE_NUM_THREADS)",
     "cache": "bool, keep converted and compiled models in the i3d cache (default: true for "
     "weight files, false for in-memory models)",
@@ -119,7 +120,9 @@ def compile_config(precision: str, mode: str, threads: int | None) -> dict[str, 
 
 
 class OpenVinoRunner(ClipRunner):
-    """Clips through OpenVINO's CPU plugin; one compiled model per clip shape, built on demand."""
+    """Clips through OpenVINO's CPU plugin; one compiled model per clip shape and mode, built
+    on demand. ``mode="auto"`` runs a single clip in latency mode and several in throughput
+    mode (streams working on concurrent requests)."""
 
     backend = "openvino"
     device = "cpu"
@@ -140,62 +143,67 @@ class OpenVinoRunner(ClipRunner):
         self.labels = labels_of(model)
         self.precision = precision
         self.mode = mode
-        self.config = compile_config(precision, mode, threads)
+        self.threads = threads
         self.model = model
         self.digest = model_digest(model)
         self.cache = cache
-        self.queues: dict[tuple[int, ...], Any] = {}
-        #: where each clip shape's compiled model came from: converted, ir cache, compiled cache
-        self.sources: dict[tuple[int, ...], str] = {}
+        self.irs: dict[tuple[int, ...], Any] = {}  # converted or read this session
+        self.queues: dict[tuple[tuple[int, ...], str], Any] = {}
+        #: where each (clip shape, mode)'s compiled model came from: converted, ir cache,
+        #: compiled cache
+        self.sources: dict[tuple[tuple[int, ...], str], str] = {}
 
-    def _queue_for(self, clip: tuple[int, ...]) -> Any:
-        if clip not in self.queues:
-            compiled = self._compiled(clip)
+    def _queue_for(self, clip: tuple[int, ...], count: int) -> Any:
+        mode = self.mode if self.mode != "auto" else "throughput" if count > 1 else "latency"
+        if (clip, mode) not in self.queues:
+            config = compile_config(self.precision, mode, self.threads)
+            compiled = self._compiled(clip, mode, config)
             got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-            if got != self.config["INFERENCE_PRECISION_HINT"]:
+            if got != config["INFERENCE_PRECISION_HINT"]:
                 raise BackendError(
                     f"OpenVINO compiled the model for {got}, not the {self.precision} asked "
                     "for (the CPU cannot run it); use --precision fp32"
                 )
             jobs = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            self.queues[clip] = self.ov.AsyncInferQueue(compiled, max(jobs, 1))
-        return self.queues[clip]
+            self.queues[clip, mode] = self.ov.AsyncInferQueue(compiled, max(jobs, 1))
+        return self.queues[clip, mode]
 
-    def _compiled(self, clip: tuple[int, ...]) -> Any:
-        """The compiled model for ``clip``: imported, compiled from cached IR, or converted."""
+    def _compiled(self, clip: tuple[int, ...], mode: str, config: dict[str, str]) -> Any:
+        """The compiled model: imported from the cache, or compiled from (cached) IR."""
         if self.cache is None:
-            self.sources[clip] = "converted"
-            return self.core.compile_model(self._convert(clip), "CPU", self.config)
+            ir, self.sources[clip, mode] = self._ir(clip, None)
+            return self.core.compile_model(ir, "CPU", config)
         key = ir_key(self.digest, clip, self.version)
         self.cache.mkdir(parents=True, exist_ok=True)
-        blob = self.cache / f"{key}-{self._compiled_suffix()}.blob"
+        cpu = self.core.get_property("CPU", "FULL_DEVICE_NAME")
+        settings = hashlib.sha256(json.dumps([config, cpu]).encode()).hexdigest()[:12]
+        blob = self.cache / f"{key}-{self.precision}-{mode}-{settings}.blob"
         if blob.is_file():
             with contextlib.suppress(RuntimeError):  # damaged, or from another CPU: rebuild
-                compiled = self.core.import_model(blob.read_bytes(), "CPU", self.config)
-                self.sources[clip] = "compiled cache"
+                compiled = self.core.import_model(blob.read_bytes(), "CPU", config)
+                self.sources[clip, mode] = "compiled cache"
                 return compiled
-        xml = self.cache / f"{key}.xml"
-        ir = None
-        if xml.is_file():
-            with contextlib.suppress(RuntimeError):
-                ir = self.core.read_model(str(xml))
-                self.sources[clip] = "ir cache"
-        if ir is None:
-            ir = self._convert(clip)
-            save_ir(self.ov, ir, xml)
-            self.sources[clip] = "converted"
-        compiled = self.core.compile_model(ir, "CPU", self.config)
+        ir, self.sources[clip, mode] = self._ir(clip, self.cache / f"{key}.xml")
+        compiled = self.core.compile_model(ir, "CPU", config)
         stream = io.BytesIO()
         compiled.export_model(stream)
         with atomic_path(blob) as tmp:
             tmp.write_bytes(stream.getvalue())
         return compiled
 
-    def _compiled_suffix(self) -> str:
-        """Compile settings and the CPU, for the compiled model's file name."""
-        cpu = self.core.get_property("CPU", "FULL_DEVICE_NAME")
-        text = json.dumps([self.config, cpu])
-        return f"{self.precision}-{self.mode}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    def _ir(self, clip: tuple[int, ...], xml: Path | None) -> tuple[Any, str]:
+        """The model for ``clip`` and where it came from: this session or ``xml`` ("ir
+        cache"), or "converted" now (and saved as ``xml``)."""
+        if clip in self.irs:
+            return self.irs[clip], "ir cache"
+        if xml is not None and xml.is_file():
+            with contextlib.suppress(RuntimeError):  # unreadable: convert again
+                self.irs[clip] = self.core.read_model(str(xml))
+                return self.irs[clip], "ir cache"
+        self.irs[clip] = self._convert(clip)
+        if xml is not None:
+            save_ir(self.ov, self.irs[clip], xml)
+        return self.irs[clip], "converted"
 
     def _convert(self, clip: tuple[int, ...]) -> Any:
         """Convert the torch model for (1, *clip) input and check it against torch (fp32)."""
@@ -229,7 +237,7 @@ class OpenVinoRunner(ClipRunner):
         return ir
 
     def _run(self, clips: torch.Tensor) -> torch.Tensor:
-        queue = self._queue_for(tuple(clips.shape[1:]))
+        queue = self._queue_for(tuple(clips.shape[1:]), clips.shape[0])
         outputs: list[np.ndarray | None] = [None] * clips.shape[0]
 
         def done(request: Any, index: int) -> None:
@@ -316,9 +324,9 @@ class OpenVinoBackend:
         check_precision(precision, tuple(OV_PRECISIONS), self.name)
         if (device or "cpu").strip().lower() != "cpu":
             raise BackendError(f"the openvino backend runs on cpu, not {device!r}")
-        mode = str(options.get("mode", "latency")).lower()
-        if mode not in MODES:
-            raise BackendError(f"option mode must be latency or throughput, got {mode!r}")
+        mode = str(options.get("mode", "auto")).lower()
+        if mode not in (*MODES, "auto"):
+            raise BackendError(f"option mode must be auto, latency or throughput, got {mode!r}")
         threads = thread_count(options, self.name)
         ov = import_openvino()
         capabilities = cpu_capabilities(ov.Core())
