@@ -35,11 +35,15 @@ class _FakeNpu:
 
     def __init__(self, count: int) -> None:
         self.count = count
+        self.bf16 = True
         self.calls: list[tuple[str, object]] = []
         self.config = types.SimpleNamespace(allow_internal_format=True)
 
     def device_count(self) -> int:
         return self.count
+
+    def is_bf16_supported(self) -> bool:
+        return self.bf16
 
     def set_device(self, index: int) -> None:
         self.calls.append(("set_device", index))
@@ -88,6 +92,9 @@ def test_npu_device_errors(fake_torch_npu, tiny):
         load_runner(tiny, backend="npu", device="cuda:0")
     with pytest.raises(BackendError, match="unknown option"):
         load_runner(tiny, backend="npu", compile=True)
+    fake_torch_npu.npu.bf16 = False  # a 310P: torch would run bf16 autocast as fp32
+    with pytest.raises(BackendError, match=r"npu:1 has no bf16 .*; use precision fp16"):
+        load_runner(tiny, backend="npu", device="npu:1", precision="bf16")
     fake_torch_npu.npu.count = 0
     info = get_backend("npu").is_available()
     assert not info.ok and "no NPU is visible" in info.reason

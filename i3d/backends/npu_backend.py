@@ -145,6 +145,11 @@ class NpuBackend:
                 f"device npu:{index} does not exist: {count} NPU device(s) visible; "
                 "check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES"
             )
+        if precision == "bf16" and not torch_npu.npu.is_bf16_supported():
+            raise BackendError(
+                f"npu:{index} has no bf16 (torch.npu.is_bf16_supported() is false, as on a "
+                "310P), where torch silently turns autocast off; use precision fp16"
+            )
         torch_npu.npu.set_device(index)
         _set_switches(torch_npu, options)
         device_obj, autocast_type = npu_placement(index)

@@ -48,7 +48,16 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    npu = _npu()
+    if npu is not None:  # dropout on an NPU draws from the NPU generators
+        state["npu"] = npu.get_rng_state_all()
     return state
+
+
+def _npu() -> Any:
+    """``torch.npu`` once torch_npu is loaded and sees a device, else None."""
+    npu = getattr(torch, "npu", None)
+    return npu if npu is not None and npu.is_available() else None
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -60,6 +69,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    npu = _npu()
+    if "npu" in state and npu is not None:
+        npu.set_rng_state_all(state["npu"])
 
 
 def save_checkpoint(work_dir: str | os.PathLike[str], state: dict[str, Any], keep: int = 3) -> Path:

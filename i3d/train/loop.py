@@ -169,9 +169,18 @@ def _freeze_option(model: Any, stages: int) -> dict[str, int]:
 
 
 def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
-    """Autocast dtype: ``auto`` is fp16 on accelerators (with a GradScaler), bf16 on cpu."""
+    """Autocast dtype: ``auto`` is fp16 on accelerators (with a GradScaler), bf16 on cpu.
+
+    bf16 on an NPU without it (a 310P) is refused: torch would silently turn autocast off.
+    """
     if choice == "auto":
         return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if choice == "bf16" and device.type == "npu" and not torch.npu.is_bf16_supported():
+        raise ConfigError(
+            "--amp-dtype bf16: this NPU has no bf16 (torch.npu.is_bf16_supported() is false, "
+            "as on a 310P), and torch would silently train without autocast; use --amp-dtype "
+            "fp16"
+        )
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
@@ -214,7 +223,7 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = build_scheduler(self.optimizer, config, self.iters_per_epoch)
-        self.amp_dtype = amp_dtype(ctx.device, config.amp_dtype)
+        self.amp_dtype = amp_dtype(ctx.device, config.amp_dtype if config.amp else "auto")
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range
         use_scaler = config.amp and self.amp_dtype == torch.float16
         self.scaler = grad_scaler(ctx.device, use_scaler)
@@ -400,6 +409,9 @@ class Trainer:
     def _load_scaler(self, saved: dict[str, Any], path: Path) -> None:
         """Restore the loss scale; a run that switches fp16 AMP on or off starts afresh."""
         if bool(saved) == self.scaler.is_enabled():
+            if "dynamic" in self.scaler.state_dict() and "dynamic" not in saved:
+                # torch_npu's scaler also saves whether it is dynamic; torch's always is
+                saved = {**saved, "dynamic": True}
             self.scaler.load_state_dict(saved)
             return
         now = "uses" if self.scaler.is_enabled() else "does not use"
