@@ -34,10 +34,13 @@ from i3d.data.datasets import (
 from i3d.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoDecodeError
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
+from i3d.flow.recipe import FlowConfig
+from i3d.flow.store import FORMATS, FlowFolder, read_settings
+from i3d.flow.views import StreamPiece, StreamPipeline, flow_settings
 from i3d.models.recognizer import average_views
 from i3d.utils.files import atomic_path
 from i3d.utils.untrusted import load_json
-from i3d.weights.format import WeightsError, WeightsInfo, read_info
+from i3d.weights.format import WeightsError, WeightsInfo, load_model, read_info
 
 DEFAULT_MODEL = "i3d_inception_k400_rgb"
 
@@ -152,7 +155,11 @@ def check_path_list(paths: Sequence[str | os.PathLike[str]]) -> None:
 
 
 def load_classifier(
-    weights: Path, backend: str, device: str | None, batch_size: int, **options: Any
+    weights: Path | torch.nn.Module,
+    backend: str,
+    device: str | None,
+    batch_size: int,
+    **options: Any,
 ) -> Any:
     """A runner whose ``predict`` maps float clips (N, V, C, T, H, W) to logits (N, V, K).
 
@@ -170,6 +177,12 @@ def load_classifier(
 def _on_cpu(device: str | None) -> bool:
     """Whether a torch device name is the CPU (None: the torch backend's default, CPU)."""
     return device is None or device.split(":")[0].strip().lower() == "cpu"
+
+
+def _layout(flow_dir: Path) -> str:
+    """The layout of a flow folder: what its ``flow.json`` says, ``npy`` for a new one."""
+    settings = read_settings(flow_dir) if flow_dir.is_dir() else None
+    return settings.format if settings is not None else FORMATS[0]
 
 
 @attrs.frozen(repr=False)
@@ -208,6 +221,13 @@ class Prediction:
         if all_scores and self.scores is not None:
             record["scores"] = self.scores.tolist()  # in class-index order
         return record
+
+
+def model_streams(info: WeightsInfo) -> tuple[str, ...]:
+    """The streams a weight file's model reads: ("rgb",), ("flow",) or ("rgb", "flow")."""
+    if getattr(info.config, "arch", None) == "two_stream":
+        return ("rgb", "flow")
+    return (info.preprocessing.modality,)
 
 
 def check_video_model(path: Path, info: WeightsInfo) -> None:
@@ -251,6 +271,11 @@ class Predictor:
     crops), so memory does not grow with a video's length or number of clips.
     ``backend_options`` go to the backend's runner (torch on the CPU: channels-last unless
     ``{"channels_last": False}``).
+
+    Flow (``inception_i3d_flow``) and two-stream weights read optical flow computed from the
+    video by DeepMind's recipe (``flow``: which TV-L1, where; default torch on ``device``),
+    or read from and kept in the flow folder ``flow_dir``; two-stream logits are the sum of
+    the streams' per view, then averaged as the weights say (DeepMind: softmax of the sum).
     """
 
     def __init__(
@@ -263,6 +288,8 @@ class Predictor:
         device: str | None = None,
         clip_len: int | None = None,
         backend_options: dict[str, Any] | None = None,
+        flow: FlowConfig | None = None,
+        flow_dir: str | os.PathLike[str] | None = None,
         **pipeline_overrides: Any,
     ) -> None:
         if batch_size < 1:
@@ -275,14 +302,20 @@ class Predictor:
             overrides["num_crops"] = crops
         if clip_len is not None:
             overrides["clip_len"] = clip_len
+        options = backend_options or {}
+        self.streams: tuple[str, ...] = ("rgb",)
+        self.flow_runner: Any = None
         if self.weights.suffix == ".safetensors":
             info = read_info(self.weights)
-            check_video_model(self.weights, info)
             prep, self.labels = info.preprocessing, info.labels
             self.num_classes: int | None = info.config.head.num_classes
-            self.runner = load_classifier(
-                self.weights, backend, device, batch_size, **(backend_options or {})
-            )
+            self.streams = model_streams(info)
+            if self.streams == ("rgb",):
+                self.runner = load_classifier(self.weights, backend, device, batch_size, **options)
+            else:
+                self.runner, self.flow_runner = self._stream_runners(
+                    backend, device, batch_size, options
+                )
         else:  # an exported .onnx / .om: the runner reads what export recorded
             self.runner = load_classifier(
                 self.weights, backend, device, batch_size, **(backend_options or {})
@@ -300,6 +333,34 @@ class Predictor:
         self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
         self.average = prep.average_clips
         self.batch_size = batch_size
+        self.flow = flow if flow is not None else FlowConfig(device=device or "cpu")
+        self.views: StreamPipeline | None = None
+        if self.streams != ("rgb",):
+            store = None
+            if flow_dir is not None:
+                settings = flow_settings(self.pipeline, self.flow, _layout(Path(flow_dir)))
+                store = FlowFolder(Path(flow_dir), settings)
+                store.claim()  # other settings are refused now, not once per video
+            self.views = StreamPipeline(self.pipeline, self.streams, self.flow, store)
+        elif flow_dir is not None:
+            raise InputError(
+                f"{self.weights} is an RGB model; a flow folder serves flow or two-stream weights"
+            )
+
+    def _stream_runners(
+        self, backend: str, device: str | None, batch_size: int, options: dict[str, Any]
+    ) -> tuple[Any, Any]:
+        """(RGB runner or None, flow runner) of flow or two-stream weights (torch only)."""
+        if backend != "torch":
+            raise InputError(
+                f"{self.weights} reads optical flow, which runs on the torch backend; drop "
+                f"--backend {backend}, or export and run one stream's weights"
+            )
+        model = load_model(self.weights)
+        if self.streams == ("flow",):
+            return None, load_classifier(model, backend, device, batch_size, **options)
+        rgb = load_classifier(model.rgb, backend, device, batch_size, **options)
+        return rgb, load_classifier(model.flow, backend, device, batch_size, **options)
 
     @property
     def clips_per_piece(self) -> int:
@@ -309,7 +370,8 @@ class Predictor:
 
     def scores(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Averaged class scores (K,) of one video, streamed a piece at a time."""
-        pieces = self.pipeline.pieces(path, clips_per_piece=self.clips_per_piece)
+        source = self.pipeline if self.views is None else self.views
+        pieces = source.pieces(path, clips_per_piece=self.clips_per_piece)
         logits = [self._piece_logits(piece) for piece in pieces]
         return self._average(join_pieces(logits, self.pipeline.num_crops))
 
@@ -317,21 +379,52 @@ class Predictor:
         self, views: torch.Tensor, on_views: ViewProgress | None = None
     ) -> np.ndarray:
         """Averaged class scores (K,) of one video's uint8 views (V, C, T, H, W)."""
-        return self._average(self._logits(views, 0, len(views), on_views))
+        piece = ViewPiece(views, 0, len(views), len(views), 1)
+        return self._average(self._logits(self.runner, self.pipeline.normalize, piece, on_views))
 
-    def _piece_logits(self, piece: ViewPiece, on_views: ViewProgress | None = None) -> torch.Tensor:
-        """Logits (views, K) of one piece; ``on_views`` sees the whole video's progress."""
-        return self._logits(piece.views, piece.start * piece.crops, piece.num_views, on_views)
+    def _piece_logits(
+        self, piece: ViewPiece | StreamPiece, on_views: ViewProgress | None = None
+    ) -> torch.Tensor:
+        """Logits (views, K) of one piece; ``on_views`` sees the whole video's progress.
+
+        A two-stream piece's logits are the RGB and flow logits summed view by view.
+        """
+        if isinstance(piece, ViewPiece):
+            piece = StreamPiece(piece, None)
+        logits = None
+        if piece.rgb is not None:
+            logits = self._logits(self.runner, self.pipeline.normalize, piece.rgb, on_views)
+        if piece.flow is not None:
+            progress = on_views if piece.rgb is None else None  # both streams: count views once
+            flow = self._logits(self.flow_runner, self._flow_input, piece.flow, progress)
+            logits = flow if logits is None else logits + flow
+        assert logits is not None
+        return logits
+
+    def _flow_input(self, views: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] flow views normalised as a flow file says (DeepMind's: mean 0, std 1)."""
+        if self.streams != ("flow",):
+            return views  # two-stream files take DeepMind's flow as is (checked when built)
+        p = self.pipeline.preprocessing
+        shape = (len(p.mean), 1, 1, 1)
+        mean = torch.tensor(p.mean, dtype=torch.float32).reshape(shape)
+        return (views - mean) / torch.tensor(p.std, dtype=torch.float32).reshape(shape)
 
     def _logits(
-        self, views: torch.Tensor, done: int, total: int, on_views: ViewProgress | None
+        self,
+        runner: Any,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
+        piece: ViewPiece,
+        on_views: ViewProgress | None,
     ) -> torch.Tensor:
-        """Logits (V, K) of uint8 views, ``batch_size`` at a time (``done`` of ``total`` before)."""
+        """Logits (V, K) of a piece's views, ``batch_size`` at a time, progress reported as
+        views done of the video's."""
+        done, total = piece.start * piece.crops, piece.num_views
         logits = []
-        for chunk in views.split(self.batch_size):
+        for chunk in piece.views.split(self.batch_size):
             if on_views is not None:
                 on_views(done, total)
-            logits.append(self.runner.predict(self.pipeline.normalize(chunk)[None])[0])
+            logits.append(runner.predict(normalize(chunk)[None])[0])
             done += len(chunk)
         if on_views is not None and done == total:
             on_views(total, total)
@@ -376,7 +469,12 @@ class Predictor:
         """
         check_path_list(paths)
         workers = auto_workers(len(paths)) if workers is None else workers
-        pieces = iter_pieces(paths, self.pipeline, workers, VIDEO_ERRORS, self.clips_per_piece)
+        source: Any = self.pipeline
+        if self.views is not None:
+            source = self.views
+            if not _on_cpu(self.flow.device) and self.flow.impl == "torch":
+                workers = 0  # decoding processes cannot share the device flow runs on
+        pieces = iter_pieces(paths, source, workers, VIDEO_ERRORS, self.clips_per_piece)
         run = functools.partial(self._piece_logits, on_views=on_views)
         yield from in_input_order(finish_pieces(pieces, run, self._average, VIDEO_ERRORS))
 

@@ -23,6 +23,7 @@ import numpy as np
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, run_sharded
 from i3d.features.pooled import feature_device, iter_features
+from i3d.flow.recipe import FlowConfig
 from i3d.predict import Predictor
 from i3d.utils.files import sha256_file
 
@@ -42,6 +43,12 @@ class PredictSpec:
     backend: str = "torch"
     device: str | None = None
     workers: int | None = None
+    flow_impl: str = "torch"
+    flow_dir: str | None = None
+
+    def flow_config(self, device: str | None) -> FlowConfig:
+        """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
+        return FlowConfig(impl=self.flow_impl, device=device or "cpu")
 
 
 @attrs.frozen
@@ -84,9 +91,10 @@ def rank_device(backend: str, device: str | None, ctx: Any) -> str | None:
 
 def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
     """One rank's scorer: the Predictor on its device, scores (K,) or the video's error."""
+    device = rank_device(spec.backend, spec.device, ctx)
     predictor = Predictor(
-        spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend,
-        rank_device(spec.backend, spec.device, ctx), spec.clip_len,
+        spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend, device,
+        spec.clip_len, flow=spec.flow_config(device), flow_dir=spec.flow_dir,
     )  # fmt: skip
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:

@@ -25,11 +25,12 @@ def test_writes_flow_per_video_and_skips_it_next_time(tmp_path, monkeypatch):
     assert np.abs(flow).max() <= 1.0 and np.abs(flow).max() > 0
     again = runner.invoke(app, ["flow", str(video), "-o", str(out), *FEW])
     assert again.exit_code == 0 and "1 already there" in again.output
-    cropped = runner.invoke(
-        app, ["flow", str(video), "-o", str(out), *FEW, "--crop", "16", "--overwrite"]
-    )
+    crop = ["--crop", "16", "--overwrite"]
+    mixed = runner.invoke(app, ["flow", str(video), "-o", str(out), *FEW, *crop])
+    assert mixed.exit_code == 1 and "other settings (crop 16 vs None" in mixed.output
+    cropped = runner.invoke(app, ["flow", str(video), "-o", str(tmp_path / "crop"), *FEW, *crop])
     assert cropped.exit_code == 0, cropped.output
-    assert np.load(out / "clip.npy").shape == (3, 16, 16, 2)
+    assert np.load(tmp_path / "crop" / "clip.npy").shape == (3, 16, 16, 2)
     assert not list(out.glob(".*.tmp"))  # written atomically
 
 

@@ -1,23 +1,29 @@
-"""``i3d flow``: DeepMind-recipe TV-L1 optical flow per video, one ``.npy`` each, resumable."""
+"""``i3d flow``: DeepMind-recipe TV-L1 optical flow per video (``.npy`` or mmaction2 rawframes),
+resumable."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import attrs
 import numpy as np
 import typer
 from rich.console import Console
 
 from i3d.cli.common import fail_on_errors
 from i3d.cli.video_common import ERRORS, report_written
-from i3d.data.decode import VideoDecodeError
+from i3d.data.decode import VideoDecodeError, open_video
+from i3d.data.transforms import center_box, rescale_size
+from i3d.features.snippets import video_timeline
 from i3d.flow.recipe import FlowConfig
+from i3d.flow.store import FlowFolder, FlowSettings, FlowStoreError
 from i3d.flow.tvl1_opencv import OpenCVMissingError, opencv_optflow
-from i3d.flow.video import iter_video_flow
+from i3d.flow.video import iter_timeline_flow
 from i3d.predict import VIDEO_ERRORS, InputError, expand_inputs
-from i3d.utils.files import OutputError, atomic_path, ensure_dir
+from i3d.utils.files import OutputError
 
 console = Console(soft_wrap=True)
 
@@ -27,17 +33,23 @@ class Impl(str, Enum):
     opencv = "opencv"
 
 
+class Layout(str, Enum):
+    npy = "npy"
+    mmaction = "mmaction"
+
+
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
-    """``<stem>.npy`` per video; two inputs with one stem are an error (one would overwrite)."""
+    """The flow entry name (the video's stem) per video; two inputs with one stem are an
+    error (one would overwrite the other)."""
     names: dict[Path, str] = {}
     seen: dict[str, Path] = {}
     for path in paths:
-        name = f"{path.stem if path.is_file() else path.name}.npy"
+        name = path.stem if path.is_file() else path.name
         if name in seen:
             raise InputError(f"{seen[name]} and {path} would both be written as {name}; rename one")
         seen[name] = path
@@ -45,16 +57,33 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
     return names
 
 
+def _cropped(
+    chunks: Iterator[tuple[np.ndarray, np.ndarray]], crop: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(flow, frames) chunks centre-cropped to ``crop`` (None: as they are)."""
+    for flow, frames in chunks:
+        if crop is not None:
+            height, width = frames.shape[1:3]
+            if crop > min(height, width):
+                raise ValueError(f"crop {crop} is larger than the {width}x{height} frames")
+            x1, y1, x2, y2 = center_box(width, height, crop)
+            flow, frames = flow[:, y1:y2, x1:x2], frames[:, y1:y2, x1:x2]
+        yield flow, frames
+
+
 def write_flow(
-    path: Path, dst: Path, config: FlowConfig, fps: float | None, size: int | None,
-    crop_size: int | None, dtype: str,
+    path: Path, folder: FlowFolder, name: str, config: FlowConfig, fps: float | None,
+    size: int | None, crop: int | None,
 ) -> tuple[int, int, int]:  # fmt: skip
-    """Compute one video's flow and write it to ``dst`` atomically; returns (T-1, H, W)."""
-    chunks = [chunk.astype(dtype) for chunk in iter_video_flow(path, config, fps, size, crop_size)]
-    flow = np.concatenate(chunks)
-    with atomic_path(dst) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, flow)
-    return flow.shape[:3]
+    """Compute one video's flow into ``folder`` as ``name``, atomically; returns (T-1, H, W)."""
+    with open_video(path) as reader:
+        ticks = video_timeline(reader, fps).source
+        width, height = reader.size if size is None else rescale_size(*reader.size, size)
+        if crop is not None:
+            width = height = crop
+        shape = (int(ticks.size) - 1, height, width)
+        folder.write(name, shape, _cropped(iter_timeline_flow(reader, ticks, config, size), crop))
+    return shape
 
 
 def flow(
@@ -63,8 +92,19 @@ def flow(
         typer.Argument(help="Video files, directories, globs, or folders of extracted frames."),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for one <video>.npy per video.")
+        Path,
+        typer.Option(
+            "--output", "-o", help="Folder for one <video>.npy (or <video>/ folder) per video."
+        ),
     ],
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            "--format",
+            help="npy: <video>.npy, float (lossless); mmaction: mmaction2 rawframes, "
+            "<video>/img_00001.jpg, flow_x_00001.jpg, flow_y_00001.jpg, ... (uint8, bound 20).",
+        ),
+    ] = Layout.npy,
     impl: Annotated[
         Impl, typer.Option(help="TV-L1 implementation: torch (any device) or opencv (reference).")
     ] = Impl.torch,
@@ -81,36 +121,44 @@ def flow(
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device for --impl torch.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Frame pairs per TV-L1 batch.")] = 8,
-    dtype: Annotated[DType, typer.Option(help="Stored dtype of the [-1, 1] flow.")] = (
+    dtype: Annotated[DType, typer.Option(help="--format npy: dtype of the [-1, 1] flow.")] = (
         DType.float32
     ),
     overwrite: Annotated[
-        bool, typer.Option(help="Recompute videos whose .npy exists (default: skip them).")
+        bool, typer.Option(help="Recompute videos whose flow exists (default: skip them).")
     ] = False,
 ) -> None:
     """TV-L1 flow as DeepMind's I3D Flow stream takes it: (T-1, H, W, 2), x then y, in [-1, 1].
 
     Greyscale frames, TV-L1 (OpenCV's DualTVL1 defaults) from each frame to the next,
-    clipped to ±20 pixels and divided by 20.
+    clipped to ±20 pixels and divided by 20. The folder records these settings (flow.json)
+    and refuses a run with others; `--size 256` without --crop makes the flow folder
+    `i3d predict --flow-dir` reads for DeepMind's weights.
     """
-    with fail_on_errors(InputError, OutputError, OpenCVMissingError, VideoDecodeError):
+    errors = (InputError, OutputError, OpenCVMissingError, VideoDecodeError, FlowStoreError)
+    with fail_on_errors(*errors):
         paths = expand_inputs(inputs)
         names = output_names(paths)
         if impl is Impl.opencv:
             opencv_optflow()  # fail once, up front, when opencv-contrib is missing
         config = FlowConfig(impl=impl.value, device=device, batch_size=batch_size)
-        folder = ensure_dir(output)
-    todo = [p for p in paths if overwrite or not (folder / names[p]).exists()]
+        settings = FlowSettings(
+            format=layout.value, fps=fps or None, size=size, crop=crop, impl=config.impl,
+            tvl1=attrs.asdict(config.tvl1), bound=config.bound,
+        )  # fmt: skip
+        folder = FlowFolder(output, settings, dtype.value)
+        folder.claim()
+    todo = [p for p in paths if overwrite or not folder.has(names[p])]
     failed: list[tuple[Path, str]] = []
     for path in todo:
-        dst = folder / names[path]
         try:
             frames, height, width = write_flow(
-                path, dst, config, fps or None, size, crop, dtype.value
+                path, folder, names[path], config, fps or None, size, crop
             )
         except (*VIDEO_ERRORS, *ERRORS) as exc:
             failed.append((path, str(exc)))
             continue
+        dst = folder.entry(names[path])
         console.print(f"{path} → {dst} ({frames} × {height}×{width} × 2)", highlight=False)
     report_written(len(todo) - len(failed), len(paths) - len(todo), output, failed)
 

@@ -1,4 +1,5 @@
-"""``i3d weights list`` and ``i3d weights pull``: the named pretrained weights in the user cache."""
+"""``i3d weights list`` / ``pull`` (the named pretrained weights in the user cache) and
+``combine`` (a two-stream file from an RGB and a Flow file)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from i3d.weights import hub
 console = Console(soft_wrap=True)  # log lines stay whole when redirected
 status = Console(stderr=True, soft_wrap=True)
 weights_app = typer.Typer(
-    help="Pretrained weights: list them, pull them into the cache.", no_args_is_help=True
+    help="Pretrained weights: list them, pull them into the cache, combine two streams.",
+    no_args_is_help=True,
 )
 
 
@@ -134,6 +136,20 @@ def pull(
             )
     status.print(f"[green]pulled[/green] {entry.name}")
     typer.echo(str(path))
+
+
+@weights_app.command("combine")
+def combine(
+    rgb: Annotated[Path, typer.Argument(help="RGB-stream Inception I3D (.safetensors).")],
+    flow: Annotated[Path, typer.Argument(help="Flow-stream Inception I3D (.safetensors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Two-stream weight file.")],
+) -> None:
+    """Build a two-stream (RGB + flow) weight file; its logits are the streams' summed."""
+    from i3d.weights.two_stream import combine_two_stream
+
+    with fail_on_errors():
+        path = combine_two_stream(rgb, flow, output)
+    console.print(f"[green]wrote[/green] {path} (inception_i3d_two_stream)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

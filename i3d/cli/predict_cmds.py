@@ -24,6 +24,8 @@ from i3d.cli.video_common import (
     ClipsOpt,
     CropsOpt,
     DeviceOpt,
+    FlowDirOpt,
+    FlowImplOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
@@ -42,7 +44,6 @@ from i3d.predict import (
     Prediction,
     Predictor,
     Scored,
-    check_video_model,
     default_weights,
     evaluate_samples,
     evaluation_samples,
@@ -96,9 +97,15 @@ def predict(
             "retried) and keep its rows.",
         ),
     ] = False,
+    flow_impl: FlowImplOpt = "torch",
+    flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
 ) -> None:
-    """Classify videos with the weights' own test protocol (views averaged as they say)."""
+    """Classify videos with the weights' own test protocol (views averaged as they say).
+
+    Flow and two-stream weights read TV-L1 flow computed from the videos (DeepMind's
+    recipe), or from --flow-dir; two-stream logits are summed before the softmax.
+    """
     from i3d.backends import BackendError
 
     with fail_on_errors(*ERRORS, BackendError):
@@ -111,7 +118,7 @@ def predict(
         paths = expand_inputs(inputs)
         spec = PredictSpec(
             str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
-            device, workers,
+            device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
         )  # fmt: skip
         predictor = _launcher_predictor(spec, is_sharded(world_size))
         if predictor.num_classes is not None:
@@ -184,11 +191,10 @@ def _launcher_predictor(spec: PredictSpec, sharded: bool) -> Predictor | _ModelI
     ranks load the model; the launching process need not hold one too)."""
     if sharded and spec.weights.endswith(".safetensors"):
         info = read_info(Path(spec.weights))
-        check_video_model(Path(spec.weights), info)
         return _ModelInfo(info.labels, info.config.head.num_classes)
     return Predictor(
         spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend, spec.device,
-        spec.clip_len,
+        spec.clip_len, flow=spec.flow_config(spec.device), flow_dir=spec.flow_dir,
     )  # fmt: skip
 
 
@@ -270,6 +276,8 @@ def evaluate(
     backend: BackendOpt = "torch",
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
+    flow_impl: FlowImplOpt = "torch",
+    flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
@@ -292,7 +300,7 @@ def evaluate(
                 raise InputError("give an annotation list, or --from-predictions FILE")
             spec = PredictSpec(
                 str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
-                device, workers,
+                device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
             )  # fmt: skip
             predictor = _launcher_predictor(spec, is_sharded(world_size))
             list_labels = read_labels(label_file) if label_file is not None else None

@@ -79,6 +79,20 @@ WorkersOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0 (default: the backend's).")
 ]
+FlowImplOpt = Annotated[
+    str,
+    typer.Option(
+        help="Flow and two-stream weights: TV-L1 of the flow stream, torch (on --device) or "
+        "opencv (reference, CPU)."
+    ),
+]
+FlowDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Flow and two-stream weights: read each video's flow from this folder, and keep "
+        "it there when computed (`i3d flow` fills one too)."
+    ),
+]
 WorldSizeOpt = Annotated[
     int,
     typer.Option(

@@ -1,0 +1,235 @@
+"""Flow-stream views of a video, aligned with the RGB test pipeline's: same clips, crops, pieces.
+
+The Flow stream sees, at each frame position of a clip, the flow from that timeline frame to
+the next (DeepMind's sample clip: 79 RGB frames, 79 flow fields); the video's last frame has
+no next one, so it reuses the flow into it. Flow is computed by DeepMind's recipe on the
+resized full frames (greyscale, TV-L1, clipped to ±bound, divided by it) and then cut into
+the same crops as the RGB frames; a mirrored crop mirrors the field and negates x (as
+mmaction's Flip inverts flow_x), so it shows the mirrored motion. With a flow folder
+(:mod:`i3d.flow.store`) a video's flow is computed once, for its whole timeline, and read
+from there afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+from einops import rearrange
+
+from i3d.data import transforms as T
+from i3d.data.decode import VideoDecodeError, VideoReader, open_video
+from i3d.data.pipeline import Pipeline, ViewPiece
+from i3d.data.sampling import resampled_timeline
+from i3d.flow.recipe import FlowConfig, pair_flow, rgb_to_gray, scale_flow
+from i3d.flow.store import FlowFolder, FlowSettings, FlowStoreError
+from i3d.flow.video import iter_timeline_flow
+
+STREAMS = ("rgb", "flow")
+
+
+@attrs.frozen
+class StreamPiece:
+    """One piece of a video for each stream a model reads (None: a stream it does not read)."""
+
+    rgb: ViewPiece | None
+    flow: ViewPiece | None
+
+    @property
+    def first(self) -> ViewPiece:
+        piece = self.rgb if self.rgb is not None else self.flow
+        assert piece is not None
+        return piece
+
+    @property
+    def last(self) -> bool:
+        return self.first.last
+
+    @property
+    def crops(self) -> int:
+        return self.first.crops
+
+
+def clip_positions(pipeline: Pipeline, ticks: int) -> np.ndarray:
+    """(clips, frames) timeline positions of a test pipeline's clips on ``ticks`` frames: the
+    frames :meth:`Pipeline.clip_indices` reads, before they are mapped to decoded frames."""
+    if pipeline.sampler is None:
+        return pipeline.windows(ticks)
+    return pipeline.sampler(ticks, None).astype(np.int64).reshape(pipeline.sampler.num_views, -1)
+
+
+def flow_settings(pipeline: Pipeline, config: FlowConfig, layout: str = "npy") -> FlowSettings:
+    """The settings a flow folder holds when it serves ``pipeline``: its frame rate and short
+    side, full (uncropped) frames, ``config``'s TV-L1."""
+    prep = pipeline.preprocessing
+    if prep.interpolation != "bilinear":
+        raise FlowStoreError(
+            f"flow folders hold flow of bilinear-resized frames; these weights resize with "
+            f"{prep.interpolation}: run without a flow folder"
+        )
+    return FlowSettings(
+        format=layout, fps=prep.fps, size=prep.resize_short, crop=None, impl=config.impl,
+        tvl1=attrs.asdict(config.tvl1), bound=config.bound,
+    )  # fmt: skip
+
+
+@attrs.frozen
+class StreamPipeline:
+    """The test pipeline's pieces for the streams in ``streams`` ("rgb", "flow" or both).
+
+    With a ``store`` (a flow folder made for this pipeline: :func:`flow_settings`), a
+    video's flow is read from it, and computed into it first when it is not there yet.
+    """
+
+    pipeline: Pipeline
+    streams: tuple[str, ...]
+    flow: FlowConfig = attrs.field(factory=FlowConfig)
+    store: FlowFolder | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.streams or set(self.streams) - set(STREAMS):
+            raise ValueError(f"streams must be some of {STREAMS}, got {self.streams}")
+        if self.pipeline.mode == "train":
+            raise ValueError("optical-flow views are made for testing; use a test or val pipeline")
+
+    @property
+    def num_crops(self) -> int:
+        return self.pipeline.num_crops
+
+    def pieces(
+        self,
+        source: str | os.PathLike[str],
+        rng: np.random.Generator | None = None,
+        clips_per_piece: int | None = 1,
+    ) -> Iterator[StreamPiece]:
+        """Each piece's views of every stream, as :meth:`Pipeline.pieces` cuts them."""
+        rgb = self.pipeline.pieces(source, rng, clips_per_piece) if "rgb" in self.streams else None
+        flow = self.flow_pieces(source, clips_per_piece) if "flow" in self.streams else None
+        while True:
+            rgb_piece = next(rgb, None) if rgb is not None else None
+            flow_piece = next(flow, None) if flow is not None else None
+            if rgb_piece is None and flow_piece is None:
+                return
+            yield StreamPiece(rgb_piece, flow_piece)
+
+    def flow_pieces(
+        self, source: str | os.PathLike[str], clips_per_piece: int | None = 1
+    ) -> Iterator[ViewPiece]:
+        """float32 flow views (crops × clips, 2, T, h, w) in [-1, 1], piece by piece."""
+        with open_video(source, backend=self.pipeline.decoder) as reader:
+            prep = self.pipeline.preprocessing
+            timeline = resampled_timeline(reader.num_frames, reader.fps, prep.fps)
+            if timeline.size < 2:
+                raise VideoDecodeError(f"{source}: optical flow needs at least 2 frames, it has 1")
+            ticks = np.minimum(clip_positions(self.pipeline, timeline.size), timeline.size - 2)
+            if self.store is not None:
+                fields: _Fields = _Stored(self.store, Path(source), reader, timeline, self)
+            else:
+                fields = _Computed(reader, timeline, self.pipeline, self.flow)
+            yield from self._cut(ticks, clips_per_piece, fields)
+
+    def _cut(
+        self, ticks: np.ndarray, clips_per_piece: int | None, fields: _Fields
+    ) -> Iterator[ViewPiece]:
+        """Views of each piece's clips, cut from the flow fields of their ticks."""
+        count = len(ticks)
+        size = count if clips_per_piece is None else max(1, min(clips_per_piece, count))
+        for first in range(0, count, size):
+            piece = ticks[first : first + size]
+            wanted = np.unique(piece)
+            field = torch.from_numpy(fields.get(wanted))
+            rows = torch.from_numpy(np.searchsorted(wanted, piece))  # (clips, T) into field
+            height, width = field.shape[1:3]
+            boxes = T.view_boxes(width, height, self.pipeline.crop_size, self.num_crops)
+            views = []
+            for box, mirrored in boxes:
+                cut = T.crop(field, box)
+                if mirrored:  # the mirrored picture moves the other way in x
+                    cut = cut.flip(2) * torch.tensor([-1.0, 1.0])
+                views.append(cut[rows])  # (clips, T, h, w, 2)
+            out = rearrange(torch.stack(views), "k n t h w c -> (k n) c t h w").contiguous()
+            yield ViewPiece(out, first, min(count, first + size), count, len(boxes))
+            if first + size < count:
+                fields.forget_below(int(ticks[first + size :].min()))
+
+
+class _Fields:
+    """Flow fields of a video by tick: ``get`` float32 (n, H, W, 2) of ascending ticks."""
+
+    def get(self, wanted: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forget_below(self, tick: int) -> None:
+        """Later pieces need no tick below ``tick``."""
+
+
+class _Stored(_Fields):
+    """A video's flow from a flow folder, computed into it (whole timeline) if missing."""
+
+    def __init__(
+        self,
+        store: FlowFolder,
+        source: Path,
+        reader: VideoReader,
+        timeline: np.ndarray,
+        views: StreamPipeline,
+    ) -> None:
+        store.claim()
+        self.store = store
+        self.name = source.stem if source.is_file() else source.name
+        prep = views.pipeline.preprocessing
+        if not store.has(self.name):
+            width, height = T.rescale_size(*reader.size, prep.resize_short)
+            chunks = iter_timeline_flow(
+                reader, timeline, views.flow, prep.resize_short, prep.interpolation
+            )
+            store.write(self.name, (int(timeline.size) - 1, height, width), chunks)
+        stored = store.ticks(self.name)
+        if stored != timeline.size - 1:
+            raise FlowStoreError(
+                f"{store.entry(self.name)} holds {stored} flow fields but {source} gives "
+                f"{timeline.size - 1} at this frame rate (another video of that name?); remove "
+                "it to recompute"
+            )
+
+    def get(self, wanted: np.ndarray) -> np.ndarray:
+        return self.store.read(self.name, wanted)
+
+
+class _Computed(_Fields):
+    """Flow of the ticks pieces ask for, computed on demand and kept while later pieces
+    may still need them (sampled clips can overlap)."""
+
+    def __init__(
+        self, reader: VideoReader, timeline: np.ndarray, pipeline: Pipeline, config: FlowConfig
+    ) -> None:
+        self.reader, self.timeline, self.pipeline, self.config = reader, timeline, pipeline, config
+        self.known: dict[int, np.ndarray] = {}
+
+    def get(self, wanted: np.ndarray) -> np.ndarray:
+        missing = np.array([t for t in wanted.tolist() if t not in self.known], dtype=np.int64)
+        if missing.size:
+            positions = np.unique(np.concatenate([missing, missing + 1]))
+            gray = self._gray(self.timeline[positions])
+            first = np.searchsorted(positions, missing)
+            second = np.searchsorted(positions, missing + 1)
+            flow = scale_flow(pair_flow(gray[first], gray[second], self.config), self.config.bound)
+            for tick, field in zip(missing.tolist(), flow.permute(0, 2, 3, 1).numpy(), strict=True):
+                self.known[tick] = field
+        return np.stack([self.known[t] for t in wanted.tolist()])
+
+    def forget_below(self, tick: int) -> None:
+        for old in [t for t in self.known if t < tick]:
+            del self.known[old]
+
+    def _gray(self, sources: np.ndarray) -> np.ndarray:
+        """Greyscale uint8 (n, H, W) of source frames, resized as the RGB stream is."""
+        prep = self.pipeline.preprocessing
+        unique, inverse = np.unique(sources, return_inverse=True)
+        frames = torch.from_numpy(self.reader.get_frames(unique))
+        frames = T.resize_short(frames, prep.resize_short, prep.interpolation)
+        return rgb_to_gray(frames.numpy())[inverse.reshape(-1)]
