@@ -278,13 +278,16 @@ class _FakeInferSession:
     def infer(self, feeds: list, mode: str = "static") -> list:
         return [np.zeros((*self.shape[:2], 5), dtype=np.float32)]
 
+    def free_resource(self) -> None:
+        pass
+
 
 def test_cli_bench_takes_the_clip_shape_from_an_om_session(tmp_path, monkeypatch):
     import importlib.machinery
     import sys
     import types
 
-    for name in ("ais_bench", "ais_bench.infer", "ais_bench.infer.interface"):
+    for name in ("aclruntime", "ais_bench", "ais_bench.infer", "ais_bench.infer.interface"):
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         monkeypatch.setitem(sys.modules, name, module)

@@ -463,3 +463,17 @@ def test_om_tells_aclruntime_missing_from_cann_missing(tmp_path, monkeypatch):
     finally:
         for name in [m for m in sys.modules if m.startswith(("ais_bench", "aclruntime"))]:
             del sys.modules[name]
+
+
+def test_bench_on_om_reports_host_rss_not_torch_npus_allocator(fake_ais_bench, monkeypatch):
+    from i3d.backends.bench import benchmark
+
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 3, 8, 16, 16]
+    allocator = types.SimpleNamespace(
+        max_memory_allocated=lambda: 123 * 2**20, synchronize=lambda: None,
+        reset_peak_memory_stats=lambda: None,
+    )  # fmt: skip
+    monkeypatch.setattr(torch, "npu", allocator, raising=False)
+    result = benchmark(load_runner(om, backend="om"), torch.zeros(1, 3, 8, 16, 16), iters=2)
+    assert result.memory_kind == "process peak RSS" and result.peak_memory_mb != 123

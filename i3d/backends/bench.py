@@ -90,7 +90,13 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
-def _device_module(device: str) -> object | None:
+#: backends whose device memory goes through torch's allocator (an OM or ONNX session's does not)
+TORCH_ALLOCATOR_BACKENDS = frozenset({"torch", "npu"})
+
+
+def _device_module(backend: str, device: str) -> object | None:
+    if backend not in TORCH_ALLOCATOR_BACKENDS:
+        return None
     kind = device.split(":")[0]
     module = getattr(torch, kind, None) if kind in {"cuda", "npu"} else None
     return module if module is not None and hasattr(module, "max_memory_allocated") else None
@@ -99,12 +105,13 @@ def _device_module(device: str) -> object | None:
 def benchmark(runner: Runner, batch: torch.Tensor, iters: int = 10, warmup: int = 2) -> BenchResult:
     """Time ``runner.predict(batch)`` ``iters`` times after ``warmup`` untimed calls.
 
-    Memory is the device's peak allocation on cuda/npu, else the process's peak RSS (which
-    includes everything the process loaded before, e.g. the model in other backends).
+    Memory is torch's peak allocation on cuda/npu for the torch and npu backends, else the
+    process's peak RSS (which includes everything the process loaded before, e.g. the model
+    in other backends): torch's allocator never sees an OM session's memory.
     """
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters}, {warmup}")
-    device_mod = _device_module(runner.device)
+    device_mod = _device_module(runner.backend, runner.device)
     for _ in range(warmup):
         runner.predict(batch)
     if device_mod is not None:
