@@ -477,3 +477,48 @@ def test_bench_on_om_reports_host_rss_not_torch_npus_allocator(fake_ais_bench, m
     monkeypatch.setattr(torch, "npu", allocator, raising=False)
     result = benchmark(load_runner(om, backend="om"), torch.zeros(1, 3, 8, 16, 16), iters=2)
     assert result.memory_kind == "process peak RSS" and result.peak_memory_mb != 123
+
+
+def test_seeds_offline_protocol_export_then_evaluate_on_om(fake_ais_bench, tmp_path):
+    """The seeds' NL-R50 OM protocol (V=10 clips × centre crop per call) at a tiny size: export
+    prints the atc command for (1, 10, 3, T, S, S), evaluate --backend om feeds exactly that."""
+    pytest.importorskip("onnxruntime")
+    import attrs
+    from typer.testing import CliRunner
+    from videogen import write_video
+
+    from i3d.cli.main import app
+    from i3d.weights.format import WeightsInfo, save_weights
+    from i3d.weights.preprocessing import MMACTION_K400
+
+    interface, om = fake_ais_bench
+    interface.InferSession.shape = [1, 10, 3, 8, 32, 32]
+    torch.manual_seed(0)
+    config = get_preset("i3d_r50_nl_dot_product", base_channels=4, num_classes=4)
+    prep = attrs.evolve(
+        MMACTION_K400, clip_len=8, num_clips=10, num_crops=1, resize_short=32, crop_size=32
+    )
+    weights = save_weights(
+        tmp_path / "nl.safetensors",
+        build_model(config).state_dict(),
+        WeightsInfo(config, ("a", "b", "c", "d"), prep),
+    )
+    export = ["export", "--format", "om", "--weights", str(weights), "--views", "10"]
+    export += ["--no-simplify", "--batch", "1", "--soc", "Ascend310P3", "-o", str(om)]
+    result = CliRunner().invoke(app, export, env={"PATH": str(tmp_path / "no-atc")})
+    assert result.exit_code == 0, result.output
+    assert "--input_shape=clips:1,10,3,8,32,32" in result.stdout
+    assert "--soc_version=Ascend310P3 --precision_mode=force_fp16" in result.stdout
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("v0.mp4", "v1.mp4"):
+        write_video(videos / name, 24, width=40, height=32)
+    (tmp_path / "val.txt").write_text("v0.mp4 3\nv1.mp4 0\n")
+    evaluate = ["evaluate", str(tmp_path / "val.txt"), "--data-root", str(videos)]
+    evaluate += ["--weights", str(om), "--backend", "om", "--crops", "1", "--batch-size", "10"]
+    result = CliRunner().invoke(app, [*evaluate, "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["samples"] == 2 and 0 <= metrics["top1"] <= 1
+    infers = [entry for entry in interface.LOG if entry[0] == "infer"]
+    assert [shape for _, shape, _ in infers] == [(1, 10, 3, 8, 32, 32)] * 2  # one call a video
