@@ -191,3 +191,16 @@ def test_downgrade_rewrites_changed_ops_and_refuses_unknown_ones():
     np.testing.assert_allclose(got, np.maximum(x.mean((1, 2)), 0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ExportError, match="cannot take Softmax from opset 18 to 11"):
         downgrade_opset(model(helper.make_node("Softmax", ["y"], ["s"])), 11)
+
+
+def test_precision_flags_need_format_om(tmp_path):
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+
+    out = tmp_path / "m.onnx"
+    args = ["export", "--preset", "i3d_r50", "--precision", "fp32", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "need --format om; an ONNX export is always fp32" in result.output
+    assert not out.exists()

@@ -124,6 +124,11 @@ def export(
         batch_value: int | str = batch if batch == "dynamic" else _positive_int(batch, "--batch")
         if fmt not in {"onnx", "om"}:
             raise ExportError(f"--format must be onnx or om, got {fmt!r}")
+        if fmt == "onnx" and (precision != "fp16" or precision_v2):
+            raise ExportError(
+                "--precision and --precision-mode-v2 set ATC's precision, so they need "
+                "--format om; an ONNX export is always fp32"
+            )
         if weights is not None:
             refuse_overwriting(output, weights)
         source = _source(weights, preset, required=True)
