@@ -17,12 +17,13 @@ from i3d.cli.main import app
 from i3d.data import transforms as T
 from i3d.data.decode import open_video
 from i3d.data.pipeline import build_pipeline
+from i3d.features import SnippetProtocol, iter_snippets
 from i3d.flow import FlowConfig, TVL1Params, rgb_to_gray, scale_flow, tvl1_flow
 from i3d.flow.store import FlowStoreError, dequantize, open_npy, quantize
 from i3d.flow.views import StreamPipeline
 from i3d.models import build_model
 from i3d.predict import Predictor
-from i3d.weights.format import WeightsError, WeightsInfo, load_model, save_weights
+from i3d.weights.format import WeightsError, WeightsInfo, load_model, read_info, save_weights
 from i3d.weights.preprocessing import DEEPMIND_K400
 from i3d.weights.two_stream import combine_two_stream
 
@@ -173,16 +174,16 @@ def streams(tmp_path_factory):
             save_weights(root / f"{preset}.safetensors", build_model(config).state_dict(), info)
         )
     video = write_video(root / "clip.mp4", 10, width=208, height=194)
-    return root, files[0], files[1], video
+    two = combine_two_stream(files[0], files[1], root / "two.safetensors")
+    return root, files[0], files[1], two, video
 
 
 def test_two_stream_scores_are_the_softmax_of_summed_logits(streams):
-    root, rgb, flow, video = streams
-    result = runner.invoke(
-        app, ["weights", "combine", str(rgb), str(flow), "-o", str(root / "two.safetensors")]
-    )
+    root, rgb, flow, two, video = streams
+    made = root / "cli.safetensors"
+    result = runner.invoke(app, ["weights", "combine", str(rgb), str(flow), "-o", str(made)])
     assert result.exit_code == 0, result.output
-    two = root / "two.safetensors"
+    assert read_info(made).config == read_info(two).config
     model = load_model(two)
     assert model.config.arch == "two_stream"
     predictor = Predictor(two, flow=FLOW)
@@ -197,7 +198,7 @@ def test_two_stream_scores_are_the_softmax_of_summed_logits(streams):
 
 
 def test_combining_streams_checks_what_they_are(streams, tmp_path):
-    _root, rgb, flow, _video = streams
+    _root, rgb, flow, _two, _video = streams
     with pytest.raises(WeightsError, match="not the rgb one"):
         combine_two_stream(flow, rgb, tmp_path / "x.safetensors")
     config = get_preset("inception_i3d_flow", num_classes=4)
@@ -211,3 +212,12 @@ def test_combining_streams_checks_what_they_are(streams, tmp_path):
     with pytest.raises(WeightsError, match="3 classes but"):
         combine_two_stream(rgb, other, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_snippet_features_of_a_two_stream_file_are_its_streams_concatenated(streams):
+    _root, rgb, flow, two, video = streams
+    protocol = SnippetProtocol(window=9, stride=9)
+    (whole,) = iter_snippets([video], protocol, weights=two, flow=FLOW)
+    (apart,) = iter_snippets([video], protocol, weights=rgb, flow_weights=flow, flow=FLOW)
+    assert whole.features.shape == (1, 2048)
+    np.testing.assert_array_equal(whole.features, apart.features)

@@ -158,7 +158,10 @@ def features(
     ] = None,
     flow_weights: Annotated[
         Path | None,
-        typer.Option(help="Snippet mode: a Flow-stream I3D for the optical-flow stream."),
+        typer.Option(
+            help="Snippet mode: a Flow-stream I3D for the optical-flow stream (default: "
+            "--weights when that is a two-stream file)."
+        ),
     ] = None,
     flow_impl: Annotated[
         str, typer.Option(help="Snippet mode: TV-L1 of the flow stream, torch or opencv.")
@@ -300,8 +303,8 @@ def _sharded_features(
 
 
 def check_flow_model(path: Path, info: Any) -> None:
-    """The flow stream's weights must be a Flow-stream (2-channel) I3D."""
-    if info.preprocessing.modality != "flow":
+    """The flow stream's weights must be a Flow-stream (2-channel) I3D or a two-stream file."""
+    if info.preprocessing.modality != "flow" and info.config.arch != "two_stream":
         raise InputError(
             f"--flow-weights {path} is an RGB model; give a Flow-stream I3D (e.g. DeepMind's "
             "flow_imagenet converted with i3d convert-weights)"
@@ -334,6 +337,7 @@ def snippet_features(
     from i3d.features import SnippetJob, SnippetProtocol, extract_snippets, get_preset
     from i3d.features.presets import PresetError, choose_streams, preset_weights
     from i3d.flow.recipe import FlowConfig
+    from i3d.weights.two_stream import is_two_stream
 
     with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
         crop_count = parse_crops(crops)
@@ -344,6 +348,8 @@ def snippet_features(
         }  # fmt: skip
         given = {k: v for k, v in chosen.items() if v is not None}
         named = get_preset(preset) if preset is not None else None
+        if weights is not None and flow_weights is None and is_two_stream(weights):
+            flow_weights = weights  # a two-stream file serves both streams
         streams = choose_streams(named, stream, flow_weights is not None)
         if named is not None:
             if "window" in given and "stride" not in given:
@@ -363,7 +369,7 @@ def snippet_features(
         paths = expand_inputs(inputs)
         for model_file in {path, flow_weights} - {None}:
             refuse_overwriting(output, model_file)
-        if "rgb" in streams:
+        if "rgb" in streams and not is_two_stream(path):
             check_video_model(path, read_info(path))
         if flow_weights is not None and "flow" in streams:
             check_flow_model(flow_weights, read_info(flow_weights))

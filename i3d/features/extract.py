@@ -273,14 +273,17 @@ def iter_snippets(
     ``protocol`` is a :class:`SnippetProtocol` or a preset name (``i3d features --preset``);
     ``weights`` default to the preset's model (or the pulled default model). ``stream``
     (rgb, flow, both; default as ``i3d features``) with ``flow_weights`` (a Flow-stream
-    I3D) adds the optical-flow stream, concatenated after RGB.
+    I3D) adds the optical-flow stream, concatenated after RGB; a two-stream ``weights``
+    file serves both streams (it is the ``flow_weights`` unless they are given).
     """
     from i3d.features.presets import choose_streams, get_preset, preset_weights
     from i3d.features.run import concatenate_streams
     from i3d.predict import check_path_list, check_video_model, default_weights
-    from i3d.weights.format import load_model
+    from i3d.weights.two_stream import is_two_stream, load_stream
 
     check_path_list(paths)
+    if weights is not None and flow_weights is None and is_two_stream(weights):
+        flow_weights = weights
     preset = get_preset(protocol) if isinstance(protocol, str) else None
     if preset is not None:
         protocol = preset.protocol
@@ -288,15 +291,17 @@ def iter_snippets(
     streams = choose_streams(preset, stream, flow_weights is not None)
     extractors = []
     if "rgb" in streams:
-        default = preset_weights(preset) if preset is not None else default_weights()
-        path = Path(weights) if weights is not None else default
-        model = load_model(path, device or "cpu")
+        if weights is not None:  # the default is looked up only when it is used
+            path = Path(weights)
+        else:
+            path = preset_weights(preset) if preset is not None else default_weights()
+        model = load_stream(path, "rgb", device or "cpu")
         check_video_model(path, model.weights_info)
         extractors.append(SnippetExtractor(model, protocol, batch_size))
     if "flow" in streams:
         assert flow_weights is not None
         config = flow or FlowConfig(device=device or "cpu")
-        model = load_model(flow_weights, device or "cpu")
+        model = load_stream(flow_weights, "flow", device or "cpu")
         extractors.append(SnippetExtractor(model, protocol, batch_size, flow=config))
     results = [extractor.iter_videos(paths, workers) for extractor in extractors]
     for parts in zip(*results, strict=True):

@@ -119,17 +119,17 @@ def _processor(
     ``on_video`` (one process only) hears of each video as it is done."""
     from i3d.features.pooled import feature_device
     from i3d.sharded_inference import rank_device
-    from i3d.weights.format import load_model
+    from i3d.weights.two_stream import load_stream
 
     device = feature_device(job.backend, rank_device(job.backend, job.device, ctx))
     extractors = []
     if "rgb" in job.streams:
-        model = load_model(job.weights, device)
+        model = load_stream(job.weights, "rgb", device)
         extractors.append(SnippetExtractor(model, job.protocol, job.batch_size, job.decoder))
     if "flow" in job.streams:
         assert job.flow_weights is not None
         flow = attrs.evolve(job.flow, device=str(device)) if job.flow.impl == "torch" else job.flow
-        model = load_model(job.flow_weights, device)
+        model = load_stream(job.flow_weights, "flow", device)
         extractors.append(
             SnippetExtractor(model, job.protocol, job.batch_size, job.decoder, flow=flow)
         )

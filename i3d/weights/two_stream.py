@@ -11,11 +11,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import attrs
 import torch
+from torch import nn
 
 from i3d.models.inception import InceptionI3dConfig, TwoStreamConfig
 from i3d.utils.files import refuse_overwriting, sha256_file
-from i3d.weights.format import Provenance, WeightsError, WeightsInfo, load_weights, save_weights
+from i3d.weights.format import (
+    Provenance,
+    WeightsError,
+    WeightsInfo,
+    load_model,
+    load_weights,
+    read_info,
+    save_weights,
+)
 
 FORMAT_TWO_STREAM = "i3d-two-stream"
 
@@ -93,3 +103,28 @@ def combine_two_stream(
         provenance=provenance,
     )
     return save_weights(dst, state, info)
+
+
+def is_two_stream(path: str | os.PathLike[str]) -> bool:
+    """Whether a weight file holds a two-stream model."""
+    return getattr(read_info(path).config, "arch", None) == "two_stream"
+
+
+def load_stream(
+    path: str | os.PathLike[str], stream: str, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The ``stream`` ("rgb" or "flow") model of a weight file: a two-stream file's stream,
+    with the weights info of that stream alone (the flow stream takes DeepMind's [-1, 1]
+    flow: mean 0, std 1), or a one-stream file's model as it is."""
+    model = load_model(path, device)
+    info = model.weights_info
+    if getattr(info.config, "arch", None) != "two_stream":
+        return model
+    if stream not in ("rgb", "flow"):
+        raise ValueError(f"stream must be 'rgb' or 'flow', not {stream!r}")
+    part = getattr(model, stream)
+    prep = info.preprocessing
+    if stream == "flow":
+        prep = attrs.evolve(prep, mean=(0.0, 0.0), std=(1.0, 1.0), modality="flow")
+    part.weights_info = attrs.evolve(info, config=getattr(info.config, stream), preprocessing=prep)
+    return part
