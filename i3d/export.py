@@ -572,9 +572,14 @@ def downgrade_opset(proto: Any, opset: int) -> None:
             == defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
         )
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if same or node.op_type in _TYPE_ONLY_CHANGES:
-            if node.op_type == "Constant" and set(attributes) != {"value"}:
-                raise ExportError(f"cannot take a Constant with {sorted(attributes)} below 18")
+        if same:
+            continue
+        if node.op_type in _TYPE_ONLY_CHANGES:
+            if node.op_type == "Constant" and set(attributes) != {"value"}:  # value_* are 12+
+                raise ExportError(
+                    f"cannot take a Constant with {sorted(attributes)} to opset {opset}; "
+                    f"use a higher --opset (up to {DEFAULT_OPSET})"
+                )
             continue
         if node.op_type == "Reshape" and _allowzero_droppable(node, attributes, constants):
             _drop_attributes(node, "allowzero")

@@ -191,6 +191,10 @@ def test_downgrade_rewrites_changed_ops_and_refuses_unknown_ones():
     np.testing.assert_allclose(got, np.maximum(x.mean((1, 2)), 0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ExportError, match="cannot take Softmax from opset 18 to 11"):
         downgrade_opset(model(helper.make_node("Softmax", ["y"], ["s"])), 11)
+    ints = helper.make_node("Constant", [], ["c"], value_ints=[1])  # value_ints: opset 12+
+    downgrade_opset(model(ints), 13)
+    with pytest.raises(ExportError, match=r"Constant with \['value_ints'\] to opset 11"):
+        downgrade_opset(model(ints), 11)
 
 
 def test_precision_flags_need_format_om(tmp_path):
