@@ -12,6 +12,7 @@ from there afterwards.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,14 +158,16 @@ class StreamPipeline:
                 fields.forget_below(int(ticks[first + size :].min()))
 
 
-class _Fields:
+class _Fields(abc.ABC):
     """Flow fields of a video by tick: ``get`` float32 (n, H, W, 2) of ascending ticks."""
 
+    @abc.abstractmethod
     def get(self, wanted: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The fields of ``wanted`` (sorted, unique 0-based ticks)."""
 
+    @abc.abstractmethod
     def forget_below(self, tick: int) -> None:
-        """Later pieces need no tick below ``tick``."""
+        """Later pieces need no tick below ``tick``: fields held in memory can go."""
 
 
 class _Stored(_Fields):
@@ -198,6 +201,9 @@ class _Stored(_Fields):
 
     def get(self, wanted: np.ndarray) -> np.ndarray:
         return self.store.read(self.name, wanted)
+
+    def forget_below(self, tick: int) -> None:
+        """Nothing is held: each piece reads its fields from the folder."""
 
 
 class _Computed(_Fields):
