@@ -6,6 +6,8 @@ import hashlib
 import json
 from collections import Counter
 
+import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -51,15 +53,48 @@ def test_float_bilinear_is_within_one_of_opencv(resize_npz):
     assert diff.max() == 1 and 0 < (diff > 0).mean() < 0.2
 
 
-def test_other_interpolations_resize_to_size(resize_npz):
+def test_interpolations_are_mmcvs_opencv_codes(resize_npz):
+    """Each name means what mmcv's ``imresize`` does with it (its ``cv2_interp_codes``)."""
     src = torch.from_numpy(resize_npz["src_frames"][:2])
-    for mode in ("area", "bicubic"):
+    codes = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 3, "lanczos": 4}
+    assert set(T.INTERPOLATIONS) == set(codes)
+    for mode, code in codes.items():
         out = T.resize_short(src, 128, mode)
         assert out.shape == (2, 128, 170, 3) and out.dtype == torch.uint8
-        diff = (out.int() - T.resize_short(src, 128).int()).abs().float()
-        assert diff.mean() < 3
+        for frame, got in zip(src.numpy(), out.numpy(), strict=True):
+            assert np.array_equal(got, cv2.resize(frame, (170, 128), interpolation=code)), mode
+    grey = T.resize(src[..., :1].contiguous(), (85, 64))
+    assert grey.shape == (2, 64, 85, 1)
     with pytest.raises(ValueError, match="interpolation"):
         T.resize(src, (10, 10), "nearest-ish")
+    with pytest.raises(ValueError, match="uint8 frames"):
+        T.resize(src.float(), (10, 10))
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libvpx-vp9"])
+def test_real_resolution_three_crop_equals_decode_all_and_cv2(tmp_path, codec):
+    """640×360 (resized to 455×256, unlike the 340×256 fixtures): the pipeline's bytes equal
+    mmaction's recipe done by hand: every frame decoded to rgb24, ``cv2.resize`` to mmcv's
+    rescaled size, then ThreeCrop's boxes."""
+    path = write_video(
+        tmp_path / f"v.{'webm' if 'vpx' in codec else 'mp4'}", 24, 640, 360, codec=codec
+    )
+    pipe = build_pipeline(
+        MMACTION_K400, "test", clip_len=4, frame_interval=2, num_clips=2, crop_size=256
+    )
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with open_video(path) as reader:
+        clips = pipe.clip_indices(reader, None)
+    assert T.rescale_size(640, 360, 256) == (455, 256)
+    expected = []
+    for x1, _, x2, _ in T.three_boxes(455, 256, 256):
+        for clip in clips:
+            frames = [
+                cv2.resize(decoded[i], (455, 256), interpolation=cv2.INTER_LINEAR) for i in clip
+            ]
+            expected.append(np.stack(frames)[:, :, x1:x2].transpose(3, 0, 1, 2))
+    assert np.array_equal(pipe.frames(path).numpy(), np.stack(expected))
 
 
 def test_rescale_size_table(pipe_ref):

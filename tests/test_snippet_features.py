@@ -186,7 +186,7 @@ def test_fps_resampling_tails_and_timestamps(resnet, tmp_path):
     # the padded third window holds 4 real frames: frames 40, 42, 45, 47 of the video
     frames = _all_frames(video)[ticks[16:]]
     prep = attrs.evolve(frame_transform(protocol, resnet.weights_info.preprocessing))
-    crop = T.center_crop(prep.resize(torch.from_numpy(frames)), prep.crop_size)
+    crop = T.center_crop(prep.resize(list(frames)), prep.crop_size)
     clip = torch.zeros((1, 3, 8, prep.crop_size, prep.crop_size))
     clip[0, :, :4] = prep.normalize(crop.permute(3, 0, 1, 2))
     with torch.no_grad():

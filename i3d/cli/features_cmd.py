@@ -361,8 +361,10 @@ def snippet_features(
             given.setdefault("stride", window)
             protocol = SnippetProtocol(**given)
         if "rgb" in streams:
-            default = preset_weights(named) if named is not None else default_weights()
-            path = weights if weights is not None else default
+            if weights is not None:  # the default is looked up only when it is used
+                path = weights
+            else:
+                path = preset_weights(named) if named is not None else default_weights()
         else:  # the flow stream alone: no RGB model is read
             assert flow_weights is not None
             path = flow_weights

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
+import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
@@ -326,7 +327,8 @@ def skip_collate(batch: list[Any]) -> Any:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread per worker (workers already parallelise).
+    """DataLoader ``worker_init_fn``: one torch, OpenCV and decoder thread per worker (workers
+    already parallelise).
 
     Ctrl-C (sent to the whole process group) is left to the main process, which stops at a
     safe point and shuts its workers down. SIGTERM still ends a worker at once (it is how
@@ -335,7 +337,8 @@ def worker_init(_worker_id: int) -> None:
     while a scheduler's SIGTERM to the whole group must reach the main process's handler,
     which stops at a step boundary and saves.
     """
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the decoders follow it (decode.decoder_threads)
+    cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
     _die_with_parent()

@@ -85,6 +85,13 @@ def open_container(path: Path) -> av.container.InputContainer:
     return av.open(str(path), mode="r", options=options)
 
 
+def decoder_threads() -> int:
+    """Threads a decoder uses here: torch's intra-op count, the cores this process was given."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
 class VideoDecodeError(ValueError):
     """A video (or frame directory) cannot be opened or the requested frames cannot be decoded."""
 
@@ -160,7 +167,10 @@ class VideoReader(ABC):
 class PyAVReader(VideoReader):
     """PyAV (FFmpeg) reader: packet index from demuxing, seek + decode-forward per request."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        """``threads``: FFmpeg decoding threads; None takes torch's intra-op thread count, so
+        a loader worker (one torch thread) decodes on one core and the main process on all
+        it was given."""
         import av
         from av.video.reformatter import VideoReformatter
 
@@ -181,8 +191,10 @@ class PyAVReader(VideoReader):
             self._stream = self._container.streams.video[0]
             codec = self._stream.codec_context
             check_frame_size(self.path, int(codec.width or 0), int(codec.height or 0))
-            if threads:
+            count = decoder_threads() if threads is None else threads
+            if count > 1:  # frame and slice threads, whichever the codec supports
                 self._stream.thread_type = "AUTO"
+                self._stream.codec_context.thread_count = count
             self._index_packets()
         except BaseException:
             self._container.close()

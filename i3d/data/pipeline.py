@@ -207,11 +207,13 @@ class Pipeline:
         p = self.preprocessing
         buffer: torch.Tensor | None = None  # reused for every chunk: no fresh pages per chunk
         for chunk in chunked(reader.iter_frames(unique), _CHUNK):
-            if buffer is None:
-                buffer = torch.empty((_CHUNK, *chunk[0][1].shape), dtype=torch.uint8)
+            if buffer is None:  # decoded frames are resized straight into it
+                src_h, src_w, channels = chunk[0][1].shape
+                resized = T.rescale_size(src_w, src_h, p.resize_short)
+                buffer = torch.empty((_CHUNK, resized[1], resized[0], channels), dtype=torch.uint8)
             frames = buffer[: len(chunk)]
-            np.stack([frame for _, frame in chunk], out=frames.numpy())
-            frames = T.resize_short(frames, p.resize_short, p.interpolation)
+            decoded = [frame for _, frame in chunk]
+            T.resize_each(decoded, resized, p.interpolation, out=frames.numpy())
             if not plan:
                 plan = self._crop_plan(frames.shape[2], frames.shape[1], rng)
                 width, height = self._output_size(plan[0][0])

@@ -8,6 +8,7 @@ Published feature sets differ in exactly these steps (OpenCV vs Pillow filters, 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import attrs
 import numpy as np
@@ -28,7 +29,7 @@ class FrameTransform:
     frame_size: tuple[int, int] | None
     size_rule: str
     resampler: str
-    """``cv2-<interpolation>`` (OpenCV semantics, bit-exact for bilinear) or ``pil-<filter>``."""
+    """``cv2-<interpolation>`` (OpenCV's ``cv2.resize``, as mmcv) or ``pil-<filter>``."""
     crop_size: int
     crops: int
     crop_order: str
@@ -48,20 +49,22 @@ class FrameTransform:
             return self.resize_short, int(self.resize_short * height / short)
         return int(self.resize_short * width / short), self.resize_short
 
-    def resize(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (n, H, W, 3) → (n, h, w, 3) at :meth:`output_size`."""
-        height, width = frames.shape[1:3]
+    def resize(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """Decoded uint8 (H, W, 3) frames → (n, h, w, 3) at :meth:`output_size`, resized
+        straight from the decoder's arrays (no stacked copy of the full-size frames)."""
+        height, width = frames[0].shape[:2]
         size = self.output_size(width, height)
         if self.resampler.startswith("cv2-"):
-            return T.resize(frames, size, self.resampler[4:])
+            return torch.from_numpy(T.resize_each(frames, size, self.resampler[4:]))
         from PIL import Image
 
         method = getattr(Image.Resampling, _PIL_FILTERS[self.resampler])
-        if size == (width, height):
-            return frames
-        out = torch.empty((frames.shape[0], size[1], size[0], 3), dtype=torch.uint8)
-        for i, frame in enumerate(frames.numpy()):
-            out[i] = torch.from_numpy(np.array(Image.fromarray(frame).resize(size, method)))
+        out = torch.empty((len(frames), size[1], size[0], 3), dtype=torch.uint8)
+        for i, frame in enumerate(frames):
+            image = Image.fromarray(frame)
+            out[i] = torch.from_numpy(
+                np.array(image if size == (width, height) else image.resize(size, method))
+            )
         return out
 
     def boxes(self, width: int, height: int) -> list[tuple[T.Box, bool]]:

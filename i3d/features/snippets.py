@@ -174,8 +174,7 @@ def _tick_crops(
     show: uint8 (crops, h, w, 3), resized and cut once per decoded frame."""
     boxes: list[tuple[T.Box, bool]] = []
     for chunk in chunked(reader.iter_frames(wanted), _CHUNK):
-        frames = torch.from_numpy(np.stack([frame for _, frame in chunk]))
-        frames = transform.resize(frames)
+        frames = transform.resize([frame for _, frame in chunk])
         if not boxes:
             boxes = transform.boxes(frames.shape[2], frames.shape[1])
         crops = _cut(frames, boxes)  # (n, crops, h, w, 3)
