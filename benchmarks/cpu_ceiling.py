@@ -1,0 +1,262 @@
+"""CPU inference against the hardware limit: clips/s, and the fraction of peak FLOP/s reached.
+
+Usage: python benchmarks/cpu_ceiling.py [--preset i3d_r50_nl_dot_product] [--clip-len 32]
+       [--size 224] [--views 30] [--rounds 3] [--threads N] [--only LABEL ...] [--json OUT]
+
+The model's FLOPs at the input are counted (torch's FlopCounterMode, a multiply-add is 2).
+One core's peak is measured with a short GEMM kernel (torch.mm, N=2048, one thread, CPU
+time, best of 5 before and 5 after the timings) for each precision the CPU has units for
+(bf16 only with avx512_bf16 or AMX: detected, not assumed; a precision without units is
+skipped, as openvino refuses it). Every configuration runs the same seeded full-size model,
+timed round-robin (each round times every configuration once) on one clip and on one video
+of ``--views`` clips (all views in one call, as ``i3d predict --batch-size 30`` hands them
+over). Reported: median clips/s; the fraction of peak, FLOPs per CPU-second (all the
+process's threads: time other jobs take is not counted, spinning threads are) over one
+core's peak; the video's clips/s as ratios to torch fp32 eager and to the best configuration
+listed before it; logit agreement with torch fp32 on natural frames (random weights, so the
+logits, not the classes, are what is compared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import cpu_model
+
+from i3d.backends import BackendError, get_backend, list_backends, load_runner
+from i3d.backends.check_input import natural_clips
+from i3d.export import export_onnx
+from i3d.models import build_model, get_preset
+from i3d.utils.files import atomic_path
+from i3d.weights.stats import count_flops
+
+#: (label, backend, precision, options); the first is the baseline
+CONFIGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("torch fp32 eager", "torch", "fp32", {}),
+    ("torch fp32 fuse_bn+channels_last", "torch", "fp32", {"fuse_bn": True, "channels_last": True}),
+    (
+        "torch bf16 cast+fuse_bn+channels_last",
+        "torch",
+        "bf16",
+        {"autocast": False, "fuse_bn": True, "channels_last": True},
+    ),
+    ("onnxruntime fp32", "onnx", "fp32", {}),
+    ("openvino fp32 latency mode", "openvino", "fp32", {"cache": True, "mode": "latency"}),
+    ("openvino fp32", "openvino", "fp32", {"cache": True}),  # auto: a video in throughput mode
+    ("openvino bf16", "openvino", "bf16", {"cache": True}),
+]
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            line = next((s for s in info if s.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_mhz() -> float | None:
+    """The mean current clock of /proc/cpuinfo's cores, in MHz (None where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            values = [float(s.split(":")[1]) for s in info if s.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        return None
+    return statistics.mean(values) if values else None
+
+
+def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """One core's peak: best FLOP per CPU-second of an N×N×N matmul in ``dtype`` on one
+    thread (CPU time, so other jobs on the machine do not lower it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        torch.mm(a, b)  # warm-up: packing
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            torch.mm(a, b)
+            best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / best
+
+
+def peaks(flags: set[str]) -> dict[str, float | None]:
+    """Measured one-core peak FLOP/s per precision; None where the CPU has no units for it."""
+    has_bf16 = any(flag in flags for flag in BF16_FLAGS)
+    return {
+        "fp32": gemm_peak(torch.float32),
+        "bf16": gemm_peak(torch.bfloat16) if has_bf16 else None,
+    }
+
+
+def usable(
+    configs: list[tuple], only: list[str] | None, peak: dict[str, float | None]
+) -> tuple[list[tuple], list[str]]:
+    """The configurations that can run here, and why each other one cannot (a precision
+    without CPU units only emulated, in torch, is skipped as openvino refuses it)."""
+    installed = set(list_backends())
+    keep, skipped = [], []
+    for config in configs:
+        label, backend, precision, _ = config
+        if only and label not in only and config is not configs[0]:
+            continue
+        if precision in peak and peak[precision] is None:
+            skipped.append(f"{label}: this CPU has no {precision} units")
+            continue
+        info = get_backend(backend).is_available() if backend in installed else None
+        if info is None or not info.ok:
+            skipped.append(f"{label}: {info.reason if info else 'not installed'}")
+        else:
+            keep.append(config)
+    return keep, skipped
+
+
+def make_runner(model: torch.nn.Module, config: tuple, x: torch.Tensor, tmp: Path) -> Any:
+    """A runner for ``config``; onnx gets a verified export of ``model`` for ``x``'s clips."""
+    _, backend, precision, options = config
+    if backend == "onnx":
+        path = tmp / "model.onnx"
+        export_onnx(model, path, clip_len=x.shape[-3], size=x.shape[-1], batch="dynamic")
+        return load_runner(path, backend="onnx", batch_size=8, **options)
+    batch = 8 if backend == "torch" else None  # openvino: a whole video as async requests
+    return load_runner(model, backend=backend, precision=precision, batch_size=batch, **options)
+
+
+def median_times(
+    runners: dict[str, Any], x: torch.Tensor, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) of ``runner.predict(x)`` per configuration,
+    timed round-robin; CPU time sums every thread, the runtime's own included."""
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, runner in runners.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            runner.predict(x)
+            times[label].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        label: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+        for label, values in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="i3d_r50_nl_dot_product")
+    parser.add_argument("--clip-len", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--views", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", nargs="*", help="configuration labels to run (and the baseline)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    flags = cpu_flags()
+    print(f"CPU: {cpu_model()}, {args.threads} threads, clock {cpu_mhz() or 0:.0f} MHz now")
+    print("ISA: " + " ".join(f for f in ISA_FLAGS if f in flags))
+    peak = peaks(flags)
+
+    torch.manual_seed(0)  # the same weights every run, so openvino's cache is reused
+    model = build_model(get_preset(args.preset)).eval()
+    clip_shape = (3, args.clip_len, args.size, args.size)
+    flops = count_flops(model, [(1, *clip_shape)])
+    print(f"{args.preset} at 1×{'×'.join(map(str, clip_shape))}: {flops / 1e9:.1f} GFLOP/clip")
+
+    configs, skipped = usable(CONFIGS, args.only, peak)
+    clip = natural_clips((1, *clip_shape))
+    video = natural_clips((1, args.views, *clip_shape))
+    runners, logits = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in configs:
+            label = config[0]
+            start = time.perf_counter()
+            try:
+                runners[label] = make_runner(model, config, clip, Path(tmp))
+                logits[label] = runners[label].predict(clip)  # warm-up, conversion, compile
+            except BackendError as exc:
+                runners.pop(label, None)
+                skipped.append(f"{label}: {exc}")
+                continue
+            print(f"  ready: {label} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        per_clip = median_times(runners, clip, args.rounds)
+        per_video = median_times(runners, video, args.rounds)
+    after = peaks(flags)  # the faster of two measurements
+    peak = {k: max(v, after[k]) if v else None for k, v in peak.items()}
+    for precision, value in peak.items():
+        shown = f"{value / 1e9:.1f} GFLOP/s" if value else "no units (not measured)"
+        print(f"peak {precision}, one core (torch.mm 2048³, CPU time, best of 10): {shown}")
+
+    base = logits[configs[0][0]]
+    base_rate = args.views / per_video[configs[0][0]][0]
+    rows, best_before = [], 0.0
+    for label, _, precision, _ in configs:
+        if label not in runners:
+            continue
+        core_peak = peak.get(precision) or peak["fp32"]
+        (clip_wall, clip_cpu), (video_wall, video_cpu) = per_clip[label], per_video[label]
+        video_rate = args.views / video_wall
+        rows.append(
+            {
+                "configuration": label,
+                "clips_per_s": 1 / clip_wall,
+                "clip_cpu_s": clip_cpu,
+                "clip_fraction_of_peak": flops / clip_cpu / core_peak,
+                "video_clips_per_s": video_rate,
+                "video_cpu_s_per_clip": video_cpu / args.views,
+                "video_fraction_of_peak": flops * args.views / video_cpu / core_peak,
+                "s_per_video": video_wall,
+                "x_torch_fp32": video_rate / base_rate,
+                "x_previous_best": video_rate / best_before if best_before else None,
+                "top1_agrees": bool((logits[label].argmax(-1) == base.argmax(-1)).all()),
+                "logit_rel_diff": float((logits[label] - base).abs().max() / base.abs().max()),
+            }
+        )
+        best_before = max(best_before, video_rate)
+
+    print(
+        f"\nshared machine: other jobs ran alongside (wall times ±20% or worse; the fraction "
+        f"of peak uses CPU time), {args.rounds} rounds"
+    )
+    print(
+        f"| configuration | clips/s, 1 clip | of peak | clips/s, {args.views}-view video "
+        "| of peak | s/video | × torch fp32 eager | × previous best | top-1 / max Δlogit (rel.) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        prev = f"{r['x_previous_best']:.2f}" if r["x_previous_best"] else "–"
+        print(
+            f"| {r['configuration']} | {r['clips_per_s']:.3f} | {r['clip_fraction_of_peak']:.0%} "
+            f"| {r['video_clips_per_s']:.3f} | {r['video_fraction_of_peak']:.0%} "
+            f"| {r['s_per_video']:.1f} | {r['x_torch_fp32']:.2f} | {prev} "
+            f"| {'same' if r['top1_agrees'] else 'differs'} / {r['logit_rel_diff']:.1e} |"
+        )
+    for note in skipped:
+        print(f"skipped: {note}")
+    if args.json:
+        record = {
+            "cpu": cpu_model(), "flops_per_clip": flops, "peak_flops": peak, "rows": rows,
+            "skipped": skipped, "clip_shape": list(clip_shape), "views": args.views,
+        }  # fmt: skip
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
