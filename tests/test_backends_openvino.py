@@ -101,6 +101,16 @@ def test_in_memory_models_are_not_cached_unless_asked(converted):
     assert load_runner(load_model(weights), backend="openvino", cache="true").cache is not None
 
 
+def test_an_unusable_cache_folder_is_one_line(converted, monkeypatch, tmp_path):
+    weights, x, _, _ = converted
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("I3D_CACHE", str(blocker))
+    runner = load_runner(weights, backend="openvino")
+    with pytest.raises(BackendError, match=r"cannot use the openvino cache .*cache=false"):
+        runner.predict(x)
+
+
 def test_reduced_precision_is_refused_without_the_cpu_units(converted, monkeypatch):
     weights, _, _, _ = converted
     monkeypatch.setattr(ovb, "cpu_capabilities", lambda core: ("FP32", "INT8"))

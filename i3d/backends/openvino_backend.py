@@ -157,7 +157,13 @@ class OpenVinoRunner(ClipRunner):
         mode = self.mode if self.mode != "auto" else "throughput" if count > 1 else "latency"
         if (clip, mode) not in self.queues:
             config = compile_config(self.precision, mode, self.threads)
-            compiled = self._compiled(clip, mode, config)
+            try:
+                compiled = self._compiled(clip, mode, config)
+            except OSError as exc:  # the cache folder: unwritable, a file in the way, disk full
+                raise BackendError(
+                    f"cannot use the openvino cache {self.cache}: {exc.strerror or exc}; set "
+                    "I3D_CACHE to a writable folder or pass the option cache=false"
+                ) from exc
             got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
             if got != config["INFERENCE_PRECISION_HINT"]:
                 raise BackendError(
