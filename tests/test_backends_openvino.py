@@ -142,6 +142,40 @@ def test_bf16_runs_where_the_cpu_has_bf16(converted):
     assert _rel(got, logits) <= 0.05  # bf16 keeps about 3 significant digits
 
 
+def test_int8_is_calibrated_on_the_listed_videos_and_reports_its_cost(converted, tmp_path):
+    pytest.importorskip("nncf")
+    weights, x, _, _ = converted
+    for i in range(2):
+        write_video(tmp_path / f"c{i}.mp4", 20 + 4 * i, width=48, height=32)
+    listing = tmp_path / "calibration.txt"
+    listing.write_text("# my videos\nc0.mp4\n\nc1.mp4\n")
+    runner = load_runner(weights, backend="openvino", precision="int8", calibration=listing)
+    assert runner.predict(x[:1, 0]).isfinite().all()
+    agree, rel = runner.int8_cost[CLIP]
+    assert 0 <= agree <= 1 and 0 < rel < 0.5
+    assert runner.sources == {(CLIP, "latency"): "converted"}  # quantised from the cached fp32
+    again = load_runner(weights, backend="openvino", precision="int8", calibration=listing)
+    again.predict(x[:1, 0])
+    assert again.sources == {(CLIP, "latency"): "compiled cache"}
+
+
+def test_int8_needs_a_calibration_list_of_existing_videos_and_nncf(
+    converted, monkeypatch, tmp_path
+):
+    weights, _, _, _ = converted
+    with pytest.raises(BackendError, match="int8 needs calibration videos"):
+        load_runner(weights, backend="openvino", precision="int8")
+    with pytest.raises(BackendError, match="calibration is for precision int8"):
+        load_runner(weights, backend="openvino", calibration="list.txt")
+    listing = tmp_path / "calibration.txt"
+    listing.write_text("gone.mp4\n")
+    with pytest.raises(BackendError, match=r"names .*gone\.mp4, which does not exist"):
+        load_runner(weights, backend="openvino", precision="int8", calibration=listing)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(BackendUnavailable, match=r"needs nncf.*i3d\[openvino-int8\]"):
+        load_runner(weights, backend="openvino", precision="int8", calibration=listing)
+
+
 def test_option_and_device_errors_are_one_line(converted):
     weights, _, _, _ = converted
     with pytest.raises(BackendError, match="mode must be auto, latency or throughput"):

@@ -45,6 +45,9 @@ from i3d.backends.torch_backend import parse_flag
 from i3d.utils.files import atomic_path
 
 INSTALL_HINT = 'pip install "i3d[openvino]" (or: pip install openvino)'
+INT8_HINT = 'pip install "i3d[openvino-int8]" (or: pip install nncf)'
+CLIPS_PER_VIDEO = 3  # calibration views taken from each listed video
+MAX_CALIBRATION_CLIPS = 64
 DEFAULT_CHUNK = 30  # clips handed to the request queue at once: a 30-view video
 CHECK_RTOL = 1e-4  # max|openvino - torch| / max|torch| allowed for a converted model
 CACHE_FORMAT = "1"  # part of every cache key; change it when the conversion changes
@@ -54,9 +57,17 @@ OPENVINO_OPTIONS = {
     "threads": "int, OpenVINO inference threads (INFERENCE_NUM_THREADS)",
     "cache": "bool, keep converted and compiled models in the i3d cache (default: true for "
     "weight files, false for in-memory models)",
+    "calibration": "int8: a text file naming your videos, one per line; their first clips "
+    "(the weights' test pipeline) calibrate NNCF's post-training quantisation",
 }
 #: precision -> (OpenVINO element type name, the CPU capability it needs)
-OV_PRECISIONS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
+#: (int8 is a quantised model; its other operations run in f32)
+OV_PRECISIONS = {
+    "fp32": ("f32", "FP32"),
+    "bf16": ("bf16", "BF16"),
+    "fp16": ("f16", "FP16"),
+    "int8": ("f32", "INT8"),
+}
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
@@ -135,6 +146,7 @@ class OpenVinoRunner(ClipRunner):
         mode: str,
         threads: int | None,
         cache: Path | None,
+        calibration: tuple[Path, ...] = (),
     ) -> None:
         super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
         self.ov = import_openvino()
@@ -147,6 +159,10 @@ class OpenVinoRunner(ClipRunner):
         self.model = model
         self.digest = model_digest(model)
         self.cache = cache
+        self.calibration = calibration
+        #: int8: per clip shape, (top-1 agreement, max relative logit change) against fp32 on
+        #: the calibration clips, measured when the model was quantised
+        self.int8_cost: dict[tuple[int, ...], tuple[float, float]] = {}
         self.irs: dict[tuple[int, ...], Any] = {}  # converted or read this session
         self.queues: dict[tuple[tuple[int, ...], str], Any] = {}
         #: where each (clip shape, mode)'s compiled model came from: converted, ir cache,
@@ -177,19 +193,27 @@ class OpenVinoRunner(ClipRunner):
     def _compiled(self, clip: tuple[int, ...], mode: str, config: dict[str, str]) -> Any:
         """The compiled model: imported from the cache, or compiled from (cached) IR."""
         if self.cache is None:
-            ir, self.sources[clip, mode] = self._ir(clip, None)
+            if self.precision == "int8":
+                ir, self.sources[clip, mode] = self._int8_ir(clip, None)
+            else:
+                ir, self.sources[clip, mode] = self._ir(clip, None)
             return self.core.compile_model(ir, "CPU", config)
         key = ir_key(self.digest, clip, self.version)
         self.cache.mkdir(parents=True, exist_ok=True)
         cpu = self.core.get_property("CPU", "FULL_DEVICE_NAME")
-        settings = hashlib.sha256(json.dumps([config, cpu]).encode()).hexdigest()[:12]
+        calibrated = calibration_digest(self.calibration) if self.precision == "int8" else ""
+        text = json.dumps([config, cpu, calibrated])
+        settings = hashlib.sha256(text.encode()).hexdigest()[:12]
         blob = self.cache / f"{key}-{self.precision}-{mode}-{settings}.blob"
         if blob.is_file():
             with contextlib.suppress(RuntimeError):  # damaged, or from another CPU: rebuild
                 compiled = self.core.import_model(blob.read_bytes(), "CPU", config)
                 self.sources[clip, mode] = "compiled cache"
                 return compiled
-        ir, self.sources[clip, mode] = self._ir(clip, self.cache / f"{key}.xml")
+        if self.precision == "int8":
+            ir, self.sources[clip, mode] = self._int8_ir(clip, key)
+        else:
+            ir, self.sources[clip, mode] = self._ir(clip, self.cache / f"{key}.xml")
         compiled = self.core.compile_model(ir, "CPU", config)
         stream = io.BytesIO()
         compiled.export_model(stream)
@@ -210,6 +234,34 @@ class OpenVinoRunner(ClipRunner):
         if xml is not None:
             save_ir(self.ov, self.irs[clip], xml)
         return self.irs[clip], "converted"
+
+    def _int8_ir(self, clip: tuple[int, ...], key: str | None) -> tuple[Any, str]:
+        """The quantised model for ``clip``: cached (keyed also by the calibration videos),
+        or quantised now from the fp32 one with NNCF, its accuracy cost measured."""
+        xml = None
+        if key is not None and self.cache is not None:
+            xml = self.cache / f"{key}-int8-{calibration_digest(self.calibration)[:16]}.xml"
+            if xml.is_file():
+                with contextlib.suppress(RuntimeError):  # unreadable: quantise again
+                    return self.core.read_model(str(xml)), "ir cache"
+        fp32, _ = self._ir(clip, self.cache / f"{key}.xml" if xml is not None else None)
+        clips = calibration_clips(self.calibration, self.preprocessing, clip)
+        import nncf
+
+        print(f"openvino: quantising to int8 on {len(clips)} calibration clips", file=sys.stderr)
+        data = [c[None].numpy() for c in clips]
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bar, off the results
+            quantised = nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data))
+        self.int8_cost[clip] = int8_cost(self.core, fp32, quantised, data)
+        agree, rel = self.int8_cost[clip]
+        print(
+            f"openvino: int8 against fp32 on the calibration clips: top-1 agrees on "
+            f"{agree:.0%}, logits change by up to {rel:.2%} of their largest magnitude",
+            file=sys.stderr,
+        )
+        if xml is not None:
+            save_ir(self.ov, quantised, xml)
+        return quantised, "converted"
 
     def _convert(self, clip: tuple[int, ...]) -> Any:
         """Convert the torch model for (1, *clip) input and check it against torch (fp32)."""
@@ -291,6 +343,76 @@ def conversion_failure(exc: Exception) -> str:
     return "; ".join(failed) if failed else (lines[0] if lines else "no message")
 
 
+def read_calibration_list(path: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """The videos a calibration list names (one per line; blank lines and # comments
+    skipped, relative paths from the list's folder), each checked to exist."""
+    listing = Path(path)
+    if not listing.is_file():
+        raise BackendError(f"calibration list {listing} does not exist")
+    videos = []
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        video = Path(name) if Path(name).is_absolute() else listing.parent / name
+        if not video.exists():
+            raise BackendError(f"calibration list {listing} names {video}, which does not exist")
+        videos.append(video)
+    if not videos:
+        raise BackendError(f"calibration list {listing} names no videos")
+    return tuple(videos)
+
+
+def calibration_digest(videos: tuple[Path, ...]) -> str:
+    """SHA-256 of the calibration videos' paths, sizes and modification times."""
+    stats = [(str(v.resolve()), v.stat().st_size, v.stat().st_mtime_ns) for v in videos]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def calibration_clips(
+    videos: tuple[Path, ...], prep: Any, clip: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Normalised clips of shape ``clip`` from the first views of each video, as the weights'
+    test pipeline cuts them (a clip of another shape cannot calibrate this model)."""
+    from i3d.data.pipeline import build_pipeline
+
+    if prep is None:
+        raise BackendError(
+            "int8 calibration cuts your videos with the weights' test pipeline, but this "
+            "model has no preprocessing metadata; load .safetensors weights"
+        )
+    pipeline = build_pipeline(prep, "test")
+    clips: list[torch.Tensor] = []
+    shapes = set()
+    for video in videos:
+        taken = 0
+        for piece in pipeline.pieces(video, clips_per_piece=1):
+            for view in pipeline.normalize(piece.views):
+                shapes.add(tuple(view.shape))
+                if tuple(view.shape) == clip and taken < CLIPS_PER_VIDEO:
+                    clips.append(view)
+                    taken += 1
+            if taken >= CLIPS_PER_VIDEO or len(clips) >= MAX_CALIBRATION_CLIPS:
+                break
+    if not clips:
+        found = ", ".join("×".join(map(str, s)) for s in sorted(shapes)) or "none"
+        raise BackendError(
+            f"the calibration videos give clips of {found}, the model runs "
+            f"{'×'.join(map(str, clip))}; calibrate with the clip length and crops you run"
+        )
+    return clips
+
+
+def int8_cost(core: Any, fp32: Any, quantised: Any, data: list[np.ndarray]) -> tuple[float, float]:
+    """(top-1 agreement, max |Δlogit| / max |fp32 logit|) of int8 against fp32 on ``data``."""
+    exact = core.compile_model(fp32, "CPU", compile_config("fp32", "latency", None))
+    fast = core.compile_model(quantised, "CPU", compile_config("int8", "latency", None))
+    want = np.concatenate([exact(x)[0] for x in data])
+    got = np.concatenate([fast(x)[0] for x in data])
+    agree = float((want.argmax(-1) == got.argmax(-1)).mean())
+    return agree, float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+
+
 def save_ir(ov: ModuleType, ir: Any, xml: Path) -> None:
     """Save IR as ``xml`` + ``.bin`` atomically: both are written aside, the ``.bin`` renamed
     first, so a reader that finds the ``.xml`` finds its weights complete."""
@@ -342,10 +464,24 @@ class OpenVinoBackend:
                 f"precision {precision} needs a CPU with {precision} units (OpenVINO's CPU "
                 f"plugin offers {', '.join(capabilities)} here); use --precision fp32"
             )
+        calibration: tuple[Path, ...] = ()
+        if precision == "int8":
+            if "calibration" not in options:
+                raise BackendError(
+                    "int8 needs calibration videos: pass the option calibration=LIST, a text "
+                    "file naming your videos, one per line"
+                )
+            try:
+                import nncf  # noqa: F401
+            except ImportError as exc:
+                raise BackendUnavailable(f"int8 quantisation needs nncf; {INT8_HINT}") from exc
+            calibration = read_calibration_list(options["calibration"])
+        elif "calibration" in options:
+            raise BackendError("the option calibration is for precision int8")
         from_file = isinstance(weights_or_model, str | os.PathLike)
         cache = cache_root() if parse_flag(options, "cache", from_file) else None
         model = resolve_model(weights_or_model)
         if not from_file:  # the caller's module: snapshot it before changing dtype or mode
             model = copy.deepcopy(model)
         model = model.float().eval()
-        return OpenVinoRunner(model, precision, batch_size, mode, threads, cache)
+        return OpenVinoRunner(model, precision, batch_size, mode, threads, cache, calibration)
