@@ -163,7 +163,8 @@ class OpenVinoRunner(ClipRunner):
         #: int8: per clip shape, (top-1 agreement, max relative logit change) against fp32 on
         #: the calibration clips, measured when the model was quantised
         self.int8_cost: dict[tuple[int, ...], tuple[float, float]] = {}
-        self.irs: dict[tuple[int, ...], Any] = {}  # converted or read this session
+        #: models converted or read this session, by clip shape (and (shape, "int8"))
+        self.irs: dict[Any, Any] = {}
         self.queues: dict[tuple[tuple[int, ...], str], Any] = {}
         #: where each (clip shape, mode)'s compiled model came from: converted, ir cache,
         #: compiled cache
@@ -238,6 +239,8 @@ class OpenVinoRunner(ClipRunner):
     def _int8_ir(self, clip: tuple[int, ...], key: str | None) -> tuple[Any, str]:
         """The quantised model for ``clip``: cached (keyed also by the calibration videos),
         or quantised now from the fp32 one with NNCF, its accuracy cost measured."""
+        if (clip, "int8") in self.irs:  # quantised already for another mode
+            return self.irs[clip, "int8"], "ir cache"
         xml = None
         if key is not None and self.cache is not None:
             xml = self.cache / f"{key}-int8-{calibration_digest(self.calibration)[:16]}.xml"
@@ -261,6 +264,7 @@ class OpenVinoRunner(ClipRunner):
         )
         if xml is not None:
             save_ir(self.ov, quantised, xml)
+        self.irs[clip, "int8"] = quantised
         return quantised, "converted"
 
     def _convert(self, clip: tuple[int, ...]) -> Any:
