@@ -197,3 +197,79 @@ def test_a_legacy_tar_checkpoint_with_a_fifo_member_is_refused(tmp_path):
         tar.addfile(fifo)
     with pytest.raises(WeightsError, match="'storages' is not a regular file"):
         load_checkpoint(path)
+
+
+def _claiming_pickle(numel: int, **kwargs) -> bytes:
+    """A checkpoint pickle whose one tensor's storage claims ``numel`` float32 elements."""
+    import io
+    import pickle
+
+    import torch
+
+    tensor = object()
+
+    class Claim(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is tensor:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, *kwargs.values())
+            return None
+
+    buf = io.BytesIO()
+    Claim(buf, protocol=2).dump({"weight": tensor})
+    return buf.getvalue()
+
+
+def test_a_tiny_checkpoint_claiming_gigabytes_is_refused_before_allocation(tmp_path, monkeypatch):
+    """torch allocates each storage at the size the pickle names before reading its bytes:
+    a few hundred bytes claiming 3 GiB (legacy and zip formats) are refused first."""
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    from i3d.weights.safe_pickle import UnsafePickleError, load_checkpoint
+
+    legacy = io.BytesIO()
+    sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}  # fmt: skip
+    for header in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info):
+        pickle.dump(header, legacy, protocol=2)
+    legacy.write(_claiming_pickle(3 * 2**28, view_metadata=None))
+    (tmp_path / "legacy.pth").write_bytes(legacy.getvalue())
+    with zipfile.ZipFile(tmp_path / "zip.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", _claiming_pickle(3 * 2**28))
+        archive.writestr("archive/data/0", b"\0" * 16)
+        archive.writestr("archive/version", "3\n")
+    sizes = []
+    real = torch.UntypedStorage
+
+    class Spy(real):
+        def __new__(cls, *args, **kwargs):
+            sizes.extend(a for a in args if isinstance(a, int))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "UntypedStorage", Spy)
+    for name in ("legacy.pth", "zip.pth"):
+        with pytest.raises(UnsafePickleError, match=r"claim at least 3,221,225,472 bytes, more"):
+            load_checkpoint(tmp_path / name)
+    assert not any(size > 2**20 for size in sizes)
+    monkeypatch.setattr(torch, "UntypedStorage", real)
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(6.0)}, good, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(good)["w"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_zip_checkpoint_member_that_inflates_past_the_file_is_refused(tmp_path):
+    import zipfile
+
+    from i3d.weights.format import WeightsError
+    from i3d.weights.safe_pickle import load_checkpoint
+
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("archive/data/0", b"\0" * 2**22)  # 4 MiB from a few KB
+    with pytest.raises(WeightsError, match="'archive/data/0' unpacks to 4,194,304 bytes"):
+        load_checkpoint(path)

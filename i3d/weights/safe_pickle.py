@@ -13,6 +13,7 @@ from __future__ import annotations
 import _codecs
 import builtins
 import collections
+import contextvars
 import copyreg
 import io
 import os
@@ -132,6 +133,44 @@ def _numpy_global(module: str, name: str) -> Any:
 _SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
 
 
+class _StorageBudget:
+    """Tensor bytes a checkpoint's pickle may claim: no more than its file holds. torch
+    allocates each storage at the size the pickle names before reading its bytes, so a
+    36-byte pickle could otherwise commit gigabytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.claimed = limit, 0
+        self.seen: set[object] = set()
+
+    def claim(self, saved_id: object) -> None:
+        """Count a persistent id's storage (zip and legacy: ('storage', type, key, loc,
+        numel, ...)) once per key; refuse a claim past the limit before torch allocates it."""
+        if not (isinstance(saved_id, tuple) and len(saved_id) >= 5):
+            return
+        if saved_id[0] not in ("storage", b"storage"):
+            return
+        storage_type, key, numel = saved_id[1], saved_id[2], saved_id[4]
+        if not isinstance(numel, int) or numel < 0:
+            raise UnsafePickleError(f"refusing to load: a storage claims {numel!r} elements")
+        if not isinstance(key, (str, bytes, int)):
+            raise UnsafePickleError(f"refusing to load: a storage key is a {type(key).__name__}")
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        dtype = getattr(storage_type, "dtype", torch.uint8)
+        self.claimed += numel * (dtype.itemsize if isinstance(dtype, torch.dtype) else 1)
+        if self.claimed > self.limit:
+            raise UnsafePickleError(
+                f"refusing to load: its tensors claim at least {self.claimed:,} bytes, more "
+                f"than the {self.limit:,}-byte file holds (truncated or forged)"
+            )
+
+
+_BUDGET: contextvars.ContextVar[_StorageBudget | None] = contextvars.ContextVar(
+    "i3d_storage_budget", default=None
+)
+
+
 class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler whose ``find_class`` goes through :func:`resolve_global` and whose BUILD
     never touches an object shared with the rest of the process.
@@ -165,6 +204,26 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    @property
+    def persistent_load(self) -> Any:
+        """torch sets its storage loader here; it runs behind the claimed-size check."""
+        return self.__dict__.get("_persistent_load", self._no_persistent_ids)
+
+    @persistent_load.setter
+    def persistent_load(self, load: Any) -> None:
+        budget = _BUDGET.get()
+
+        def checked(saved_id: Any) -> Any:
+            if budget is not None:
+                budget.claim(saved_id)
+            return load(saved_id)
+
+        self.__dict__["_persistent_load"] = checked
+
+    @staticmethod
+    def _no_persistent_ids(saved_id: Any) -> Any:
+        raise pickle.UnpicklingError("unsupported persistent id in a plain pickle")
+
 
 # torch.load accepts any module exposing Unpickler/load; this one is restricted.
 restricted_pickle = types.ModuleType("i3d_restricted_pickle")
@@ -181,6 +240,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     if path.stat().st_size == 0:
         raise WeightsError(f"checkpoint {path} is empty (0 bytes)")
     _check_tar_members(path)
+    _check_zip_members(path)
+    token = _BUDGET.set(_StorageBudget(path.stat().st_size))
     try:
         return torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
@@ -193,6 +254,27 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    finally:
+        _BUDGET.reset(token)
+
+
+def _check_zip_members(path: Path) -> None:
+    """torch writes its zip checkpoints uncompressed, so no member of a real one is larger
+    than the file: refuse one that is (a compressed member would inflate into memory)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # torch.load reports what is wrong with it
+    size = path.stat().st_size
+    for member in members:
+        if member.file_size > size:
+            raise WeightsError(
+                f"{path}: archive member {member.filename!r} unpacks to {member.file_size:,} "
+                f"bytes, more than the {size:,}-byte file holds; refusing to load it"
+            )
 
 
 def _check_tar_members(path: Path) -> None:
