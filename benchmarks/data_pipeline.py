@@ -20,6 +20,7 @@ alone (every frame to rgb24) with PyAV, decord and torchcodec where installed, w
 their frames are identical to PyAV's.
 
     python benchmarks/data_pipeline.py [--seconds 10] [--long 60] [--repeats 2] [--threads 1]
+                                       [--protocols k400-10x3,om-10x1,snippet] [--videos DIR]
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch, OpenCV and decoder threads")
     parser.add_argument("--videos", type=Path, help="keep the generated videos here (reused)")
+    parser.add_argument(
+        "--protocols", default="k400-10x3,om-10x1,snippet", help="comma-separated subset"
+    )
+    parser.add_argument("--no-decoders", action="store_true", help="skip the decoder table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -242,7 +247,10 @@ def main() -> None:
             if not path.exists():
                 make_video(path, 640, 360, args.long, "h264")
             videos.append((f"640x360 h264 {args.long}s", path))
+        chosen = args.protocols.split(",")
         for proto, (ours, base, clips) in protocols().items():
+            if proto not in chosen:
+                continue
             print(f"\n{proto}: seconds per video, best of {args.repeats} (CPU = all threads)")
             print(
                 f"  {'video':<18}{'i3d cpu':>9}{'wall':>8}{'base cpu':>10}{'wall':>8}"
@@ -266,7 +274,8 @@ def main() -> None:
                     f"{c2 / c1:>10.2f}x  {ok}{feed}"
                 )
             print(f"  worst i3d/baseline CPU ratio: {worst:.2f} (at most 1 is the target)")
-        decoder_rows(videos[: len(SIZES) * len(CODECS)], args.repeats)
+        if not args.no_decoders:
+            decoder_rows(videos[: len(SIZES) * len(CODECS)], args.repeats)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def test_project_backends_are_registered_through_entry_points():
 
 
 def test_unknown_backend_lists_installed_ones():
-    with pytest.raises(BackendError, match=r"unknown backend 'tensorrtx'.*npu, om, onnx, torch"):
+    with pytest.raises(
+        BackendError, match=r"unknown backend 'tensorrtx'.*npu, om, onnx, openvino, torch"
+    ):
         get_backend("tensorrtx")
 
 
