@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
-import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
@@ -327,8 +326,8 @@ def skip_collate(batch: list[Any]) -> Any:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch, OpenCV and decoder thread per worker (workers
-    already parallelise).
+    """DataLoader ``worker_init_fn``: one torch and decoder thread per worker (workers already
+    parallelise; OpenCV's thread count is left alone, as setting it in a forked child hangs).
 
     Ctrl-C (sent to the whole process group) is left to the main process, which stops at a
     safe point and shuts its workers down. SIGTERM still ends a worker at once (it is how
@@ -338,7 +337,6 @@ def worker_init(_worker_id: int) -> None:
     which stops at a step boundary and saves.
     """
     torch.set_num_threads(1)  # the decoders follow it (decode.decoder_threads)
-    cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
     _die_with_parent()
