@@ -284,6 +284,34 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process():
     assert next(iter(loader)) == [True, False]  # Ctrl-C ignored, SIGTERM still stops
 
 
+class _Resized(torch.utils.data.Dataset):
+    """One resize inside a loader worker."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[int, ...]:
+        from i3d.data import transforms as T
+
+        frames = torch.zeros((4, 720, 1280, 3), dtype=torch.uint8)
+        return tuple(T.resize_short(frames, 256).shape)
+
+
+def test_loader_workers_start_after_the_parent_used_opencv_threads():
+    """A forked worker once hung for good in worker_init (cv2.setNumThreads after the parent's
+    OpenCV thread pool had run)."""
+    import cv2
+
+    from i3d.data import transforms as T
+
+    cv2.setNumThreads(2)
+    T.resize_short(torch.zeros((8, 720, 1280, 3), dtype=torch.uint8), 256)  # pool started
+    loader = DataLoader(
+        _Resized(), num_workers=1, worker_init_fn=worker_init, batch_size=None, timeout=60
+    )
+    assert list(next(iter(loader))) == [4, 256, 455, 3]
+
+
 def _terminated_worker() -> None:
     worker_init(0)
     os.kill(os.getpid(), signal.SIGTERM)
