@@ -36,7 +36,7 @@ from PIL import Image
 
 from i3d.data.decode import VideoDecodeError, open_frames_dir
 from i3d.utils.files import OutputError, atomic_path, ensure_dir
-from i3d.utils.untrusted import load_json
+from i3d.utils.untrusted import load_json, read_npy_header
 
 FORMATS = ("npy", "mmaction")
 NPY_DTYPES = ("float16", "float32")
@@ -125,13 +125,7 @@ def open_npy(path: Path) -> np.ndarray:
     first (float16/float32, C order, no pickles), so a damaged file costs no memory."""
     try:
         with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read_npy_header(fh)
             offset = fh.tell()
     except (OSError, ValueError) as exc:
         raise FlowStoreError(f"{path} is not a readable .npy flow file ({exc})") from None

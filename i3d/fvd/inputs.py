@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from i3d.utils.untrusted import read_npy_header
+
 ARRAY_SUFFIXES = (".npy", ".npz")
 NPZ_KEY = "videos"
 """The array an .npz with several members must name ``videos``."""
@@ -99,13 +101,7 @@ def _as_uint8(value: Any, what: str, ndim: int) -> np.ndarray:
 def _npy_header(fh: BinaryIO, what: str) -> tuple[tuple[int, ...], int]:
     """(shape, data offset) of an .npy stream, refusing anything but C-order uint8."""
     try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_npy_header(fh)
     except ValueError as exc:
         raise FVDInputError(f"{what} is not a readable .npy array ({exc})") from None
     if dtype != np.uint8 or dtype.hasobject:

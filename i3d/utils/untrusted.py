@@ -4,7 +4,9 @@ stores, statistics files, prediction lists): bounded in size and nesting, one-li
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 MAX_JSON_BYTES = 64 << 20
 """Largest JSON text read from a file's metadata or a record (64 MiB: labels of tens of
@@ -23,3 +25,15 @@ def load_json(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> 
         return json.loads(text)
     except RecursionError:
         raise ValueError(f"{what} is JSON nested too deeply to be real metadata") from None
+
+
+def read_npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an ``.npy`` stream, which is left at the data; only
+    the header is parsed (never a pickle), so callers check sizes before reading. A damaged
+    or unknown header is a ``ValueError``."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f"unsupported .npy version {version}")
