@@ -21,9 +21,10 @@ from i3d.data import pipeline as pipeline_module
 from i3d.data.decode import open_video
 from i3d.data.pipeline import PIPELINE_OPTIONS, build_pipeline, join_pieces
 from i3d.data.sampling import FrameWindows, SampleFrames
+from i3d.inference import InputError, Predictor
+from i3d.inference.predictor import fit_exported_clip_len
 from i3d.models import build_model
 from i3d.models.recognizer import average_views
-from i3d.predict import InputError, Predictor, fit_exported_clip_len
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import DEEPMIND_K400, MMACTION_K400
 

@@ -21,8 +21,8 @@ from i3d.features import SnippetProtocol, iter_snippets
 from i3d.flow import FlowConfig, TVL1Params, rgb_to_gray, scale_flow, tvl1_flow
 from i3d.flow.store import FlowStoreError, dequantize, open_npy, quantize
 from i3d.flow.views import StreamPipeline
+from i3d.inference import Predictor
 from i3d.models import build_model
-from i3d.predict import Predictor
 from i3d.weights.format import WeightsError, WeightsInfo, load_model, read_info, save_weights
 from i3d.weights.preprocessing import DEEPMIND_K400
 from i3d.weights.two_stream import combine_two_stream
@@ -99,7 +99,7 @@ def test_flow_weights_predict_and_keep_their_flow_in_a_folder(small, tmp_path, m
     np.testing.assert_array_equal(again, cached)
     with pytest.raises(FlowStoreError, match="other settings"):
         Predictor(weights, flow=FLOW, flow_dir=folder, fps=12.5)
-    monkeypatch.setattr("i3d.sharded_inference.FlowConfig", _fast)
+    monkeypatch.setattr("i3d.inference.sharded.FlowConfig", _fast)
     args = ["predict", str(video), "--weights", str(weights), "--flow-dir", str(folder)]
     cli = runner.invoke(app, [*args, "--json", "--all-scores"])  # one window of 16 frames
     assert cli.exit_code == 0, cli.output

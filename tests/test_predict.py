@@ -17,14 +17,9 @@ from i3d import get_preset, load_model
 from i3d.cli.main import app
 from i3d.data.pipeline import build_pipeline
 from i3d.features.pooled import video_features
+from i3d.inference import expand_inputs, predict_videos, read_predictions, summarize
 from i3d.models import build_model
 from i3d.models.recognizer import average_views
-from i3d.predict import (
-    expand_inputs,
-    predict_videos,
-    read_predictions,
-    summarize,
-)
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import MMACTION_K400, Preprocessing
 

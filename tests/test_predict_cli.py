@@ -22,8 +22,8 @@ from i3d.cli import predict_cmds
 from i3d.cli.main import app
 from i3d.data.pipeline import build_pipeline
 from i3d.features.pooled import video_features
+from i3d.inference import InputError, Predictor, expand_inputs, read_predictions
 from i3d.models import build_model
-from i3d.predict import InputError, Predictor, expand_inputs, read_predictions
 from i3d.weights.format import WeightsInfo, save_weights
 from i3d.weights.preprocessing import MMACTION_K400
 

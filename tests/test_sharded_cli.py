@@ -101,7 +101,7 @@ def test_each_rank_gets_its_own_device():
     """cuda/npu ranks take device <local rank>; om ranks open npu:<local rank> via ais_bench
     without torch_npu, so the launcher starts them as cpu ranks."""
     from i3d.distributed import DistContext
-    from i3d.sharded_inference import group_device, rank_device
+    from i3d.distributed.devices import group_device, rank_device
 
     assert group_device("torch", None) == "cpu" and group_device("torch", "cuda:0") == "cuda"
     assert group_device("npu", "npu:0") == "npu" and group_device("om", "npu:0") == "cpu"

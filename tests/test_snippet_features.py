@@ -312,7 +312,7 @@ def test_an_interrupted_run_resumes_without_recomputing(videos, tmp_path, monkey
     from i3d.distributed.sharded import RunIncomplete
     from i3d.features import SnippetJob, extract_snippets
     from i3d.features.output import SnippetFolder
-    from i3d.predict import expand_inputs
+    from i3d.inference import expand_inputs
 
     weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
     paths = [p for p in expand_inputs([videos]) if p.name != "broken.mp4"]

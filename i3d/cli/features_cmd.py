@@ -34,13 +34,9 @@ from i3d.cli.video_common import (
 from i3d.data.pipeline import build_pipeline
 from i3d.features.pooled import feature_device, iter_features
 from i3d.features.store import FeatureSetting, open_feature_store
-from i3d.predict import (
-    InputError,
-    check_video_model,
-    default_weights,
-    expand_inputs,
-)
-from i3d.sharded_inference import FeatureSpec, sharded_features
+from i3d.inference.inputs import InputError, default_weights, expand_inputs
+from i3d.inference.predictor import check_video_model
+from i3d.inference.sharded import FeatureSpec, sharded_features
 from i3d.utils.files import (
     OutputError,
     ensure_dir,

@@ -22,7 +22,7 @@ from i3d.flow.recipe import FlowConfig
 from i3d.flow.store import FlowFolder, FlowSettings, FlowStoreError
 from i3d.flow.tvl1_opencv import OpenCVMissingError, opencv_optflow
 from i3d.flow.video import iter_timeline_flow
-from i3d.predict import VIDEO_ERRORS, InputError, expand_inputs
+from i3d.inference.inputs import VIDEO_ERRORS, InputError, expand_inputs
 from i3d.utils.files import OutputError
 
 console = Console(soft_wrap=True)

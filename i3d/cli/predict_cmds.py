@@ -1,4 +1,4 @@
-"""``i3d predict`` and ``i3d evaluate``: thin typer layers over i3d.predict."""
+"""``i3d predict`` and ``i3d evaluate``: thin typer layers over i3d.inference."""
 
 from __future__ import annotations
 
@@ -39,22 +39,19 @@ from i3d.cli.video_common import (
     view_progress,
 )
 from i3d.data.datasets import Sample
-from i3d.predict import (
-    InputError,
-    Prediction,
-    Predictor,
+from i3d.inference.evaluation import (
     Scored,
-    default_weights,
     evaluate_samples,
     evaluation_samples,
-    expand_inputs,
     plot_confusion,
     read_predictions,
     summarize,
     write_per_class,
     write_predictions,
 )
-from i3d.sharded_inference import PredictSpec, sharded_scores
+from i3d.inference.inputs import InputError, default_weights, expand_inputs
+from i3d.inference.predictor import Prediction, Predictor
+from i3d.inference.sharded import PredictSpec, sharded_scores
 from i3d.utils.files import atomic_path, ensure_dir
 from i3d.weights.format import read_info
 from i3d.weights.labels import read_labels

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import attrs
 
-from i3d.predict import InputError, Prediction
+from i3d.inference.inputs import InputError
+from i3d.inference.predictor import Prediction
 from i3d.utils.files import atomic_path
 
 TOP_K_HEADER = ("path", "rank", "index", "label", "score", "error")

@@ -25,7 +25,7 @@ from i3d.data.datasets import AnnotationError
 from i3d.data.decode import VideoDecodeError
 from i3d.distributed import DistributedError
 from i3d.distributed.sharded import ShardedRunError
-from i3d.predict import InputError, ViewProgress
+from i3d.inference.inputs import InputError, ViewProgress
 
 ERRORS = (
     InputError,

@@ -29,8 +29,8 @@ from i3d.features.snippets import (
     video_timeline,
 )
 from i3d.flow.recipe import FlowConfig
+from i3d.inference.predictor import check_finite
 from i3d.models import InputShapeError
-from i3d.predict import check_finite
 
 
 @attrs.frozen(eq=False)
@@ -278,7 +278,8 @@ def iter_snippets(
     """
     from i3d.features.presets import choose_streams, get_preset, preset_weights
     from i3d.features.run import concatenate_streams
-    from i3d.predict import check_path_list, check_video_model, default_weights
+    from i3d.inference.inputs import check_path_list, default_weights
+    from i3d.inference.predictor import check_video_model
     from i3d.weights.two_stream import is_two_stream, load_stream
 
     check_path_list(paths)

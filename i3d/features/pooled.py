@@ -2,7 +2,7 @@
 every view's map, through the weights' own clip pipeline.
 
 Videos stream through the model a piece of clips at a time (all their crops), as
-:class:`~i3d.predict.Predictor` does for scores, so a long video's views are never all in
+:class:`~i3d.inference.Predictor` does for scores, so a long video's views are never all in
 memory at once when features are pooled.
 """
 
@@ -16,7 +16,8 @@ import torch
 
 from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
-from i3d.predict import VIDEO_ERRORS, ViewProgress, check_finite, check_path_list
+from i3d.inference.inputs import VIDEO_ERRORS, ViewProgress, check_path_list
+from i3d.inference.predictor import check_finite
 
 POOLS = ("mean", "none")
 

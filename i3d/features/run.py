@@ -117,8 +117,8 @@ def _processor(
 ) -> Callable[[Sequence[str]], Iterator[Any]]:
     """One rank: the model on its device; per video the reused or newly written record.
     ``on_video`` (one process only) hears of each video as it is done."""
+    from i3d.distributed.devices import rank_device
     from i3d.features.pooled import feature_device
-    from i3d.sharded_inference import rank_device
     from i3d.weights.two_stream import load_stream
 
     device = feature_device(job.backend, rank_device(job.backend, job.device, ctx))
@@ -214,8 +214,8 @@ def extract_snippets(
 ) -> SnippetRun | None:
     """Snippet features of ``paths`` into ``job.output`` on ``world_size`` ranks (or this
     torchrun job's); None on torchrun ranks other than 0 (rank 0 writes the manifest)."""
+    from i3d.distributed.devices import group_device
     from i3d.distributed.launch import env_launched
-    from i3d.sharded_inference import group_device
 
     check_ids(paths)
     folder = SnippetFolder(job.output)

@@ -77,7 +77,7 @@ def iter_video_flow(
     so their short side is ``size`` (None: as decoded), flow is computed on the full frames
     and then centre-cropped to ``crop_size`` (None: no crop), as the RGB stream is cropped.
     """
-    from i3d.features.snippets import video_timeline  # i3d.features imports i3d.predict
+    from i3d.features.snippets import video_timeline  # i3d.features imports i3d.inference
 
     with open_video(path) as reader:
         ticks = video_timeline(reader, fps).source

@@ -107,7 +107,7 @@ def library_versions() -> dict[str, str]:
 def _resolve_weights(weights: str | os.PathLike[str] | None) -> Path:
     if weights is not None:
         return Path(weights)
-    from i3d.predict import default_weights
+    from i3d.inference.inputs import default_weights
 
     return default_weights()
 

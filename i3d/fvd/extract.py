@@ -166,8 +166,8 @@ def sharded_activations(
 ) -> list[np.ndarray | Discarded] | None:
     """Every video's result in input order, computed on ``world_size`` spawned ranks (or this
     torchrun job's); None on torchrun ranks other than 0. The first failure is raised."""
+    from i3d.distributed.devices import group_device
     from i3d.distributed.sharded import run_sharded
-    from i3d.sharded_inference import group_device
     from i3d.utils.files import sha256_file
 
     settings = json.dumps(

@@ -235,7 +235,7 @@ def open_videos(source: Any, description: str | None = None) -> VideoSet:
             return NpyVideos(path)
         if path.suffix.lower() == ".npz" and path.is_file():
             return NpzVideos(path)
-        from i3d.predict import expand_inputs
+        from i3d.inference.inputs import expand_inputs
 
         return FileVideos(expand_inputs([path]), description or str(path))
     return ArrayVideos(source, description or "array")

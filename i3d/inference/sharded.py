@@ -1,6 +1,6 @@
 """``i3d predict``, ``evaluate`` and ``features`` on N ranks (spawned, or a torchrun job).
 
-Each rank rebuilds the same :class:`~i3d.predict.Predictor` (or feature model) on its own
+Each rank rebuilds the same :class:`~i3d.inference.Predictor` (or feature model) on its own
 device and runs its share of the videos (:func:`i3d.distributed.sharded.run_sharded`,
 balanced by frame count); every video's scores or features land in a file of their own as
 soon as they exist, so an interrupted job resumes where it stopped, and rank 0 gets them
@@ -20,15 +20,13 @@ from typing import Any
 import attrs
 import numpy as np
 
+from i3d.distributed.devices import group_device, rank_device
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, run_sharded
 from i3d.features.pooled import feature_device, iter_features
 from i3d.flow.recipe import FlowConfig
-from i3d.predict import Predictor
+from i3d.inference.predictor import Predictor
 from i3d.utils.files import sha256_file
-
-#: a rank's device type → the process-group device (``npu`` covers the ``om`` backend)
-_GROUP_DEVICE = {"cpu": "cpu", "cuda": "cuda", "npu": "npu"}
 
 
 @attrs.frozen
@@ -64,29 +62,6 @@ class FeatureSpec:
     backend: str = "torch"
     device: str | None = None
     workers: int | None = None
-
-
-def group_device(backend: str, device: str | None) -> str:
-    """The device kind the launcher gives the ranks (cpu, cuda or npu), from
-    ``--backend/--device``. ``om`` ranks open ``npu:<local rank>`` through ais_bench
-    themselves, so they need no torch_npu: the launcher treats them as cpu ranks."""
-    if backend == "om":
-        return "cpu"
-    if backend == "npu":
-        return "npu"
-    kind = (device or "cpu").split(":")[0]
-    if kind not in _GROUP_DEVICE:
-        raise ValueError(
-            f"--world-size runs one process per cpu, cuda or npu device, not {device!r}"
-        )
-    return _GROUP_DEVICE[kind]
-
-
-def rank_device(backend: str, device: str | None, ctx: Any) -> str | None:
-    """This rank's device: its own ``cuda:N`` / ``npu:N`` (local rank), or the cpu."""
-    if backend == "om":
-        return f"npu:{ctx.local_rank}" if ctx.distributed else device
-    return device if ctx.device.type == "cpu" else str(ctx.device)
 
 
 def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:

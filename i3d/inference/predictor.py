@@ -1,4 +1,4 @@
-"""Python API behind ``i3d predict``, ``i3d evaluate`` and ``i3d features``.
+"""Python API behind ``i3d predict`` and the scores of ``i3d evaluate``.
 
 Videos go through the weights' own test pipeline (:func:`i3d.data.pipeline.build_pipeline`),
 views are run in chunks of ``batch_size`` clips on a backend runner, and per-view logits are
@@ -8,11 +8,9 @@ averaged as the weights say (mmaction ``average_clips``: ``prob`` = softmax, the
 from __future__ import annotations
 
 import functools
-import glob
-import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +18,20 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.data.datasets import (
-    Sample,
-    UnknownClassError,
-    auto_workers,
-    check_labels,
-    finish_pieces,
-    in_input_order,
-    iter_pieces,
-    load_annotations,
-    match_classes,
-)
-from i3d.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoDecodeError
-from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
+from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
 from i3d.flow.recipe import FlowConfig
 from i3d.flow.store import FORMATS, FlowFolder, read_settings
 from i3d.flow.views import StreamPiece, StreamPipeline, flow_settings
+from i3d.inference.inputs import (
+    VIDEO_ERRORS,
+    InputError,
+    ViewProgress,
+    check_path_list,
+    default_weights,
+)
 from i3d.models.recognizer import average_views
-from i3d.utils.files import atomic_path
-from i3d.utils.untrusted import load_json
-from i3d.weights.format import WeightsError, WeightsInfo, load_model, read_info
-
-DEFAULT_MODEL = "i3d_inception_k400_rgb"
-
-#: progress within one video: called with (views done, views in the video), first with 0
-ViewProgress = Callable[[int, int], None]
-
-#: errors that fail one video without stopping a run over many
-VIDEO_ERRORS: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError)
-
-
-class InputError(ValueError):
-    """A command-line input (file, directory, glob) names no video."""
+from i3d.weights.format import WeightsInfo, load_model, read_info
 
 
 class NonFiniteOutputError(ValueError):
@@ -67,90 +46,6 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         raise NonFiniteOutputError(
             f"the model's {what} hold {bad} NaN/inf values of {values.numel()}; the weights or "
             "their preprocessing (mean, std, value range: `i3d inspect W`) are broken"
-        )
-
-
-def default_weights() -> Path:
-    """The pulled Kinetics-400 model, or an error asking for ``--weights``."""
-    try:
-        from i3d.weights.hub import resolve
-    except ImportError:
-        raise WeightsError("no default weights in this install; pass --weights PATH") from None
-    try:
-        return Path(resolve(DEFAULT_MODEL))
-    except WeightsError as exc:
-        raise WeightsError(f"{exc}; or pass --weights PATH") from None
-
-
-def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Videos from files, directories and glob patterns.
-
-    A directory gives its video files and its folders of extracted frames, recursively and
-    sorted (entries starting with "." are skipped); a folder of frames (images, no videos,
-    no sub-folders) is one video. A glob's matches are expanded the same way; its other
-    files (a text file, single frames) are skipped, and a glob with nothing usable is an
-    error.
-    """
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            videos = _folder_videos(path)
-            if not videos:
-                raise InputError(
-                    f"directory {path} holds no videos ({', '.join(VIDEO_SUFFIXES)}) and no "
-                    "folders of extracted frames"
-                )
-            found += videos
-        elif path.exists():
-            found.append(path)
-        elif glob.has_magic(str(item)):
-            found += _glob_videos(str(item))
-        else:
-            raise InputError(f"input {path} does not exist")
-    return found
-
-
-def _folder_videos(folder: Path) -> list[Path]:
-    """Video files and frame folders under ``folder``, sorted; ``[folder]`` if it is one."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files = [f for f in files if not f.startswith(".")]
-        here = Path(root)
-        videos = [here / f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
-        if not videos and not dirs and any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
-            found.append(here)  # a folder of extracted frames is one video
-        found += videos
-    return sorted(found)
-
-
-def _glob_videos(pattern: str) -> list[Path]:
-    """Videos among a glob's matches (video files; folders expanded as by ``_folder_videos``)."""
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-    if not matches:
-        raise InputError(f"pattern {pattern!r} matches no files")
-    found: list[Path] = []
-    for match in matches:
-        if match.is_dir():
-            found += _folder_videos(match)
-        elif match.suffix.lower() in VIDEO_SUFFIXES:
-            found.append(match)
-    found = list(dict.fromkeys(found))  # "**" matches a folder and what is inside it
-    if not found:
-        raise InputError(
-            f"pattern {pattern!r} matches {len(matches)} entries but no videos "
-            f"({', '.join(VIDEO_SUFFIXES)}) or folders of extracted frames; to read one folder "
-            "of frames, pass the folder itself"
-        )
-    return found
-
-
-def check_path_list(paths: Sequence[str | os.PathLike[str]]) -> None:
-    """Refuse one path given where a list of paths is expected (a str would be split in chars)."""
-    if isinstance(paths, str | bytes | os.PathLike):
-        raise InputError(
-            f"expected a list of video paths, got the single path {paths!r}; pass [path]"
         )
 
 
@@ -508,183 +403,3 @@ def predict_videos(
         if on_result is not None:
             on_result(result)
     return results
-
-
-@attrs.frozen
-class Scored:
-    """One evaluated sample: its label and averaged scores."""
-
-    path: str
-    label: int
-    scores: np.ndarray = attrs.field(eq=False, repr=False)
-
-
-def evaluation_samples(
-    list_path: str | os.PathLike[str],
-    data_root: str | os.PathLike[str] | None,
-    model_labels: Sequence[str] | None,
-    num_classes: int | None,
-    list_labels: Sequence[str] | None = None,
-    default_model: bool = False,
-) -> list[Sample]:
-    """Samples of an annotation list, labelled in the model's class order.
-
-    Class names (``list_labels``, class folders, a Kinetics CSV's names) are matched with the
-    model's labels (spaces and underscores alike); a class the model lacks is refused. Bare
-    integer labels are taken to be the model's classes, except for the default model
-    (``default_model``: no weights were chosen), where nothing says they are: refused.
-    """
-    list_path = Path(list_path)
-    named = list_labels is not None or list_path.is_dir() or list_path.suffix.lower() == ".csv"
-    model = f"the default model {DEFAULT_MODEL}" if default_model else "the model"
-    fix = "pass --weights W for the model trained on the list's classes"
-    if default_model and not named:
-        raise InputError(
-            f"{list_path} has integer labels only, so nothing says they are classes of "
-            f"{model}: {fix}, or --labels FILE naming its classes (one per line, in label "
-            "order) to have them matched with the model's"
-        )
-    names = list_labels if list_labels is not None else model_labels
-    try:
-        samples = load_annotations(list_path, data_root, labels=names)
-    except UnknownClassError as exc:
-        if list_labels is not None:
-            raise  # the --labels file lacks a class of the list
-        count = f", {len(names)} classes" if names is not None else ""
-        raise InputError(f"{exc} (the label list of {model}{count}); {fix}") from None
-    if list_labels is not None:
-        unnamed = [s for s in samples if s.label >= len(list_labels)]
-        if unnamed:
-            raise InputError(
-                f"{unnamed[0].source}: label {unnamed[0].label} has no name; the --labels file "
-                f"names only {len(list_labels)} (labels 0 to {len(list_labels) - 1})"
-            )
-        if model_labels is not None:
-            samples = _to_model_classes(samples, list_labels, model_labels, model, fix)
-    if num_classes is not None:
-        check_labels(samples, num_classes)
-    return samples
-
-
-def _to_model_classes(
-    samples: Sequence[Sample],
-    list_labels: Sequence[str],
-    model_labels: Sequence[str],
-    model: str,
-    fix: str,
-) -> list[Sample]:
-    """Samples relabelled from the list's class names to the model's indices."""
-    used = sorted({s.label for s in samples})
-    indices = match_classes([list_labels[i] for i in used], model_labels)
-    found = dict(zip(used, indices, strict=True))
-    missing = [list_labels[i] for i, index in found.items() if index is None]
-    if missing:
-        raise InputError(
-            f"classes of the list that {model} ({len(model_labels)} classes) does not have: "
-            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; {fix}"
-        )
-    return [attrs.evolve(s, label=found[s.label]) for s in samples]
-
-
-def evaluate_samples(
-    samples: Sequence[Sample], predictor: Predictor, workers: int | None = None
-) -> Iterator[Scored | tuple[Sample, str]]:
-    """Score samples in order; unreadable ones are yielded as (sample, error)."""
-    scores = predictor.iter_scores([s.path for s in samples], workers)
-    for sample, result in zip(samples, scores, strict=True):
-        if isinstance(result, str):
-            yield sample, result
-        else:
-            yield Scored(str(sample.path), sample.label, result)
-
-
-def summarize(scored: Sequence[Scored]) -> dict[str, float]:
-    """top-1, top-5 and mean-class accuracy (mmaction definitions) of scored samples."""
-    scores = np.stack([s.scores for s in scored])
-    labels = np.array([s.label for s in scored])
-    top1, top5 = top_k_accuracy(scores, labels, (1, 5))
-    return {"top1": top1, "top5": top5, "mean_class": mean_class_accuracy(scores, labels)}
-
-
-def write_predictions(path: str | os.PathLike[str], scored: Sequence[Scored]) -> None:
-    """JSON lines ``{"path", "label", "scores"}``, re-scorable with :func:`read_predictions`."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for s in scored:
-            record = {"path": s.path, "label": s.label, "scores": s.scores.tolist()}
-            fh.write(json.dumps(record) + "\n")
-
-
-def read_predictions(path: str | os.PathLike[str]) -> list[Scored]:
-    """Scored samples from a predictions file written by :func:`write_predictions`."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read predictions file {path}: {exc}") from exc
-    scored = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = load_json(line, f"{path}:{number}")
-            scored.append(
-                Scored(
-                    str(record["path"]),
-                    int(record["label"]),
-                    np.asarray(record["scores"], dtype=np.float32),
-                )
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise InputError(f"{path}:{number}: not a prediction record") from None
-    if not scored:
-        raise InputError(f"predictions file {path} is empty")
-    if len({s.scores.shape for s in scored}) != 1:
-        raise InputError(f"{path}: records have different numbers of classes")
-    return scored
-
-
-def write_per_class(
-    path: str | os.PathLike[str], scored: Sequence[Scored], labels: Sequence[str] | None
-) -> None:
-    """CSV ``index,label,samples,accuracy`` (accuracy empty for classes without samples)."""
-    scores = np.stack([s.scores for s in scored])
-    truth = np.array([s.label for s in scored])
-    accuracy = per_class_accuracy(scores, truth)
-    counts = np.bincount(truth, minlength=scores.shape[1])
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("index,label,samples,accuracy\n")
-        for i, acc in enumerate(accuracy):
-            name = labels[i] if labels is not None else str(i)
-            value = "" if np.isnan(acc) else f"{acc:.6f}"
-            fh.write(f'{i},"{name}",{counts[i]},{value}\n')
-
-
-def plot_confusion(
-    path: str | os.PathLike[str], scored: Sequence[Scored], labels: Sequence[str] | None
-) -> None:
-    """Row-normalised confusion matrix as a PNG (matplotlib, imported only here)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("the confusion plot needs matplotlib: pip install 'i3d[plot]'") from exc
-    from i3d.data.metrics import confusion_matrix
-
-    scores = np.stack([s.scores for s in scored])
-    truth = np.array([s.label for s in scored])
-    matrix = confusion_matrix(scores.argmax(axis=1), truth, scores.shape[1]).astype(float)
-    matrix /= np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    n = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(min(4 + n * 0.25, 40), min(4 + n * 0.25, 40)))
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if labels is not None and n <= 60:
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
-        ax.set_yticks(range(n), labels, fontsize=6)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
