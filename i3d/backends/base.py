@@ -2,7 +2,9 @@
 
 A backend turns weights (or a model, or a compiled file) into a :class:`Runner` whose
 ``predict(batch)`` maps clips to logits. Batches are (N, C, T, H, W) or (N, V, C, T, H, W),
-float (already normalised) or uint8 (normalised here with the weights' preprocessing).
+float (already normalised) or uint8, normalised with the weights' preprocessing: here, on
+the host, for runtimes that take host floats (onnx, openvino, om), and on the device after
+the (4x smaller) uint8 copy by the torch and npu runners.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from i3d.data.transforms import normalize
 from i3d.weights.preprocessing import Preprocessing
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -153,23 +156,20 @@ def labels_of(model: nn.Module) -> tuple[str, ...] | None:
 
 
 def normalise_uint8(frames: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """uint8 clips (channels at dim -4) → float32 mapped to ``value_range`` then (x-mean)/std."""
+    """uint8 clips (channels at dim -4) → float32 mapped to ``value_range`` then (x-mean)/std,
+    on the device the clips are on (:func:`i3d.data.transforms.normalize`)."""
     channels = frames.shape[-4]
     if channels != len(prep.mean):
         raise BackendError(
             f"uint8 input has {channels} channels at dim {frames.ndim - 4}, the weights' "
             f"normalisation has {len(prep.mean)}; frames must be NCTHW or NVCTHW"
         )
-    low, high = prep.value_range
-    x = frames.to(torch.float32) * ((high - low) / 255.0) + low
-    shape = (channels, 1, 1, 1)
-    mean = torch.tensor(prep.mean, dtype=torch.float32).reshape(shape)
-    std = torch.tensor(prep.std, dtype=torch.float32).reshape(shape)
-    return (x - mean) / std
+    return normalize(frames, prep.mean, prep.std, prep.value_range)
 
 
-def prepare_input(batch: torch.Tensor | np.ndarray, prep: Preprocessing | None) -> torch.Tensor:
-    """Check a batch's rank and dtype; uint8 is normalised, floats become float32 (CPU)."""
+def check_input(batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A batch as a tensor of (N, C, T, H, W) or (N, V, C, T, H, W) float or uint8 clips,
+    where it is (no copy, no normalisation), or a :class:`BackendError` saying what is wrong."""
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(batch)
     if not isinstance(batch, torch.Tensor):
@@ -179,16 +179,28 @@ def prepare_input(batch: torch.Tensor | np.ndarray, prep: Preprocessing | None) 
             "expected clips of shape (N, C, T, H, W) or (N, V, C, T, H, W), "
             f"got {batch.ndim} dims {tuple(batch.shape)}"
         )
-    batch = batch.cpu()
-    if batch.dtype == torch.uint8:
-        if prep is None:
-            raise BackendError(
-                "uint8 frames need the weights' normalisation, but this model has no "
-                "preprocessing metadata; load .safetensors weights or pass normalised floats"
-            )
-        return normalise_uint8(batch, prep)
-    if not batch.is_floating_point():
+    if batch.dtype != torch.uint8 and not batch.is_floating_point():
         raise BackendError(f"expected float or uint8 clips, got {batch.dtype}")
+    return batch
+
+
+def check_normalisation(batch: torch.Tensor, prep: Preprocessing | None) -> None:
+    """Refuse uint8 clips for a model without the preprocessing that would normalise them."""
+    if batch.dtype == torch.uint8 and prep is None:
+        raise BackendError(
+            "uint8 frames need the weights' normalisation, but this model has no "
+            "preprocessing metadata; load .safetensors weights or pass normalised floats"
+        )
+
+
+def prepare_input(batch: torch.Tensor | np.ndarray, prep: Preprocessing | None) -> torch.Tensor:
+    """Host float32 clips of a checked batch: uint8 is normalised here, on the CPU, for the
+    backends whose runtime takes host floats (onnx, openvino, om)."""
+    batch = check_input(batch).cpu()
+    check_normalisation(batch, prep)
+    if batch.dtype == torch.uint8:
+        assert prep is not None
+        return normalise_uint8(batch, prep)
     return batch.to(torch.float32)
 
 
@@ -217,7 +229,7 @@ class ClipRunner(abc.ABC):
 
     def predict(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Logits (N, K) for (N, C, T, H, W) input, (N, V, K) for (N, V, C, T, H, W)."""
-        x = prepare_input(batch, self.preprocessing)
+        x = self._input(batch)
         lead = x.shape[:-4]
         clips = x.reshape(-1, *x.shape[-4:])
         if clips.shape[0] == 0:
@@ -225,6 +237,10 @@ class ClipRunner(abc.ABC):
         outputs = [self._run_padded(chunk) for chunk in clips.split(self.chunk_clips)]
         logits = torch.cat(outputs)
         return logits.reshape(*lead, logits.shape[-1])
+
+    def _input(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The batch as ``_run`` takes it: host float32 (uint8 normalised on the CPU)."""
+        return prepare_input(batch, self.preprocessing)
 
     def _run_padded(self, chunk: torch.Tensor) -> torch.Tensor:
         count = chunk.shape[0]
@@ -241,4 +257,4 @@ class ClipRunner(abc.ABC):
 
     @abc.abstractmethod
     def _run(self, clips: torch.Tensor) -> torch.Tensor:
-        """Logits (M, K) for float32 clips (M, C, T, H, W)."""
+        """Logits (M, K) for clips (M, C, T, H, W) as :meth:`_input` gives them."""

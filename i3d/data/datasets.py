@@ -450,6 +450,7 @@ def iter_pieces(
     workers: int = 0,
     errors: tuple[type[BaseException], ...] = (VideoDecodeError, OSError, ValueError),
     clips_per_piece: int | None = 1,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[int, ViewPiece | str]]:
     """(source index, :class:`ViewPiece`) as each is decoded; a failed source yields its error.
 
@@ -458,7 +459,9 @@ def iter_pieces(
     already given, so a caller that runs and drops each piece holds about one piece per
     worker however long a video is. With ``workers`` > 0, worker w decodes sources w,
     w + workers, ... and their pieces arrive interleaved (round-robin over the workers), each
-    worker at most one piece ahead.
+    worker at most one piece ahead. Pieces travel from the workers as uint8 (a quarter of
+    float32's bytes); ``pin_memory`` (for a cuda or npu model) has the loader's pin thread
+    put them in page-locked memory, so their copy to the device can run asynchronously.
     """
     dataset = _PiecesOf(sources, pipeline, errors, clips_per_piece)
     if workers == 0:
@@ -470,6 +473,7 @@ def iter_pieces(
         num_workers=min(workers, max(1, len(dataset.sources))),
         prefetch_factor=1,
         worker_init_fn=worker_init,
+        pin_memory=pin_memory,
     )
 
 
@@ -499,9 +503,20 @@ def finish_pieces(
     ``run`` maps a piece to its per-view outputs; at a source's last piece they are joined in
     view order (:func:`~i3d.data.pipeline.join_pieces`) and given to ``finish``. A source
     that could not be read, or whose piece raised one of ``errors``, yields its error once.
+    A source is finished only after the next piece has been run: a ``run`` that queues work
+    on a device without waiting for it keeps the device busy with that piece while
+    ``finish`` waits for the finished source's outputs.
     """
     outputs: dict[int, list[torch.Tensor]] = {}
     failed: set[int] = set()
+    held: tuple[int, list[torch.Tensor], int] | None = None  # run, not yet finished
+
+    def settle(index: int, parts: list[torch.Tensor], crops: int) -> tuple[int, _Result | str]:
+        try:
+            return index, finish(join_pieces(parts, crops))
+        except errors as exc:
+            return index, str(exc)
+
     for index, piece in pieces:
         if index in failed:
             continue
@@ -511,9 +526,15 @@ def finish_pieces(
             continue
         try:
             outputs.setdefault(index, []).append(run(piece))
-            if piece.last:
-                yield index, finish(join_pieces(outputs.pop(index), piece.crops))
         except errors as exc:
             outputs.pop(index, None)
             failed.add(index)
             yield index, str(exc)
+            continue
+        if held is not None:
+            yield settle(*held)
+            held = None
+        if piece.last:
+            held = (index, outputs.pop(index), piece.crops)
+    if held is not None:
+        yield settle(*held)

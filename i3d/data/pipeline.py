@@ -73,6 +73,11 @@ class ViewPiece:
         """Views of the whole video (crops × clips)."""
         return self.crops * self.clips
 
+    def pin_memory(self) -> ViewPiece:
+        """This piece with its views in page-locked memory, for an asynchronous copy to a
+        cuda or npu device (``DataLoader(pin_memory=True)``'s pin thread calls it)."""
+        return attrs.evolve(self, views=self.views.pin_memory())
+
 
 def join_pieces(outputs: list[torch.Tensor], crops: int) -> torch.Tensor:
     """Per-view results of a video's pieces, in order, as one crop-major tensor.

@@ -225,7 +225,12 @@ def normalize(
     std: Sequence[float],
     value_range: Sequence[float] = (0.0, 255.0),
 ) -> torch.Tensor:
-    """uint8 (..., C, T, H, W) → float32: [0, 255] to ``value_range``, then (x - mean) / std."""
+    """uint8 (..., C, T, H, W) → float32: [0, 255] to ``value_range``, then (x - mean) / std.
+
+    Runs where ``views`` are (host or device) with the same elementwise float32 operations
+    in the same order, so a device gives the host's result bit for bit (IEEE-rounded mul,
+    add, sub and div; nothing is fused).
+    """
     x = views.to(torch.float32)
     low, high = value_range
     if (low, high) != (0.0, 255.0):
@@ -233,6 +238,6 @@ def normalize(
     shape = (len(mean), 1, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(shape)
     std_t = torch.tensor(std, dtype=torch.float32).view(shape)
-    if torch.all(mean_t == 0) and torch.all(std_t == 1):
+    if torch.all(mean_t == 0) and torch.all(std_t == 1):  # decided on the host: no device sync
         return x
-    return (x - mean_t) / std_t
+    return (x - mean_t.to(x.device)) / std_t.to(x.device)

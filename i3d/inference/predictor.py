@@ -20,6 +20,7 @@ import torch
 
 from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
+from i3d.data.transfer import DeviceFeed
 from i3d.flow.recipe import FlowConfig
 from i3d.flow.store import FORMATS, FlowFolder, read_settings
 from i3d.flow.views import StreamPiece, StreamPipeline, flow_settings
@@ -226,6 +227,7 @@ class Predictor:
                 )
             fit_exported_clip_len(self.weights, self.runner, overrides)
         self.pipeline: Pipeline = build_pipeline(prep, "test", **overrides)
+        self.feed = _feed_for(self.runner if self.runner is not None else self.flow_runner)
         self.average = prep.average_clips
         self.batch_size = batch_size
         self.flow = flow if flow is not None else FlowConfig(device=device or "cpu")
@@ -266,7 +268,9 @@ class Predictor:
     def scores(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Averaged class scores (K,) of one video, streamed a piece at a time."""
         source = self.pipeline if self.views is None else self.views
-        pieces = source.pieces(path, clips_per_piece=self.clips_per_piece)
+        pieces: Iterator[Any] = source.pieces(path, clips_per_piece=self.clips_per_piece)
+        if self.feed is not None:
+            pieces = self.feed.ahead(pieces)
         logits = [self._piece_logits(piece) for piece in pieces]
         return self._average(join_pieces(logits, self.pipeline.num_crops))
 
@@ -302,8 +306,9 @@ class Predictor:
             return views  # two-stream files take DeepMind's flow as is (checked when built)
         p = self.pipeline.preprocessing
         shape = (len(p.mean), 1, 1, 1)
-        mean = torch.tensor(p.mean, dtype=torch.float32).reshape(shape)
-        return (views - mean) / torch.tensor(p.std, dtype=torch.float32).reshape(shape)
+        mean = torch.tensor(p.mean, dtype=torch.float32).reshape(shape).to(views.device)
+        std = torch.tensor(p.std, dtype=torch.float32).reshape(shape).to(views.device)
+        return (views - mean) / std
 
     def _logits(
         self,
@@ -313,13 +318,22 @@ class Predictor:
         on_views: ViewProgress | None,
     ) -> torch.Tensor:
         """Logits (V, K) of a piece's views, ``batch_size`` at a time, progress reported as
-        views done of the video's."""
+        views done of the video's.
+
+        A torch (or npu) runner takes the uint8 views on its device, normalises them there
+        and leaves the logits there without waiting; the other runtimes take host floats,
+        normalised here.
+        """
         done, total = piece.start * piece.crops, piece.num_views
         logits = []
+        on_device = getattr(runner, "logits_on_device", None)
         for chunk in piece.views.split(self.batch_size):
             if on_views is not None:
                 on_views(done, total)
-            logits.append(runner.predict(normalize(chunk)[None])[0])
+            if on_device is not None:
+                logits.append(on_device(chunk, normalize))
+            else:
+                logits.append(runner.predict(normalize(chunk)[None])[0])
             done += len(chunk)
         if on_views is not None and done == total:
             on_views(total, total)
@@ -327,6 +341,7 @@ class Predictor:
 
     def _average(self, logits: torch.Tensor) -> np.ndarray:
         """Scores (K,) of a video from its views' logits (V, K), as the weights average."""
+        logits = logits.to("cpu")  # waits for a device's queued work on this video
         check_finite(logits, "class scores")
         return average_views(logits[None], self.average)[0].numpy()
 
@@ -369,9 +384,19 @@ class Predictor:
             source = self.views
             if not _on_cpu(self.flow.device) and self.flow.impl == "torch":
                 workers = 0  # decoding processes cannot share the device flow runs on
-        pieces = iter_pieces(paths, source, workers, VIDEO_ERRORS, self.clips_per_piece)
+        pin = self.feed is not None and self.feed.overlaps
+        pieces = iter_pieces(paths, source, workers, VIDEO_ERRORS, self.clips_per_piece, pin)
+        if self.feed is not None:
+            pieces = self.feed.ahead(pieces)
         run = functools.partial(self._piece_logits, on_views=on_views)
         yield from in_input_order(finish_pieces(pieces, run, self._average, VIDEO_ERRORS))
+
+
+def _feed_for(runner: Any) -> DeviceFeed | None:
+    """The transfer of uint8 pieces to a torch runner's device; None for the runtimes that
+    take host floats (onnx, openvino, om)."""
+    device = getattr(runner, "torch_device", None)
+    return DeviceFeed(device) if isinstance(device, torch.device) else None
 
 
 def predict_videos(
