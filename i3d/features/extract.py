@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from i3d.data.datasets import auto_workers, in_input_order, worker_init
 from i3d.data.decode import open_video
+from i3d.data.transfer import pins_memory
 from i3d.features.frames import FrameTransform, frame_transform
 from i3d.features.protocol import SnippetProtocol
 from i3d.features.snippets import (
@@ -174,6 +175,7 @@ class SnippetExtractor:
                 num_workers=min(workers, len(paths)),
                 prefetch_factor=2,
                 worker_init_fn=worker_init,
+                pin_memory=pins_memory(next(self.model.parameters()).device),
             )
         yield from in_input_order(self._finish(paths, stream, errors))
 
@@ -218,15 +220,20 @@ class SnippetExtractor:
             yield index, self._result(paths[index], timeline, parts.pop(index))
 
     def _run(self, batch: SnippetBatch) -> torch.Tensor:
-        """(count, crops, C) float32 CPU features of one batch of snippets."""
-        views = batch.views  # flow fields are model input already ([-1, 1])
+        """(count, crops, C) float32 CPU features of one batch of snippets.
+
+        uint8 views cross to the model's device as uint8 (pinned by the loader for cuda and
+        npu) and are normalised there; flow fields are model input already ([-1, 1]).
+        """
+        param = next(self.model.parameters())
+        views = batch.views.to(param.device, non_blocking=True)
         x = self.transform.normalize(views) if views.dtype == torch.uint8 else views.float()
         if batch.pad is not None:  # frames past the video: zero model input
             rows = x.view(batch.count, -1, *x.shape[1:])
-            rows.masked_fill_(batch.pad[:, None, None, :, None, None], 0.0)
-        param = next(self.model.parameters())
+            pad = batch.pad.to(param.device)
+            rows.masked_fill_(pad[:, None, None, :, None, None], 0.0)
         with torch.no_grad():
-            maps = self.model.endpoints(x.to(param.device, param.dtype), [self.protocol.endpoint])
+            maps = self.model.endpoints(x.to(param.dtype), [self.protocol.endpoint])
         pooled = pool_map(maps[self.protocol.endpoint], self.protocol.pool)
         check_finite(pooled, "features")
         return pooled.to("cpu", torch.float32).view(batch.count, self.protocol.crops, -1)

@@ -16,6 +16,7 @@ import torch
 
 from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
+from i3d.data.transfer import DeviceFeed
 from i3d.inference.inputs import VIDEO_ERRORS, ViewProgress, check_path_list
 from i3d.inference.predictor import check_finite
 
@@ -65,9 +66,9 @@ def _piece_maps(
         for chunk in piece.views.split(batch_size):
             if on_views is not None:
                 on_views(done, total)
-            x = pipeline.normalize(chunk).to(param.device, param.dtype, non_blocking=True)
+            # uint8 crosses to the device (a quarter of float32's bytes), normalised there
+            x = pipeline.normalize(chunk.to(param.device, non_blocking=True)).to(param.dtype)
             maps = model.endpoints(x, [endpoint])[endpoint]
-            check_finite(maps, "features")
             out.append(maps.flatten(2).mean(dim=2) if pool == "mean" and maps.ndim > 2 else maps)
             done += len(chunk)
     if on_views is not None and done == total:
@@ -76,7 +77,9 @@ def _piece_maps(
 
 
 def _finish(per_view: torch.Tensor, pool: str) -> torch.Tensor:
-    """A video's features from its per-view results (crop-major, as ``Pipeline.frames``)."""
+    """A video's features from its per-view results (crop-major, as ``Pipeline.frames``),
+    checked finite once per video (a check per batch would wait for the device each time)."""
+    check_finite(per_view, "features")
     return per_view.mean(dim=0) if pool == "mean" else per_view
 
 
@@ -122,13 +125,14 @@ def iter_features(
     _check_pool(pool)
     workers = auto_workers(len(paths)) if workers is None else workers
     size = _clips_per_piece(pipeline, batch_size)
-    pieces = iter_pieces(paths, pipeline, workers, VIDEO_ERRORS, size)
+    feed = DeviceFeed(next(model.parameters()).device)
+    pieces = feed.ahead(iter_pieces(paths, pipeline, workers, VIDEO_ERRORS, size, feed.overlaps))
 
     def run(piece: ViewPiece) -> torch.Tensor:
         maps = _piece_maps(model, pipeline, piece, endpoint, pool, batch_size, on_views)
-        return maps.to(device="cpu", dtype=torch.float32)
+        return maps.to(dtype=torch.float32)  # left on the device: finish waits for it
 
     def finish(per_view: torch.Tensor) -> torch.Tensor:
-        return _finish(per_view, pool)
+        return _finish(per_view.to("cpu"), pool)
 
     yield from in_input_order(finish_pieces(pieces, run, finish, VIDEO_ERRORS))

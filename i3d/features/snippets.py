@@ -80,6 +80,11 @@ class SnippetBatch:
     def last(self) -> bool:
         return self.first + self.count == self.total
 
+    def pin_memory(self) -> SnippetBatch:
+        """This batch with its views in page-locked memory, for an asynchronous copy to a
+        cuda or npu device (``DataLoader(pin_memory=True)``'s pin thread calls it)."""
+        return attrs.evolve(self, views=self.views.pin_memory())
+
 
 def snippet_batches(
     reader: VideoReader,
