@@ -3,8 +3,10 @@ checked before anything is allocated; each gives a one-line VideoDecodeError."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -273,3 +275,156 @@ def test_a_zip_checkpoint_member_that_inflates_past_the_file_is_refused(tmp_path
         archive.writestr("archive/data/0", b"\0" * 2**22)  # 4 MiB from a few KB
     with pytest.raises(WeightsError, match="'archive/data/0' unpacks to 4,194,304 bytes"):
         load_checkpoint(path)
+
+
+def _with_file_limit(limit: int, tmpdir, job) -> tuple[int, str]:
+    """Run ``job`` in a forked child whose files cannot grow past ``limit`` bytes and whose
+    TMPDIR is ``tmpdir``: (exit status, what it printed). RLIMIT_FSIZE makes the kernel fail
+    the write with EFBIG (Python ignores SIGXFSZ), the way a full disk fails it with ENOSPC."""
+    import resource
+    import sys
+    import tempfile
+    import traceback
+
+    import torch
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 70
+        try:
+            os.close(read)
+            os.dup2(write, 1)
+            os.dup2(write, 2)
+            sys.stdout = sys.stderr = open(write, "w", buffering=1, closefd=False)  # noqa: SIM115
+            os.environ["TMPDIR"] = str(tmpdir)
+            tempfile.tempdir = None
+            torch.set_num_threads(1)  # as a DataLoader worker: no thread pool after fork
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+            job()
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            status = 71
+        finally:
+            sys.stdout.flush()
+            os._exit(status)
+    os.close(write)
+    with open(read, "rb") as fh:
+        printed = fh.read().decode(errors="replace")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), printed
+
+
+def _leftovers(*folders) -> list[str]:
+    """Temporary files or folders an interrupted write could leave in ``folders``."""
+    return [
+        str(p) for folder in folders for p in folder.rglob("*")
+        if (p.name.startswith(".") and not p.name.endswith("-lock")) or "tmp" in p.name
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "--csv", "OUT.csv"],
+        ["features", "-o", "OUT.safetensors", "--endpoint", "layer4"],
+        ["features", "-o", "OUT", "--endpoint", "layer4"],
+    ],
+    ids=["predict-csv", "features-safetensors", "features-npy"],
+)
+def test_an_output_that_does_not_fit_is_a_one_line_error_and_keeps_the_previous(
+    tmp_path, command
+):
+    """A real kernel failure (the file-size limit, as on a full disk): a second run with one
+    more video exits 1 with one line naming the file, the previous output stays
+    byte-identical, and no temp file is left there or in TMPDIR. (A .npy folder may keep the
+    new video's finished file: the next run adopts it.)"""
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    videos = [str(write_video(tmp_path / f"v{i}.mp4", 12, width=40, height=32)) for i in (1, 2)]
+    out_dir, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmpdir.mkdir()
+    args = [a.replace("OUT", str(out_dir / "out")) for a in command]
+    args += ["--weights", str(weights), "--workers", "0"]  # (shared memory has the limit too)
+    first = CliRunner().invoke(app, [*args, videos[0]])
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file() and "lock" not in p.name}
+    limit = max(len(data) for data in before.values())
+    status, printed = _with_file_limit(
+        limit, tmpdir, lambda: app([*args, *videos], prog_name="i3d")
+    )
+    lines = [line for line in printed.splitlines() if line.strip()]
+    assert status == 1, printed
+    assert re.match(rf"error: cannot write {out_dir}/\S+: file too large; ", lines[-1]), printed
+    assert "Traceback" not in printed
+    assert {p: p.read_bytes() for p in before} == before  # (a .npy folder may hold one more)
+    assert _leftovers(out_dir, tmpdir) == []
+
+
+def test_every_writer_that_runs_out_of_room_names_its_file_and_keeps_the_previous(tmp_path):
+    """The writers whose libraries give no errno (torch's zip writer says "unexpected pos",
+    safetensors and PIL only a message), a memory-mapped flow array (on a full disk a write
+    to its pages would be SIGBUS) and an appended metrics line, under a 4 KiB file limit."""
+    import hashlib
+
+    import torch
+    from tinymodel import save_tiny_weights
+
+    from i3d.flow.store import FlowFolder, FlowSettings
+    from i3d.train.checkpoint import save_checkpoint
+    from i3d.train.report import MetricsLog
+    from i3d.utils.files import OutputError
+    from i3d.weights import hub
+
+    big = torch.arange(4096.0)
+    state = {"model": {"w": big}, "epoch": 1, "step": 2}
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write("train", 0, 1, loss=1.0)
+    blob = tmp_path / "download.pth"
+    blob.write_bytes(bytes(8192))
+    flow = np.zeros((2, 80, 80, 2), np.float32)
+    writers = {
+        "checkpoints/epoch0001_step000000002.pt": lambda: save_checkpoint(tmp_path, state),
+        "metrics.jsonl": lambda: log.write("train", 0, 2, loss=0.5, note="x" * 5000),
+        "w.safetensors": lambda: save_tiny_weights(tmp_path / "w.safetensors", ("a", "b")),
+        "cache/x.pth": lambda: hub.download(
+            blob.as_uri(), tmp_path / "cache/x.pth", hashlib.sha256(bytes(8192)).hexdigest()
+        ),
+    }
+    for fmt in ("npy", "mmaction"):
+        folder = FlowFolder(tmp_path / fmt, FlowSettings(fmt, None, None, None, "opencv", {}, 20))
+        folder.claim()
+        frames = np.random.default_rng(0).integers(0, 255, (3, 80, 80, 3), np.uint8)
+        writers[f"{fmt}/v{'.npy' if fmt == 'npy' else ''}"] = functools.partial(
+            folder.write, "v", (2, 80, 80), [(flow, frames)]
+        )
+    (tmp_path / "cache").mkdir()
+    for name in ("w.safetensors", "cache/x.pth", "npy/v.npy"):
+        (tmp_path / name).write_bytes(b"previous")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def job() -> None:
+        for name, write in writers.items():
+            try:
+                write()
+                print(f"{name}: written")
+            except OutputError as exc:
+                print(f"{name}: {exc}")
+
+    status, printed = _with_file_limit(4096, tmp_path, job)
+    assert status == 0, printed
+    lines = printed.splitlines()
+    assert len(lines) == len(writers), printed
+    for line, name in zip(lines, writers, strict=True):
+        kept = "the previous" if (tmp_path / name).exists() else "nothing was written"
+        assert line.startswith(f"{name}: cannot write {tmp_path / name}: file too large; {kept}")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert _leftovers(tmp_path) == []

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from i3d.cli.main import app
 from i3d.models import build_model, get_preset
-from i3d.utils.files import sha256_file
+from i3d.utils.files import OutputError, sha256_file
 from i3d.weights import hub
 from i3d.weights.format import Provenance, WeightsError, WeightsInfo, load_model, save_weights
 
@@ -195,7 +195,7 @@ def test_disk_full_leaves_nothing(server, cache, monkeypatch):
     entry = _entry()
     server.files[entry.filename] = PAYLOAD
     monkeypatch.setattr(hub, "_open_output", lambda path: _FullDisk())
-    with pytest.raises(hub.HubError, match="disk full"):
+    with pytest.raises(OutputError, match="no space left on device; nothing was written"):
         hub.pull(entry, mirror=server.url)
     assert _cache_files(cache) == []
 

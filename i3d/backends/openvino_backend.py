@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -42,7 +43,7 @@ from i3d.backends.base import (
 )
 from i3d.backends.check_input import natural_clips_for
 from i3d.backends.torch_backend import parse_flag
-from i3d.utils.files import atomic_path
+from i3d.utils.files import OutputError, atomic_path, no_room_as_output_error
 
 INSTALL_HINT = 'pip install "i3d[openvino]" (or: pip install openvino)'
 INT8_HINT = 'pip install "i3d[openvino-int8]" (or: pip install nncf)'
@@ -71,6 +72,10 @@ OV_PRECISIONS = {
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
+#: what to do when the cache has no room
+CACHE_HINT = "Free space there, set I3D_CACHE to a folder with room, or pass the option cache=false"
+
+
 def import_openvino() -> ModuleType:
     """The ``openvino`` module, or :class:`BackendUnavailable` saying how to install it."""
     try:
@@ -78,6 +83,18 @@ def import_openvino() -> ModuleType:
     except ImportError as exc:
         raise BackendUnavailable(f"{missing_reason(exc)}; {INSTALL_HINT}") from exc
     return openvino
+
+
+@functools.cache
+def shared_core() -> Any:
+    """The process's one ``openvino.Core``, alive until exit.
+
+    OpenVINO's CPU plugin installs an alternate signal stack on the thread that creates it
+    and, when its Core is destroyed, restores the stack it found. With two Cores destroyed
+    out of order the thread keeps a freed stack, and the next signal it handles (a loader
+    worker's SIGCHLD) kills the process with SIGSEGV; one Core for every runner avoids that.
+    """
+    return import_openvino().Core()
 
 
 def missing_reason(exc: ImportError) -> str:
@@ -150,7 +167,7 @@ class OpenVinoRunner(ClipRunner):
     ) -> None:
         super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
         self.ov = import_openvino()
-        self.core = self.ov.Core()
+        self.core = shared_core()
         self.version = self.ov.get_version()
         self.labels = labels_of(model)
         self.precision = precision
@@ -176,6 +193,8 @@ class OpenVinoRunner(ClipRunner):
             config = compile_config(self.precision, mode, self.threads)
             try:
                 compiled = self._compiled(clip, mode, config)
+            except OutputError:  # no room: it names the file and says what to do
+                raise
             except OSError as exc:  # the cache folder: unwritable, a file in the way, disk full
                 raise BackendError(
                     f"cannot use the openvino cache {self.cache}: {exc.strerror or exc}; set "
@@ -218,7 +237,7 @@ class OpenVinoRunner(ClipRunner):
         compiled = self.core.compile_model(ir, "CPU", config)
         stream = io.BytesIO()
         compiled.export_model(stream)
-        with atomic_path(blob) as tmp:
+        with atomic_path(blob, CACHE_HINT) as tmp:
             tmp.write_bytes(stream.getvalue())
         return compiled
 
@@ -422,7 +441,8 @@ def save_ir(ov: ModuleType, ir: Any, xml: Path) -> None:
     first, so a reader that finds the ``.xml`` finds its weights complete."""
     folder = Path(tempfile.mkdtemp(prefix=f".{xml.stem}.", dir=xml.parent))
     try:
-        ov.save_model(ir, str(folder / "model.xml"), compress_to_fp16=False)
+        with no_room_as_output_error(xml.with_suffix(".bin"), folder / "model.bin", CACHE_HINT):
+            ov.save_model(ir, str(folder / "model.xml"), compress_to_fp16=False)
         os.replace(folder / "model.bin", xml.with_suffix(".bin"))
         os.replace(folder / "model.xml", xml)
     finally:
@@ -436,10 +456,10 @@ class OpenVinoBackend:
 
     def is_available(self) -> Availability:
         try:
-            import openvino as ov
+            import openvino  # noqa: F401  (an ImportError tells absent from broken)
         except ImportError as exc:
             return Availability(False, missing_reason(exc), None, INSTALL_HINT)
-        capabilities = ", ".join(cpu_capabilities(ov.Core()))
+        capabilities = ", ".join(cpu_capabilities(shared_core()))
         return Availability(
             True, f"CPU: {capabilities}", importlib.metadata.version("openvino"), INSTALL_HINT
         )
@@ -460,8 +480,8 @@ class OpenVinoBackend:
         if mode not in (*MODES, "auto"):
             raise BackendError(f"option mode must be auto, latency or throughput, got {mode!r}")
         threads = thread_count(options, self.name)
-        ov = import_openvino()
-        capabilities = cpu_capabilities(ov.Core())
+        import_openvino()  # before the cached Core: says how to install it
+        capabilities = cpu_capabilities(shared_core())
         needed = OV_PRECISIONS[precision][1]
         if needed not in capabilities:
             raise BackendError(

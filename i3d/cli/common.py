@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from i3d.models.config import ConfigError
 from i3d.models.recognizer import InputShapeError
-from i3d.utils.files import OutputError
+from i3d.utils.files import OutputError, no_room_reason
 from i3d.weights.format import WeightsError
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -39,3 +39,17 @@ def fail_on_errors(*extra: type[BaseException]) -> Iterator[None]:
             f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(1) from None
+
+
+def no_room_message(exc: BaseException) -> str | None:
+    """The one-line message for an error that came from an output not fitting (disk full,
+    quota, file-size limit), else None: the file it names and what to do."""
+    reason = no_room_reason(exc)
+    if reason is None:
+        return None
+    where = getattr(exc, "filename", None)
+    what = f"cannot write {where}" if where else "an output could not be written"
+    return (
+        f"{what}: {reason[:1].lower()}{reason[1:]}. Free space (or raise the quota or "
+        "file-size limit), or write elsewhere"
+    )

@@ -6,12 +6,33 @@ Each command group lives in its own module, which defines ``register(app)``.
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-app = typer.Typer(
+from i3d.cli.common import err_console, no_room_message
+from i3d.utils.files import OutputError
+
+
+class _App(typer.Typer):
+    """The typer app; an output that cannot be written (no room on the disk, quota, ``ulimit
+    -f``, a missing folder) ends any command with one line naming it, not a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, OutputError) else no_room_message(exc)
+            if message is None:
+                raise
+            err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+            sys.exit(1)
+
+
+app = _App(
     name="i3d",
     help="I3D video action recognition: convert weights, inspect, predict, export, train.",
     no_args_is_help=True,

@@ -21,6 +21,7 @@ opened only through the frame-folder reader (allow-listed image formats, size li
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from i3d.data.decode import VideoDecodeError, open_frames_dir
-from i3d.utils.files import OutputError, atomic_path, ensure_dir
+from i3d.utils.files import OutputError, atomic_path, ensure_dir, no_room_as_output_error, reserve
 from i3d.utils.untrusted import load_json, read_npy_header
 
 FORMATS = ("npy", "mmaction")
@@ -149,6 +150,7 @@ def npy_writer(path: Path, shape: tuple[int, ...], dtype: str) -> Iterator[np.nd
     block completes (removed when it fails), so a long video never sits in memory whole."""
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        reserve(tmp)
         try:
             yield out
             out.flush()
@@ -171,8 +173,12 @@ def write_mmaction(
 
 
 def _write_jpeg(path: Path, image: np.ndarray) -> None:
-    """One JPEG; callers write into a temporary folder that is renamed once complete."""
-    Image.fromarray(np.ascontiguousarray(image)).save(path, format="JPEG", quality=JPEG_QUALITY)
+    """One JPEG; callers write into a temporary folder that is renamed once complete. It is
+    encoded in memory first: Pillow's JPEG encoder writing to a file ignores a failed write
+    (a full disk left truncated images, and no error)."""
+    encoded = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(encoded, "JPEG", quality=JPEG_QUALITY)
+    path.write_bytes(encoded.getbuffer())
 
 
 def mmaction_ticks(folder: Path) -> int:
@@ -254,9 +260,10 @@ class FlowFolder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.path))
         try:
             done = 0
-            for flow, frames in chunks:
-                write_mmaction(tmp, flow, done, frames)
-                done += len(frames)
+            with no_room_as_output_error(dst):
+                for flow, frames in chunks:
+                    write_mmaction(tmp, flow, done, frames)
+                    done += len(frames)
             if dst.exists():
                 shutil.rmtree(dst)
             os.replace(tmp, dst)

@@ -83,12 +83,15 @@ def save_checkpoint(work_dir: str | os.PathLike[str], state: dict[str, Any], kee
     folder = checkpoint_dir(work_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch{state['epoch']:04d}_step{state['step']:09d}.pt"
+    previous = list_checkpoints(work_dir)
+    kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
+    hint = "Free space (or raise the quota or file-size limit) and run again with --resume auto"
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, hint + kept) as tmp:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    except OutputError:
+        raise
     except OSError as exc:
-        previous = list_checkpoints(work_dir)
-        kept = f"; the previous checkpoint {previous[0]} is intact" if previous else ""
         raise OutputError(f"could not write checkpoint {path}: {exc}{kept}") from exc
     if keep > 0:
         for old in list_checkpoints(work_dir)[keep:]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from i3d.utils.files import atomic_path
+from i3d.utils.files import atomic_path, no_room_as_output_error
 
 
 class MetricsLog:
@@ -40,8 +41,17 @@ class MetricsLog:
             return
         record = {"kind": kind, "epoch": epoch + 1, "step": step, **values}
         self.records.append(record)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with (
+                no_room_as_output_error(self.path, probe=self.path),
+                self.path.open("a", encoding="utf-8") as fh,
+            ):
+                fh.write(json.dumps(record) + "\n")
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half line (nor the probe) stays behind
+                os.truncate(self.path, size)
+            raise
         if self.tensorboard is not None:
             for name, value in values.items():
                 self.tensorboard.add_scalar(f"{kind}/{name}", value, step)

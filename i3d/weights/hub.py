@@ -12,7 +12,6 @@ corrupt download, or a full disk, never leaves a partial file behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import http.client
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 import attrs
 
-from i3d.utils.files import atomic_path, sha256_file
+from i3d.utils.files import atomic_path, no_room_error, no_room_reason, sha256_file
 from i3d.weights.format import WeightsError, read_info, verify_tensors
 
 CACHE_ENV = "I3D_CACHE"
@@ -228,20 +227,21 @@ def _open_output(path: Path) -> IO[bytes]:
     return open(path, "wb")
 
 
-def _write_error(exc: OSError, path: Path) -> HubError:
-    if exc.errno == errno.ENOSPC:
-        return HubError(
-            f"disk full while writing {path}; nothing was kept. Free some space or point "
-            f"${CACHE_ENV} at a disk with room"
-        )
+def _write_error(exc: OSError, path: Path) -> OSError:
+    reason = no_room_reason(exc)
+    if reason is not None:
+        return no_room_error(path, reason, _ROOM_HINT)
     return HubError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+_ROOM_HINT = f"Free some space or point ${CACHE_ENV} at a disk with room"
 
 
 @contextlib.contextmanager
 def _verified_output(dst: Path, expected: str, what: str) -> Iterator[tuple[IO[bytes], Any]]:
     """(file, sha256) writing a temp file that replaces ``dst`` only if the hash then matches."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, _ROOM_HINT) as tmp:
         digest = hashlib.sha256()
         try:
             with _open_output(tmp) as fh:
