@@ -66,6 +66,35 @@ def test_a_batch_gives_what_each_pair_gives_alone():
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_cpu_threads_share_out_pairs_with_single_core_ops(monkeypatch):
+    # intra-op OpenMP teams spun at every op's barrier on a loaded machine (60 s per 256² pair
+    # on 2 threads against 1.7 s on 1): each thread must solve its pairs with one-core ops
+    import i3d.flow.tvl1_torch as solver
+
+    seen = []
+    one_scale = solver._one_scale
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        return one_scale(*args)
+
+    monkeypatch.setattr(solver, "_one_scale", recording)
+    monkeypatch.setattr(solver, "CPU_BATCH_PIXELS", H * W, raising=False)  # 1 pair a batch
+    pairs = [moving_pair(H, W, translation(H, W, 1.0, 0.5), seed=s) for s in range(3)]
+    first, second = (np.stack(side) for side in zip(*pairs, strict=True))
+    loose = TVL1Params(nscales=2, warps=1, inner_iterations=5, outer_iterations=1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = _torch_flow(first, second, loose)
+        assert torch.get_num_threads() == 2  # the caller's setting comes back
+        assert seen and set(seen) == {1}
+        torch.set_num_threads(1)
+        np.testing.assert_array_equal(threaded, _torch_flow(first, second, loose))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_identical_frames_give_zero_flow():
     frame = np.rint(smooth_texture(H, W)).astype(np.uint8)[None]
     assert np.abs(_torch_flow(frame, frame)).max() < 1e-4
