@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import importlib.metadata
 import io
@@ -85,18 +84,6 @@ def import_openvino() -> ModuleType:
     return openvino
 
 
-@functools.cache
-def shared_core() -> Any:
-    """The process's one ``openvino.Core``, alive until exit.
-
-    OpenVINO's CPU plugin installs an alternate signal stack on the thread that creates it
-    and, when its Core is destroyed, restores the stack it found. With two Cores destroyed
-    out of order the thread keeps a freed stack, and the next signal it handles (a loader
-    worker's SIGCHLD) kills the process with SIGSEGV; one Core for every runner avoids that.
-    """
-    return import_openvino().Core()
-
-
 def missing_reason(exc: ImportError) -> str:
     """Why ``import openvino`` failed, in a few words: absent, or installed but broken."""
     if isinstance(exc, ModuleNotFoundError) or "None in sys.modules" in str(exc):
@@ -167,7 +154,7 @@ class OpenVinoRunner(ClipRunner):
     ) -> None:
         super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
         self.ov = import_openvino()
-        self.core = shared_core()
+        self.core = self.ov.Core()
         self.version = self.ov.get_version()
         self.labels = labels_of(model)
         self.precision = precision
@@ -456,10 +443,10 @@ class OpenVinoBackend:
 
     def is_available(self) -> Availability:
         try:
-            import openvino  # noqa: F401  (an ImportError tells absent from broken)
+            import openvino as ov
         except ImportError as exc:
             return Availability(False, missing_reason(exc), None, INSTALL_HINT)
-        capabilities = ", ".join(cpu_capabilities(shared_core()))
+        capabilities = ", ".join(cpu_capabilities(ov.Core()))
         return Availability(
             True, f"CPU: {capabilities}", importlib.metadata.version("openvino"), INSTALL_HINT
         )
@@ -480,8 +467,8 @@ class OpenVinoBackend:
         if mode not in (*MODES, "auto"):
             raise BackendError(f"option mode must be auto, latency or throughput, got {mode!r}")
         threads = thread_count(options, self.name)
-        import_openvino()  # before the cached Core: says how to install it
-        capabilities = cpu_capabilities(shared_core())
+        ov = import_openvino()
+        capabilities = cpu_capabilities(ov.Core())
         needed = OV_PRECISIONS[precision][1]
         if needed not in capabilities:
             raise BackendError(
