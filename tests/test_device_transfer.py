@@ -69,6 +69,10 @@ class _Recorded(DeviceFeed):
         super().__init__("cpu")
         self.log: list[str] = []
 
+    @property
+    def overlaps(self) -> bool:  # as a cuda/npu feed, whose streams only a device can test
+        return True
+
     def start(self, host: torch.Tensor) -> Staged:
         self.log.append(f"copy {int(host[0, 0, 0, 0, 0])}")
         return super().start(host)
@@ -95,7 +99,9 @@ def test_the_next_piece_is_copied_before_the_current_one_is_handed_out():
         "run 1",
     ]  # fmt: skip
     assert [i for i, _ in out] == [0, 0, 1, 1] and out[1][1] == "bad video"
-    assert not feed.overlaps and not pins_memory("cpu") and pins_memory("cuda:1")
+    assert not DeviceFeed("cpu").overlaps and not pins_memory("cpu") and pins_memory("cuda:1")
+    plain = [(i, p) for i, p in DeviceFeed("cpu").ahead(items)]  # no side stream: no holding
+    assert [p if isinstance(p, str) else p.start for _, p in plain] == [0, "bad video", 1, 2]
 
 
 def test_a_video_is_finished_only_after_the_next_piece_is_queued():

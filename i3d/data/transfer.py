@@ -82,6 +82,11 @@ class DeviceFeed:
         """``items`` in order with each :class:`ViewPiece`'s views (bare, or in ``(index,
         piece)`` pairs) on the device; a piece is handed out only once the next piece's copy
         has started (other items, such as error texts, wait in line with it)."""
+        if not self.overlaps:  # nothing to overlap with: each item goes on at once
+            for item in items:
+                piece = _piece_of(item)
+                yield self._landed(item, self.start(piece.views) if piece is not None else None)
+            return
         waiting: deque[tuple[_Item, Staged | None]] = deque()
         for item in items:
             piece = _piece_of(item)
