@@ -15,7 +15,7 @@ from i3d import get_preset
 from i3d.cli import flow_cmd
 from i3d.cli.main import app
 from i3d.data import transforms as T
-from i3d.data.decode import open_video
+from i3d.data.decode import open_frames_dir, open_video
 from i3d.data.pipeline import build_pipeline
 from i3d.features import SnippetProtocol, iter_snippets
 from i3d.flow import FlowConfig, TVL1Params, rgb_to_gray, scale_flow, tvl1_flow
@@ -221,3 +221,45 @@ def test_snippet_features_of_a_two_stream_file_are_its_streams_concatenated(stre
     (apart,) = iter_snippets([video], protocol, weights=rgb, flow_weights=flow, flow=FLOW)
     assert whole.features.shape == (1, 2048)
     np.testing.assert_array_equal(whole.features, apart.features)
+
+
+def test_evaluate_reads_an_mmaction_flow_list(small, tmp_path, monkeypatch):
+    # mmaction2's flow list: `frame_dir total_frames label`, total_frames = flow fields
+    _root, video, weights = small
+    monkeypatch.setattr(flow_cmd, "FlowConfig", _fast)
+    frames = tmp_path / "rawframes"
+    args = ["flow", str(video), "-o", str(frames), "--format", "mmaction", "--size", "32"]
+    assert runner.invoke(app, args).exit_code == 0
+    (tmp_path / "flow_list.txt").write_text("clip 15 1\n")
+    out = tmp_path / "eval"
+    listing = ["evaluate", str(tmp_path / "flow_list.txt"), "--weights", str(weights)]
+    result = runner.invoke(app, [*listing, "--data-root", str(frames), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    (line,) = (out / "predictions.jsonl").read_text().splitlines()
+    scores = np.array(json.loads(line)["scores"])
+    # the same JPEGs, read as the flow folder of the video they were computed from
+    by_video = Predictor(weights, flow=FLOW, flow_dir=frames).scores(video)
+    np.testing.assert_allclose(scores, by_video, rtol=1e-6)
+    # mmaction's flow configs name them x_00001.jpg (filename_tmpl='{}_{:05d}.jpg')
+    for image in (frames / "clip").glob("flow_*.jpg"):
+        image.rename(image.with_name(image.name.removeprefix("flow_")))
+    np.testing.assert_allclose(Predictor(weights).scores(frames / "clip"), by_video, rtol=1e-6)
+
+
+def test_rawframes_flow_is_resized_as_mmaction_resizes_flow_images(small, tmp_path, monkeypatch):
+    _root, video, _weights = small
+    monkeypatch.setattr(flow_cmd, "FlowConfig", _fast)
+    frames = tmp_path / "rawframes"
+    args = ["flow", str(video), "-o", str(frames), "--format", "mmaction", "--size", "48"]
+    assert runner.invoke(app, args).exit_code == 0  # 72×48 images; the weights resize to 32
+    pipeline = build_pipeline(FLOW_PREP, "test", window_len=8, num_crops=1, crop_size=32)
+    (piece,) = StreamPipeline(pipeline, ("flow",), FLOW).flow_pieces(frames / "clip", None)
+    ticks = np.minimum(pipeline.windows(16), 14)
+    levels = []
+    for axis in "xy":
+        with open_frames_dir(frames / "clip", f"flow_{axis}_{{:05d}}.jpg") as reader:
+            levels.append(reader.get_frames(np.arange(15))[..., :1])
+    resized = T.resize_short(torch.from_numpy(np.concatenate(levels, axis=-1)), 32)
+    x1, y1, x2, y2 = T.center_box(48, 32, 32)
+    want = dequantize(resized.numpy())[ticks][:, :, y1:y2, x1:x2]  # (clips, T, h, w, 2)
+    np.testing.assert_array_equal(piece.views.numpy(), want.transpose(0, 4, 1, 2, 3))

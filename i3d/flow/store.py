@@ -43,6 +43,10 @@ FORMATS = ("npy", "mmaction")
 NPY_DTYPES = ("float16", "float32")
 FLOW_X = "flow_x_{:05d}.jpg"
 FLOW_Y = "flow_y_{:05d}.jpg"
+FLOW_TEMPLATES = ("flow_{}_{:05d}.jpg", "{}_{:05d}.jpg")
+"""Flow file names a rawframes folder may use, ``{}`` standing for x / y: denseflow's and
+``i3d flow``'s (``flow_x_00001.jpg``), and the ``filename_tmpl='{}_{:05d}.jpg'`` of
+mmaction2's flow configs (``x_00001.jpg``)."""
 IMAGE = "img_{:05d}.jpg"
 START_INDEX = 1
 """mmaction2's rawframes (and denseflow's files) count from 1."""
@@ -181,28 +185,44 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     path.write_bytes(encoded.getbuffer())
 
 
-def mmaction_ticks(folder: Path) -> int:
-    """Flow fields in an mmaction rawframes folder (consecutive ``flow_x_`` files from 1)."""
+def rawframes_flow_template(folder: Path) -> str | None:
+    """Which of :data:`FLOW_TEMPLATES` a rawframes folder's flow files follow; None: none."""
+    for template in FLOW_TEMPLATES:
+        if (folder / template.format("x", START_INDEX)).is_file():
+            return template
+    return None
+
+
+def mmaction_ticks(folder: Path, template: str = FLOW_TEMPLATES[0]) -> int:
+    """Flow fields in an mmaction rawframes folder (consecutive x files from 1)."""
     try:
-        with open_frames_dir(folder, FLOW_X, START_INDEX) as reader:
+        with open_frames_dir(folder, template.replace("{}", "x", 1), START_INDEX) as reader:
             return reader.num_frames
     except VideoDecodeError as exc:
         raise FlowStoreError(f"{folder}: not an mmaction flow folder ({exc})") from None
 
 
-def read_mmaction(folder: Path, ticks: np.ndarray) -> np.ndarray:
-    """Flow ticks (0-based) of an mmaction rawframes folder as float32 (n, H, W, 2) in [-1, 1],
+def read_mmaction_levels(
+    folder: Path, ticks: np.ndarray, template: str = FLOW_TEMPLATES[0]
+) -> np.ndarray:
+    """The uint8 levels (n, H, W, 2) of flow ticks (0-based) of an mmaction rawframes folder,
     read through the frame-folder reader (allow-listed image formats, frame size limit)."""
     components = []
-    for template in (FLOW_X, FLOW_Y):
+    for axis in "xy":
+        name = template.replace("{}", axis, 1)
         try:
-            with open_frames_dir(folder, template, START_INDEX) as reader:
+            with open_frames_dir(folder, name, START_INDEX) as reader:
                 components.append(reader.get_frames(ticks)[..., 0])
         except (VideoDecodeError, ValueError) as exc:
-            raise FlowStoreError(f"{folder}: cannot read flow {template} ({exc})") from None
+            raise FlowStoreError(f"{folder}: cannot read flow {name} ({exc})") from None
     if components[0].shape != components[1].shape:
-        raise FlowStoreError(f"{folder}: flow_x and flow_y images differ in size")
-    return dequantize(np.stack(components, axis=-1))
+        raise FlowStoreError(f"{folder}: flow x and y images differ in size")
+    return np.stack(components, axis=-1)
+
+
+def read_mmaction(folder: Path, ticks: np.ndarray) -> np.ndarray:
+    """Flow ticks (0-based) of an mmaction rawframes folder as float32 (n, H, W, 2) in [-1, 1]."""
+    return dequantize(read_mmaction_levels(folder, ticks))
 
 
 @attrs.frozen

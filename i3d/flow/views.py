@@ -7,7 +7,8 @@ resized full frames (greyscale, TV-L1, clipped to ±bound, divided by it) and th
 the same crops as the RGB frames; a mirrored crop mirrors the field and negates x (as
 mmaction's Flip inverts flow_x), so it shows the mirrored motion. With a flow folder
 (:mod:`i3d.flow.store`) a video's flow is computed once, for its whole timeline, and read
-from there afterwards.
+from there afterwards. A sample that is an mmaction2 rawframes folder holding flow JPEGs
+(an mmaction flow list's ``frame_dir``) gives its own flow.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from i3d.data.decode import VideoDecodeError, VideoReader, open_video
 from i3d.data.pipeline import Pipeline, ViewPiece
 from i3d.data.sampling import resampled_timeline
 from i3d.flow.recipe import FlowConfig, pair_flow, rgb_to_gray, scale_flow
-from i3d.flow.store import FlowFolder, FlowSettings, FlowStoreError
+from i3d.flow.store import (
+    FlowFolder,
+    FlowSettings,
+    FlowStoreError,
+    dequantize,
+    mmaction_ticks,
+    rawframes_flow_template,
+    read_mmaction_levels,
+)
 from i3d.flow.video import iter_timeline_flow
 
 STREAMS = ("rgb", "flow")
@@ -120,7 +129,26 @@ class StreamPipeline:
     def flow_pieces(
         self, source: str | os.PathLike[str], clips_per_piece: int | None = 1
     ) -> Iterator[ViewPiece]:
-        """float32 flow views (crops × clips, 2, T, h, w) in [-1, 1], piece by piece."""
+        """float32 flow views (crops × clips, 2, T, h, w) in [-1, 1], piece by piece.
+
+        A rawframes folder that holds flow files (mmaction2's / denseflow's) gives its own
+        flow; anything else gets flow from the flow folder or computed from its frames.
+        """
+        folder = Path(source)
+        template = rawframes_flow_template(folder) if folder.is_dir() else None
+        if template is not None:
+            fields = _Rawframes(folder, template, self.pipeline)
+            frames = fields.count + 1  # the frames the flow was computed between
+            if "rgb" in self.streams:
+                with open_video(folder) as reader:
+                    if reader.num_frames != frames:
+                        raise VideoDecodeError(
+                            f"{folder}: {reader.num_frames} RGB frames but {fields.count} flow "
+                            "fields; a two-stream sample needs one flow field fewer than frames"
+                        )
+            ticks = np.minimum(clip_positions(self.pipeline, frames), frames - 2)
+            yield from self._cut(ticks, clips_per_piece, fields)
+            return
         with open_video(source, backend=self.pipeline.decoder) as reader:
             prep = self.pipeline.preprocessing
             timeline = resampled_timeline(reader.num_frames, reader.fps, prep.fps)
@@ -201,6 +229,26 @@ class _Stored(_Fields):
 
     def get(self, wanted: np.ndarray) -> np.ndarray:
         return self.store.read(self.name, wanted)
+
+    def forget_below(self, tick: int) -> None:
+        """Nothing is held: each piece reads its fields from the folder."""
+
+
+class _Rawframes(_Fields):
+    """Flow JPEGs in a sample's own rawframes folder (``flow_x_00001.jpg`` or ``x_00001.jpg``
+    ...: 8-bit levels, bound 20), resized as mmaction's ``Resize`` does flow images: the levels,
+    bilinear, to the weights' short side, values unchanged."""
+
+    def __init__(self, folder: Path, template: str, pipeline: Pipeline) -> None:
+        self.folder, self.template, self.pipeline = folder, template, pipeline
+        self.count = mmaction_ticks(folder, template)
+        if self.count < 1:
+            raise VideoDecodeError(f"{folder}: no flow fields")
+
+    def get(self, wanted: np.ndarray) -> np.ndarray:
+        levels = torch.from_numpy(read_mmaction_levels(self.folder, wanted, self.template))
+        prep = self.pipeline.preprocessing
+        return dequantize(T.resize_short(levels, prep.resize_short, prep.interpolation).numpy())
 
     def forget_below(self, tick: int) -> None:
         """Nothing is held: each piece reads its fields from the folder."""
