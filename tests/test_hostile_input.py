@@ -428,3 +428,44 @@ def test_every_writer_that_runs_out_of_room_names_its_file_and_keeps_the_previou
         assert line.startswith(f"{name}: cannot write {tmp_path / name}: file too large; {kept}")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert _leftovers(tmp_path) == []
+
+
+def test_a_truncated_video_is_read_as_far_as_it_goes_with_a_warning(tmp_path, caplog):
+    """An mp4 cut at 60% (its index, written first, still claims 40 frames): the frames that
+    are there are decoded, the partly read last packet is left out instead of failing the
+    video, and a warning gives both counts; predict then runs on what is there."""
+    import av
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+    from videogen import pattern_frame, read_index
+
+    from i3d.cli.main import app
+
+    full = tmp_path / "full.mp4"
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        noise = np.random.default_rng(0).integers(0, 256, (40, 16, 48, 3), np.uint8)
+        for i in range(40):
+            picture = pattern_frame(i, 48, 32)
+            picture[:16] = noise[i]  # noise above the index blocks: the frames take room
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.6)])
+    with caplog.at_level("WARNING", logger="i3d.data.decode"), open_video(cut) as reader:
+        count = reader.num_frames
+        frames = reader.get_frames(range(count))
+    assert 10 < count < 40 and reader.claimed_frames == 40
+    assert [read_index(f) for f in frames] == list(range(count))
+    assert f"cut.mp4 ends early (truncated?): {count} of the 40 frames" in caplog.text
+    caplog.clear()
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    with caplog.at_level("WARNING", logger="i3d.data.decode"):
+        result = CliRunner().invoke(app, ["predict", str(cut), "--weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert f"{count} of the 40 frames" in caplog.text
+    with caplog.at_level("WARNING", logger="i3d.data.decode"):
+        caplog.clear()
+        open_video(full).close()
+    assert not caplog.text

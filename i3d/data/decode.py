@@ -10,6 +10,7 @@ decoding forward. A long video is therefore never decoded (or held in memory) wh
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -22,6 +23,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import av
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv")
@@ -207,6 +210,25 @@ class PyAVReader(VideoReader):
         # costs ~8x the conversion itself); single-threaded because frames are small.
         self._reformatter = VideoReformatter()
         self.header_frames = int(self._stream.frames or 0)
+        self.claimed_frames, slack = self._claimed_frames()
+        if self.claimed_frames is not None and self.num_frames < self.claimed_frames - slack:
+            log.warning(
+                "warning: %s ends early (truncated?): %d of the %d frames its header claims "
+                "could be read; using those",
+                self.path, self.num_frames, self.claimed_frames,
+            )  # fmt: skip
+
+    def _claimed_frames(self) -> tuple[int | None, int]:
+        """(the frame count the container's header states, how far it may be off): mp4/mov
+        and avi store the count; for Matroska/WebM it follows from the stored duration,
+        which is rounded (2% and a frame of slack). None where the header says nothing."""
+        if self.header_frames > 0:
+            return self.header_frames, 0
+        duration = self._container.duration  # microseconds
+        if duration is None or not self.fps or "matroska" not in self._container.format.name:
+            return None, 0
+        estimate = duration / 1e6 * self.fps
+        return round(estimate), 1 + int(0.02 * estimate)
 
     def _index_packets(self) -> None:
         """Presentation timestamps of every frame and which of them are keyframes."""
@@ -215,6 +237,7 @@ class PyAVReader(VideoReader):
         pts: list[int] = []
         keys: list[int] = []
         has_pts = True
+        complete = 0  # packets up to the last one FFmpeg read whole
         try:
             for packet in self._container.demux(self._stream):
                 if packet.size == 0:
@@ -224,8 +247,15 @@ class PyAVReader(VideoReader):
                 pts.append(packet.pts if packet.pts is not None else len(pts))
                 if packet.is_keyframe:
                     keys.append(pts[-1])
+                if not packet.is_corrupt:
+                    complete = len(pts)
         except (av.FFmpegError, OSError) as exc:
             raise VideoDecodeError(f"{self.path}: corrupt video stream ({exc})") from exc
+        #: packets of a file cut short that FFmpeg read only in part: never decoded
+        self._cut = set(pts[complete:])
+        if self._cut:  # keep the frames shown before the first one lost: no gap in time
+            pts = [p for p in pts[:complete] if p < min(self._cut)]
+            keys = [k for k in keys if k < min(self._cut)]
         if not pts:
             raise VideoDecodeError(f"{self.path}: the video stream holds no frames")
         order = sorted(pts)
@@ -270,7 +300,7 @@ class PyAVReader(VideoReader):
             self._container.seek(
                 self._pts[key], stream=self._stream, backward=True, any_frame=False
             )
-            for frame in self._container.decode(self._stream):
+            for frame in self._decoded():
                 index = self._index_of.get(frame.pts)
                 if index is None or index < key:
                     continue  # leading pictures of an open GOP reference frames before the seek
@@ -288,6 +318,13 @@ class PyAVReader(VideoReader):
             raise VideoDecodeError(f"{self.path}: decoding failed ({exc})") from exc
         return len(wanted)
 
+    def _decoded(self) -> Iterator[av.VideoFrame]:
+        """Frames from the current position to the end (``container.decode``), leaving out
+        the packets a file cut short holds only in part: FFmpeg fails on them."""
+        for packet in self._container.demux(self._stream):
+            if not (packet.is_corrupt and packet.pts in self._cut):
+                yield from packet.decode()
+
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         """The decoded picture as (H, W, 3) uint8 RGB."""
         return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
@@ -302,7 +339,7 @@ class PyAVReader(VideoReader):
         last = max(wanted)
         try:
             self._container.seek(0, stream=self._stream, backward=True, any_frame=False)
-            for count, frame in enumerate(self._container.decode(self._stream)):
+            for count, frame in enumerate(self._decoded()):
                 index = self._index_of.get(frame.pts, count) if self._seekable else count
                 if index in pending:
                     pending.discard(index)
