@@ -120,3 +120,20 @@ def test_a_video_is_finished_only_after_the_next_piece_is_queued():
     results = list(finish_pieces(pieces, run, finish, (ValueError,)))
     assert log == ["run 0", "run 0", "finish", "run 1", "finish"]
     assert results == [(0, 1), (1, 2)]
+
+
+def test_a_finished_video_still_comes_out_when_the_next_piece_is_interrupted():
+    pieces = [(0, _piece(0, last=True)), (1, _piece(0, last=True))]
+
+    def run(piece: ViewPiece) -> torch.Tensor:
+        if run.calls:
+            raise KeyboardInterrupt
+        run.calls += 1
+        return torch.zeros(1, 2)
+
+    run.calls = 0
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for result in finish_pieces(pieces, run, len, (ValueError,)):
+            got.append(result)
+    assert got == [(0, 1)]

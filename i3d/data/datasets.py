@@ -531,6 +531,10 @@ def finish_pieces(
             failed.add(index)
             yield index, str(exc)
             continue
+        except BaseException:  # Ctrl-C in the next piece: the finished source still counts
+            if held is not None:
+                yield settle(*held)
+            raise
         if held is not None:
             yield settle(*held)
             held = None
