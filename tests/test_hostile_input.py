@@ -469,3 +469,24 @@ def test_a_truncated_video_is_read_as_far_as_it_goes_with_a_warning(tmp_path, ca
         caplog.clear()
         open_video(full).close()
     assert not caplog.text
+
+
+def test_weights_known_only_by_a_hash_prefix_need_trust_prefix(tmp_path, monkeypatch):
+    """mmaction2 gives 32 bits of each hash: `weights pull` refuses such an entry in one line
+    saying what it risks, before reading the file; --trust-prefix warns and goes on."""
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+
+    monkeypatch.setenv("I3D_CACHE", str(tmp_path / "cache"))
+    forged = tmp_path / "forged.pth"
+    forged.write_bytes(b"not the published file")
+    pull = ["weights", "pull", "i3d_r50_k400_rgb", "--from-file", str(forged)]
+    refused = CliRunner().invoke(app, pull, env={"COLUMNS": "300"})
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    line = refused.output.strip()
+    assert "\n" not in line and "32 bits" in line and "about an hour" in line
+    assert line.endswith("pass --trust-prefix to accept it anyway")
+    trusted = CliRunner().invoke(app, [*pull, "--trust-prefix"], env={"COLUMNS": "300"})
+    assert trusted.exit_code == 1 and "warning:" in trusted.output
+    assert "wrong file?" in trusted.output  # checked against the prefix it has

@@ -137,7 +137,13 @@ def test_pull_downloads_converts_and_never_downloads_again(server, cache):
     with pytest.raises(hub.HubError, match="weights pull"):
         hub.resolve("i3d_r50_k400_rgb")
     seen = []
-    path = hub.pull(entry, mirror=server.url, progress=lambda done, total: seen.append(total))
+    with pytest.raises(hub.HubError, match=r"first 8 hex digits \(32 bits\).*--trust-prefix"):
+        hub.pull(entry, mirror=server.url)
+    assert server.hits == {}  # refused before anything is fetched
+    path = hub.pull(
+        entry, mirror=server.url, progress=lambda done, total: seen.append(total),
+        trust_prefix=True,
+    )  # fmt: skip
     assert path == cache / "weights" / "tiny_test_weights.safetensors"
     assert (
         load_model(path).weights_info.provenance.source_sha256
@@ -147,7 +153,7 @@ def test_pull_downloads_converts_and_never_downloads_again(server, cache):
     assert _cache_files(cache) == ["weights/tiny_test_weights.safetensors"]  # download removed
     assert hub.pull(entry, mirror=server.url) == path
     assert server.hits == {entry.filename: 1}
-    hub.pull(entry, mirror=server.url, force=True)
+    hub.pull(entry, mirror=server.url, force=True, trust_prefix=True)
     assert server.hits == {entry.filename: 2}
 
 
@@ -204,14 +210,14 @@ def test_from_file_offline(cache, tmp_path):
     entry = _entry(prefix=True)
     local = tmp_path / "downloaded.pth"
     local.write_bytes(PAYLOAD)
-    path = hub.pull(entry, from_file=local)  # no server at all: offline
+    path = hub.pull(entry, from_file=local, trust_prefix=True)  # no server at all: offline
     assert path.is_file() and local.is_file()  # the user's file is left alone
     bad = tmp_path / "other.pth"
     bad.write_bytes(b"something else")
     with pytest.raises(hub.HubError, match="wrong file"):
-        hub.pull(entry, from_file=bad, force=True)
+        hub.pull(entry, from_file=bad, force=True, trust_prefix=True)
     with pytest.raises(hub.HubError, match="does not exist"):
-        hub.pull(entry, from_file=tmp_path / "missing.pth", force=True)
+        hub.pull(entry, from_file=tmp_path / "missing.pth", force=True, trust_prefix=True)
 
 
 def _sdist(tmp_path: Path, ckpt: bytes) -> Path:
@@ -324,7 +330,9 @@ def test_from_file_folder_says_a_file_is_needed(cache, tmp_path):
     with pytest.raises(hub.HubError, match=r"is a folder; give the downloaded file itself"):
         hub.pull(entry, from_file=tmp_path, force=True)
     result = CliRunner().invoke(
-        app, ["weights", "pull", "i3d_r50_k400_rgb", "--from-file", str(tmp_path), "--force"]
-    )
+        app,
+        ["weights", "pull", "i3d_r50_k400_rgb", "--from-file", str(tmp_path), "--force",
+         "--trust-prefix"],
+    )  # fmt: skip
     assert result.exit_code == 1 and "is a folder" in result.output
     assert "does not exist" not in result.output

@@ -97,6 +97,14 @@ def pull(
         str | None,
         typer.Option(help=f"Base URL replacing the download URL's directory (${hub.MIRROR_ENV})."),
     ] = None,
+    trust_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--trust-prefix",
+            help="Accept a file checked only by the 8-hex (32-bit) hash prefix its publisher "
+            "gives (mmaction2): a forged file can match 32 bits in about an hour of CPU.",
+        ),
+    ] = False,
 ) -> None:
     """Download (once), verify and convert named weights into the cache; print the file's path."""
     with fail_on_errors():
@@ -105,6 +113,8 @@ def pull(
             status.print(f"{entry.name} is already pulled (use --force to convert again)")
             typer.echo(str(hub.weights_path(entry)))
             return
+        if trust_prefix and len(entry.sha256) < 64:
+            status.print(f"[yellow]warning:[/yellow] {escape(hub.prefix_risk(entry))}")
         problem = hub.damage(entry)
         if problem is not None:
             status.print(
@@ -132,7 +142,7 @@ def pull(
 
             path = hub.pull(
                 entry, from_file=from_file, force=force, mirror=mirror, progress=progress,
-                stage=stage,
+                stage=stage, trust_prefix=trust_prefix,
             )
     status.print(f"[green]pulled[/green] {entry.name}")
     typer.echo(str(path))

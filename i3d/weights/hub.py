@@ -93,6 +93,10 @@ _MMACTION_URL = "https://download.openmmlab.com/mmaction/v1.0/recognition/i3d"
 _MMACTION_NOTE = "mmaction2 model zoo: Kinetics-400 val, 10 clips x 3 crops"
 
 
+# mmaction2 publishes only the first 8 hex digits of each file's SHA-256 (in its name), so
+# these entries hold that prefix and `i3d weights pull` asks for --trust-prefix. Their full
+# SHA-256 belongs here instead, but this registry was written without internet access, so
+# the published files could not be downloaded and hashed.
 def _mmaction(name: str, preset: str, config: str, stamp: str, top1: float, arch: str) -> HubEntry:
     return HubEntry(
         name=name,
@@ -414,11 +418,13 @@ def pull(
     cache: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     stage: Stage | None = None,
+    trust_prefix: bool = False,
 ) -> Path:
     """Fetch, verify and convert ``entry`` into the cache → its path.
 
     A no-op if a readable copy is already there; a damaged copy is replaced. ``progress``
-    hears the bytes of a download, ``stage`` each step as it starts.
+    hears the bytes of a download, ``stage`` each step as it starts. An entry whose registry
+    hash is only a prefix is refused unless ``trust_prefix`` (see :func:`prefix_risk`).
     """
     stage = stage or (lambda _what: None)
     entry = get_entry(entry) if isinstance(entry, str) else entry
@@ -426,6 +432,8 @@ def pull(
     dst = weights_path(entry, root)
     if not force and is_pulled(entry, root):
         return dst
+    if len(entry.sha256) < 64 and not trust_prefix:
+        raise HubError(f"{prefix_risk(entry)}; pass --trust-prefix to accept it anyway")
     src, made = _source_file(
         entry, root, Path(from_file) if from_file is not None else None, mirror, progress, stage
     )
@@ -440,6 +448,18 @@ def pull(
     for path in made:
         path.unlink(missing_ok=True)
     return dst
+
+
+def prefix_risk(entry: HubEntry) -> str:
+    """What accepting ``entry`` by its hash prefix risks, in one sentence."""
+    bits = 4 * len(entry.sha256)
+    return (
+        f"{entry.name} can be checked only against the first {len(entry.sha256)} hex digits "
+        f"({bits} bits) of its SHA-256, all its publisher ({entry.source}) gives: a forged "
+        f"file matching {bits} bits takes about an hour on one CPU core to make (no code would "
+        "run, as checkpoints are read by the restricted unpickler, but the weights would be "
+        "the forger's)"
+    )
 
 
 def is_pulled(entry: HubEntry | str, cache: str | os.PathLike[str] | None = None) -> bool:
