@@ -490,3 +490,31 @@ def test_weights_known_only_by_a_hash_prefix_need_trust_prefix(tmp_path, monkeyp
     trusted = CliRunner().invoke(app, [*pull, "--trust-prefix"], env={"COLUMNS": "300"})
     assert trusted.exit_code == 1 and "warning:" in trusted.output
     assert "wrong file?" in trusted.output  # checked against the prefix it has
+
+
+def test_a_rotated_video_is_decoded_upright(tmp_path, monkeypatch):
+    """A phone-style file: 48x32 frames stored with a 90° display matrix. Frames (and the
+    size the pipelines plan with) come upright, as players show them; I3D_AUTOROTATE=0 gives
+    the stored frames, as decord does."""
+    import av
+    from videogen import pattern_frame
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv444p"
+        stream.set_display_rotation(90)
+        stream.options = {"crf": "0"}
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, 48, 32), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with open_video(path) as reader:
+        upright, size = reader.get_frames([0, 5]), reader.size
+    monkeypatch.setenv("I3D_AUTOROTATE", "0")
+    with open_video(path) as reader:
+        stored, stored_size = reader.get_frames([0, 5]), reader.size
+    assert stored_size == (48, 32) and stored.shape == (2, 32, 48, 3)
+    assert size == (32, 48) and upright.shape == (2, 48, 32, 3)
+    assert np.array_equal(upright, np.rot90(stored, 1, axes=(1, 2)))
+    assert np.abs(stored[1].astype(int) - pattern_frame(5, 48, 32)).max() <= 2
