@@ -263,3 +263,19 @@ def test_rawframes_flow_is_resized_as_mmaction_resizes_flow_images(small, tmp_pa
     x1, y1, x2, y2 = T.center_box(48, 32, 32)
     want = dequantize(resized.numpy())[ticks][:, :, y1:y2, x1:x2]  # (clips, T, h, w, 2)
     np.testing.assert_array_equal(piece.views.numpy(), want.transpose(0, 4, 1, 2, 3))
+
+
+def test_snippet_flow_read_from_a_flow_folder_equals_computing_it(small, tmp_path, monkeypatch):
+    _root, video, weights = small
+    protocol = SnippetProtocol(window=8, stride=4, crops=1)
+    flow_only = {"flow_weights": weights, "flow": FLOW, "stream": "flow"}
+    (computed,) = iter_snippets([video], protocol, **flow_only)
+    folder = tmp_path / "flow"
+    (kept,) = iter_snippets([video], protocol, **flow_only, flow_dir=folder)
+    assert open_npy(folder / "clip.npy").shape == (15, 32, 48, 2)
+    monkeypatch.setattr("i3d.flow.recipe.pair_flow", None)  # from here on, read only
+    (read,) = iter_snippets([video], protocol, **flow_only, flow_dir=folder)
+    np.testing.assert_allclose(kept.features, computed.features, atol=1e-6)
+    np.testing.assert_array_equal(read.features, kept.features)
+    with pytest.raises(FlowStoreError, match="other settings"):
+        list(iter_snippets([video], attrs.evolve(protocol, fps=12.5), **flow_only, flow_dir=folder))

@@ -30,6 +30,7 @@ from i3d.features.snippets import (
     video_timeline,
 )
 from i3d.flow.recipe import FlowConfig
+from i3d.flow.store import FlowFolder, FlowSettings, layout_of
 from i3d.inference.predictor import check_finite
 from i3d.models import InputShapeError
 
@@ -74,6 +75,32 @@ def pool_map(maps: torch.Tensor, pool: str) -> torch.Tensor:
     return torch.nn.functional.avg_pool3d(maps, kernel, stride=1).flatten(2).mean(dim=2)
 
 
+def snippet_flow_folder(
+    path: Path, protocol: SnippetProtocol, transform: FrameTransform, flow: FlowConfig
+) -> FlowFolder:
+    """The flow folder at ``path`` claimed for snippets of ``protocol``: its fps, its short
+    side (OpenCV bilinear, mmcv rounding: what ``i3d flow --size`` resizes with), full frames,
+    ``flow``'s TV-L1; fields it lacks are written lossless (float32)."""
+    if (
+        transform.frame_size is not None
+        or transform.size_rule != "round"
+        or (transform.resampler != "cv2-bilinear")
+    ):
+        raise ValueError(
+            "flow folders hold flow of frames whose short side was resized with OpenCV "
+            f"bilinear (i3d flow --size S); this protocol resizes to {transform.frame_size or ''}"
+            f"{'' if transform.frame_size else transform.resize_short} with {transform.resampler}"
+            f" ({transform.size_rule} rule): run without a flow folder"
+        )
+    settings = FlowSettings(
+        format=layout_of(path), fps=protocol.fps, size=transform.resize_short, crop=None,
+        impl=flow.impl, tvl1=attrs.asdict(flow.tvl1), bound=flow.bound,
+    )  # fmt: skip
+    folder = FlowFolder(path, settings, dtype="float32")
+    folder.claim()
+    return folder
+
+
 class _SnippetsOf(IterableDataset):
     """(video index, Timeline | SnippetBatch | error text) of each video, in order.
 
@@ -90,10 +117,11 @@ class _SnippetsOf(IterableDataset):
         decoder: str,
         errors: tuple[type[BaseException], ...],
         flow: FlowConfig | None = None,
+        flow_store: FlowFolder | None = None,
     ) -> None:
         self.sources, self.protocol, self.transform = list(sources), protocol, transform
         self.batch_size, self.decoder, self.errors = batch_size, decoder, errors
-        self.flow = flow
+        self.flow, self.flow_store = flow, flow_store
 
     def __iter__(self) -> Iterator[tuple[int, Timeline | SnippetBatch | str]]:
         info = get_worker_info()
@@ -110,6 +138,7 @@ class _SnippetsOf(IterableDataset):
                         self.transform,
                         self.batch_size,
                         self.flow,
+                        self.flow_store,
                     )
                     for batch in batches:
                         yield index, batch
@@ -123,7 +152,9 @@ class SnippetExtractor:
     ``model`` is a loaded :class:`~i3d.models.recognizer.Recognizer` (``i3d.load_model``)
     on the device to run on; ``batch_size`` snippets (all their crops) run per forward pass.
     With ``flow``, the model is a Flow-stream I3D and each snippet is W flow fields
-    (:func:`~i3d.features.snippets.snippet_batches`).
+    (:func:`~i3d.features.snippets.snippet_batches`), read from the flow folder ``flow_dir``
+    (``i3d flow`` output with this protocol's fps and short side) and computed into it for
+    the videos it lacks.
     """
 
     def __init__(
@@ -133,6 +164,7 @@ class SnippetExtractor:
         batch_size: int = 8,
         decoder: str = "pyav",
         flow: FlowConfig | None = None,
+        flow_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -151,6 +183,12 @@ class SnippetExtractor:
                 f"these weights are a {modality} model; "
                 + ("the flow stream needs Flow-stream weights" if flow else "pass flow= for them")
             )
+        self.flow_store = None
+        if flow_dir is not None:
+            assert flow is not None
+            self.flow_store = snippet_flow_folder(
+                Path(flow_dir), self.protocol, self.transform, flow
+            )
         self.dim = self._probe()
 
     def iter_videos(
@@ -164,8 +202,9 @@ class SnippetExtractor:
         paths = [Path(p) for p in paths]
         workers = auto_workers(len(paths)) if workers is None else workers
         dataset = _SnippetsOf(
-            paths, self.protocol, self.transform, self.batch_size, self.decoder, errors, self.flow
-        )
+            paths, self.protocol, self.transform, self.batch_size, self.decoder, errors, self.flow,
+            self.flow_store,
+        )  # fmt: skip
         if workers == 0:
             stream: Any = iter(dataset)
         else:
@@ -274,6 +313,7 @@ def iter_snippets(
     stream: str | None = None,
     flow_weights: str | os.PathLike[str] | None = None,
     flow: FlowConfig | None = None,
+    flow_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[VideoSnippets]:
     """Snippet features of each video in order, for code that consumes them directly.
 
@@ -281,7 +321,9 @@ def iter_snippets(
     ``weights`` default to the preset's model (or the pulled default model). ``stream``
     (rgb, flow, both; default as ``i3d features``) with ``flow_weights`` (a Flow-stream
     I3D) adds the optical-flow stream, concatenated after RGB; a two-stream ``weights``
-    file serves both streams (it is the ``flow_weights`` unless they are given).
+    file serves both streams (it is the ``flow_weights`` unless they are given). The flow
+    stream reads its fields from the flow folder ``flow_dir`` when given (computing there
+    those it lacks).
     """
     from i3d.features.presets import choose_streams, get_preset, preset_weights
     from i3d.features.run import concatenate_streams
@@ -310,7 +352,9 @@ def iter_snippets(
         assert flow_weights is not None
         config = flow or FlowConfig(device=device or "cpu")
         model = load_stream(flow_weights, "flow", device or "cpu")
-        extractors.append(SnippetExtractor(model, protocol, batch_size, flow=config))
+        extractors.append(
+            SnippetExtractor(model, protocol, batch_size, flow=config, flow_dir=flow_dir)
+        )
     results = [extractor.iter_videos(paths, workers) for extractor in extractors]
     for parts in zip(*results, strict=True):
         yield concatenate_streams(list(parts))

@@ -9,7 +9,8 @@ chunk of decoded frames, whatever the video's length.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
@@ -18,7 +19,7 @@ import torch
 from einops import rearrange
 
 from i3d.data import transforms as T
-from i3d.data.decode import VideoDecodeError, VideoReader
+from i3d.data.decode import VideoDecodeError, VideoReader, open_video
 from i3d.data.pipeline import chunked
 from i3d.data.sampling import resampled_timeline
 from i3d.features.frames import FrameTransform
@@ -27,6 +28,7 @@ from i3d.utils.memory import empty_frames
 
 if TYPE_CHECKING:
     from i3d.flow.recipe import FlowConfig
+    from i3d.flow.store import FlowFolder
 
 _CHUNK = 16  # decoded frames resized together
 
@@ -93,12 +95,15 @@ def snippet_batches(
     transform: FrameTransform,
     batch_size: int,
     flow: FlowConfig | None = None,
+    flow_store: FlowFolder | None = None,
 ) -> Iterator[SnippetBatch]:
     """The video's snippets in order, ``batch_size`` at a time (see the module docstring).
 
     With ``flow``, a snippet's frames are optical flow (DeepMind's recipe, on the resized
     frames, then cropped): flow tick t goes from timeline frame t to t + 1, so a video of N
-    frames has N − 1 flow ticks and a window of W flow ticks reads W + 1 frames.
+    frames has N − 1 flow ticks and a window of W flow ticks reads W + 1 frames. With a
+    ``flow_store`` (made for this timeline and resize), the fields are read from it, computed
+    into it first for a video it lacks.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -119,7 +124,13 @@ def snippet_batches(
     filled = 0
     done = 0  # snippets copied into batches so far
     chunks = _tick_crops(reader, timeline, wanted, transform, last_frame)
-    items = (c.items for c in chunks) if flow is None else _flow_crops(chunks, transform, flow)
+    if flow is None:
+        items: Iterator[list[tuple[int, torch.Tensor]]] = (c.items for c in chunks)
+    else:
+        stored = (
+            None if flow_store is None else _stored(reader, timeline, transform, flow, flow_store)
+        )
+        items = _flow_crops(chunks, transform, flow, stored)
     for group in items:
         for tick, crops in group:
             if tick <= last_tick:
@@ -201,21 +212,54 @@ def _cut(frames: torch.Tensor, boxes: list[tuple[T.Box, bool]]) -> torch.Tensor:
     )
 
 
+def _stored(
+    reader: VideoReader,
+    timeline: Timeline,
+    transform: FrameTransform,
+    flow: FlowConfig,
+    store: FlowFolder,
+) -> Callable[[list[int]], np.ndarray]:
+    """Reads of a video's flow ticks from ``store``, after computing the whole timeline's
+    into it (the resized full frames, as :func:`_flow_crops` computes them) if it lacks it."""
+    from i3d.flow.store import FlowStoreError
+    from i3d.flow.video import iter_timeline_flow
+
+    path = Path(reader.path)
+    name = path.name if path.is_dir() else path.stem
+    if not store.has(name):
+        width, height = transform.output_size(*reader.size)
+        with open_video(path) as again:
+            chunks = iter_timeline_flow(again, timeline.source, flow, transform.resize_short)
+            store.write(name, (timeline.ticks - 1, height, width), chunks)
+    count = store.ticks(name)
+    if count != timeline.ticks - 1:
+        raise FlowStoreError(
+            f"{store.entry(name)} holds {count} flow fields but {path} gives "
+            f"{timeline.ticks - 1} on this timeline (another video of that name?); remove it "
+            "to recompute"
+        )
+    return lambda ticks: store.read(name, np.asarray(ticks, dtype=np.int64))
+
+
 def _flow_crops(
-    chunks: Iterator[_Chunk], transform: FrameTransform, flow: FlowConfig
+    chunks: Iterator[_Chunk],
+    transform: FrameTransform,
+    flow: FlowConfig,
+    stored: Callable[[list[int]], np.ndarray] | None = None,
 ) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Flow tick t (timeline frame t to t + 1) of every tick pair, as float32 crops
-    (crops, h, w, 2) in [-1, 1]: greyscale resized frames, TV-L1, DeepMind's scaling, then
-    the same crops as the RGB stream (mirrored crops are mirrored, x not negated)."""
+    (crops, h, w, 2) in [-1, 1]: greyscale resized frames, TV-L1, DeepMind's scaling (or the
+    fields ``stored`` reads), then the same crops as the RGB stream (mirrored crops are
+    mirrored, x not negated)."""
     from i3d.flow.recipe import pair_flow, rgb_to_gray, scale_flow
 
-    previous: tuple[int, np.ndarray] | None = None  # the last tick seen and its grey frame
+    previous: tuple[int, np.ndarray | None] | None = None  # the last tick seen, its grey frame
     boxes: list[tuple[T.Box, bool]] = []
     for chunk in chunks:
-        grey = rgb_to_gray(chunk.frames.numpy())
+        grey = rgb_to_gray(chunk.frames.numpy()) if stored is None else None
         firsts, seconds, flow_ticks = [], [], []
         for tick in sorted(chunk.frame_of_tick):
-            frame = grey[chunk.frame_of_tick[tick]]
+            frame = grey[chunk.frame_of_tick[tick]] if grey is not None else None
             if previous is not None and previous[0] == tick - 1:
                 firsts.append(previous[1])
                 seconds.append(frame)
@@ -223,8 +267,11 @@ def _flow_crops(
             previous = (tick, frame)
         if not flow_ticks:
             continue
-        field = scale_flow(pair_flow(np.stack(firsts), np.stack(seconds), flow), flow.bound)
-        field = field.permute(0, 2, 3, 1).contiguous()  # (n, H, W, 2)
+        if stored is not None:
+            field = torch.from_numpy(np.ascontiguousarray(stored(flow_ticks)))  # (n, H, W, 2)
+        else:
+            pairs = pair_flow(np.stack(firsts), np.stack(seconds), flow)
+            field = scale_flow(pairs, flow.bound).permute(0, 2, 3, 1).contiguous()
         if not boxes:
             boxes = transform.boxes(field.shape[2], field.shape[1])
         crops = _cut(field, boxes)

@@ -110,6 +110,12 @@ def read_settings(folder: Path) -> FlowSettings | None:
         raise FlowStoreError(f"{path} is not a flow settings file ({exc}); remove it") from None
 
 
+def layout_of(folder: Path) -> str:
+    """The layout of a flow folder: what its ``flow.json`` says, ``npy`` for a new one."""
+    settings = read_settings(folder) if folder.is_dir() else None
+    return settings.format if settings is not None else "npy"
+
+
 def claim_folder(folder: Path, settings: FlowSettings) -> None:
     """Record ``settings`` in a new flow folder, or refuse one made with other settings."""
     found = read_settings(folder)

@@ -22,7 +22,7 @@ from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
 from i3d.data.transfer import DeviceFeed
 from i3d.flow.recipe import FlowConfig
-from i3d.flow.store import FORMATS, FlowFolder, read_settings
+from i3d.flow.store import FlowFolder, layout_of
 from i3d.flow.views import StreamPiece, StreamPipeline, flow_settings
 from i3d.inference.inputs import (
     VIDEO_ERRORS,
@@ -73,12 +73,6 @@ def load_classifier(
 def _on_cpu(device: str | None) -> bool:
     """Whether a torch device name is the CPU (None: the torch backend's default, CPU)."""
     return device is None or device.split(":")[0].strip().lower() == "cpu"
-
-
-def _layout(flow_dir: Path) -> str:
-    """The layout of a flow folder: what its ``flow.json`` says, ``npy`` for a new one."""
-    settings = read_settings(flow_dir) if flow_dir.is_dir() else None
-    return settings.format if settings is not None else FORMATS[0]
 
 
 @attrs.frozen(repr=False)
@@ -235,7 +229,7 @@ class Predictor:
         if self.streams != ("rgb",):
             store = None
             if flow_dir is not None:
-                settings = flow_settings(self.pipeline, self.flow, _layout(Path(flow_dir)))
+                settings = flow_settings(self.pipeline, self.flow, layout_of(Path(flow_dir)))
                 store = FlowFolder(Path(flow_dir), settings)
                 store.claim()  # other settings are refused now, not once per video
             self.views = StreamPipeline(self.pipeline, self.streams, self.flow, store)
