@@ -38,9 +38,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    # OpenVINO's CPU plugin keeps its thread pool for the rest of the process; a later test
-    # that starts processes then crashed the whole run (SIGSEGV) once, so its tests run last.
-    items.sort(key=lambda item: item.path.name == "test_backends_openvino.py")
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -215,3 +215,13 @@ def test_cli_predict_and_bench_run_on_openvino(converted, tmp_path):
     assert bench.exit_code == 0, bench.output
     result = json.loads(bench.stdout.splitlines()[-1])
     assert result["backend"] == "openvino" and result["input_shape"] == [1, *CLIP]
+
+
+
+def test_every_runner_shares_the_process_one_openvino_core(converted):
+    """Each Core installs the CPU plugin's signal stack and restores the one it found when it
+    is destroyed; runners dropped first-in first-out left a freed stack installed, and the next
+    SIGCHLD (a loader worker exiting) was a SIGSEGV that killed the whole process."""
+    weights, _, runner, _ = converted
+    again = load_runner(weights, backend="openvino")
+    assert again.core is runner.core is ovb.shared_core()

@@ -24,6 +24,7 @@ from i3d.data.datasets import (
     load_annotations,
     skip_collate,
     worker_init,
+    worker_loader,
 )
 from i3d.data.metrics import mean_class_accuracy, per_class_accuracy, top_k_accuracy
 from i3d.data.pipeline import build_pipeline
@@ -324,3 +325,44 @@ def test_sigterm_ends_a_loader_worker_as_a_clean_exit():
     proc.start()
     proc.join(20)
     assert proc.exitcode == 0
+
+
+class _Finalised:
+    """Garbage in a reference cycle whose finaliser records the process that ran it."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+        self.cycle = self
+
+    def __del__(self) -> None:
+        with open(self.record, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+
+class _Collecting(torch.utils.data.Dataset):
+    """One item whose loading runs a full collection in the worker, as allocation would."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        import gc
+
+        gc.collect()
+        return os.getpid()
+
+
+def test_loader_workers_never_finalise_the_parents_objects(tmp_path):
+    """A worker that collected the parent's garbage ran destructors whose thread pools live
+    only in the parent: an OpenVINO compiled model's hung the forked worker for good."""
+    import gc
+
+    record = tmp_path / "finalised"
+    gc.disable()  # keep the cycle uncollected until the loader starts
+    try:
+        _Finalised(str(record))
+        worker = next(iter(worker_loader(_Collecting(), 1, batch_size=None, timeout=60)))
+    finally:
+        gc.enable()
+    assert worker != os.getpid()
+    assert record.read_text().split() == [str(os.getpid())]

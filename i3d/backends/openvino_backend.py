@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -84,6 +85,18 @@ def import_openvino() -> ModuleType:
     return openvino
 
 
+@functools.cache
+def shared_core() -> Any:
+    """The process's one ``openvino.Core``, alive until exit.
+
+    OpenVINO's CPU plugin installs an alternate signal stack on the thread that creates it
+    and, when its Core is destroyed, restores the stack it found. With two Cores destroyed
+    out of order the thread keeps a freed stack, and the next signal it handles (a loader
+    worker's SIGCHLD) kills the process with SIGSEGV; one Core for every runner avoids that.
+    """
+    return import_openvino().Core()
+
+
 def missing_reason(exc: ImportError) -> str:
     """Why ``import openvino`` failed, in a few words: absent, or installed but broken."""
     if isinstance(exc, ModuleNotFoundError) or "None in sys.modules" in str(exc):
@@ -154,7 +167,7 @@ class OpenVinoRunner(ClipRunner):
     ) -> None:
         super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
         self.ov = import_openvino()
-        self.core = self.ov.Core()
+        self.core = shared_core()
         self.version = self.ov.get_version()
         self.labels = labels_of(model)
         self.precision = precision
@@ -443,10 +456,10 @@ class OpenVinoBackend:
 
     def is_available(self) -> Availability:
         try:
-            import openvino as ov
+            import openvino  # noqa: F401  (an ImportError tells absent from broken)
         except ImportError as exc:
             return Availability(False, missing_reason(exc), None, INSTALL_HINT)
-        capabilities = ", ".join(cpu_capabilities(ov.Core()))
+        capabilities = ", ".join(cpu_capabilities(shared_core()))
         return Availability(
             True, f"CPU: {capabilities}", importlib.metadata.version("openvino"), INSTALL_HINT
         )
@@ -467,8 +480,8 @@ class OpenVinoBackend:
         if mode not in (*MODES, "auto"):
             raise BackendError(f"option mode must be auto, latency or throughput, got {mode!r}")
         threads = thread_count(options, self.name)
-        ov = import_openvino()
-        capabilities = cpu_capabilities(ov.Core())
+        import_openvino()  # before the cached Core: says how to install it
+        capabilities = cpu_capabilities(shared_core())
         needed = OV_PRECISIONS[precision][1]
         if needed not in capabilities:
             raise BackendError(

@@ -7,6 +7,7 @@ A missing or corrupt video never stops a long run: :class:`VideoDataset` logs it
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import multiprocessing
 import os
@@ -325,6 +326,18 @@ def skip_collate(batch: list[Any]) -> Any:
     return default_collate(kept) if kept else None
 
 
+def worker_loader(dataset: Dataset[Any], workers: int, **options: Any) -> DataLoader[Any]:
+    """A DataLoader whose ``workers`` forked processes decode ahead, each set up by
+    :func:`worker_init`.
+
+    The parent's garbage is collected first, and each worker freezes what it inherits: a
+    worker that collected the parent's garbage would run destructors whose thread pools
+    exist only in the parent (an OpenVINO compiled model's hung a worker for good).
+    """
+    gc.collect()
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=worker_init, **options)
+
+
 def worker_init(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one torch and decoder thread per worker (workers already
     parallelise; OpenCV's thread count is left alone, as setting it in a forked child hangs).
@@ -336,6 +349,7 @@ def worker_init(_worker_id: int) -> None:
     while a scheduler's SIGTERM to the whole group must reach the main process's handler,
     which stops at a step boundary and saves.
     """
+    gc.freeze()  # what the parent left is never collected here (see worker_loader)
     torch.set_num_threads(1)  # the decoders follow it (decode.decoder_threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
@@ -406,13 +420,7 @@ def iter_views(
     if workers == 0:
         yield from (dataset[i] for i in range(len(dataset)))
         return
-    yield from DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=1,
-        worker_init_fn=worker_init,
-    )
+    yield from worker_loader(dataset, workers, batch_size=None, prefetch_factor=1)
 
 
 class _PiecesOf(IterableDataset):
@@ -467,12 +475,11 @@ def iter_pieces(
     if workers == 0:
         yield from dataset
         return
-    yield from DataLoader(
+    yield from worker_loader(
         dataset,
+        min(workers, max(1, len(dataset.sources))),
         batch_size=None,
-        num_workers=min(workers, max(1, len(dataset.sources))),
         prefetch_factor=1,
-        worker_init_fn=worker_init,
         pin_memory=pin_memory,
     )
 

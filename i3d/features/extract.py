@@ -15,9 +15,9 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from i3d.data.datasets import auto_workers, in_input_order, worker_init
+from i3d.data.datasets import auto_workers, in_input_order, worker_loader
 from i3d.data.decode import open_video
 from i3d.data.transfer import pins_memory
 from i3d.features.frames import FrameTransform, frame_transform
@@ -208,12 +208,11 @@ class SnippetExtractor:
         if workers == 0:
             stream: Any = iter(dataset)
         else:
-            stream = DataLoader(
+            stream = worker_loader(
                 dataset,
+                min(workers, len(paths)),
                 batch_size=None,
-                num_workers=min(workers, len(paths)),
                 prefetch_factor=2,
-                worker_init_fn=worker_init,
                 pin_memory=pins_memory(next(self.model.parameters()).device),
             )
         yield from in_input_order(self._finish(paths, stream, errors))

@@ -36,7 +36,7 @@ from i3d.data.datasets import (
     dataset_class_names,
     load_annotations,
     skip_collate,
-    worker_init,
+    worker_loader,
 )
 from i3d.data.pipeline import build_pipeline
 from i3d.distributed import DistContext, all_reduce_sum, barrier, launch
@@ -277,15 +277,14 @@ class Trainer:
 
     def _loader(self, dataset: VideoDataset, sampler: Sampler[int], train: bool) -> DataLoader:
         c = self.config
-        return DataLoader(
+        return worker_loader(
             dataset,
+            c.workers,
             batch_size=c.batch_size,
             sampler=sampler,
-            num_workers=c.workers,
             collate_fn=skip_collate,
             drop_last=train,
             pin_memory=self.ctx.device.type == "cuda",
-            worker_init_fn=worker_init if c.workers else None,
             persistent_workers=train and c.workers > 0,
             # a private generator: creating an iterator must not consume the global torch RNG
             generator=torch.Generator().manual_seed(c.seed),
