@@ -18,6 +18,7 @@ from i3d.data import transforms as T
 from i3d.data.decode import open_frames_dir, open_video
 from i3d.data.pipeline import build_pipeline
 from i3d.features import SnippetProtocol, iter_snippets
+from i3d.features.pooled import video_features
 from i3d.flow import FlowConfig, TVL1Params, rgb_to_gray, scale_flow, tvl1_flow
 from i3d.flow.store import FlowStoreError, dequantize, open_npy, quantize
 from i3d.flow.views import StreamPipeline
@@ -279,3 +280,92 @@ def test_snippet_flow_read_from_a_flow_folder_equals_computing_it(small, tmp_pat
     np.testing.assert_array_equal(read.features, kept.features)
     with pytest.raises(FlowStoreError, match="other settings"):
         list(iter_snippets([video], attrs.evolve(protocol, fps=12.5), **flow_only, flow_dir=folder))
+
+
+def _features(args: list) -> str:
+    result = runner.invoke(app, ["features", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cli_snippet_flow_from_a_flow_dir_equals_computing_it(small, tmp_path, monkeypatch):
+    _root, video, weights = small
+    monkeypatch.setattr("i3d.cli.features_cmd.FlowConfig", _fast)
+    common = [video, "--flow-weights", weights, "--stream", "flow", "--window", "8",
+              "--stride", "4", "--batch-size", "4"]  # fmt: skip
+    _features([*common, "-o", tmp_path / "computed"])
+    folder = tmp_path / "flow"
+    _features([*common, "--flow-dir", folder, "-o", tmp_path / "read"])
+    assert open_npy(folder / "clip.npy").shape == (15, 32, 48, 2)
+    computed, read = (np.load(tmp_path / name / "clip.npy") for name in ("computed", "read"))
+    assert read.shape == (2, 32)  # 15 flow fields: windows at 0 and 4
+    np.testing.assert_allclose(read, computed, atol=1e-6)
+    (record,) = [json.loads(line) for line in (tmp_path / "read" / "manifest.jsonl").open()]
+    source = record["settings"]["flow_dir"]
+    assert source["path"] == str(folder.resolve()) and source["format"] == "npy"
+    assert source == {"path": source["path"], **json.loads((folder / "flow.json").read_text())}
+    monkeypatch.setattr("i3d.flow.recipe.pair_flow", None)  # the rerun computes nothing
+    again = _features([*common, "--flow-dir", folder, "-o", tmp_path / "read"])
+    assert "(1 already there)" in again
+    other = runner.invoke(app, ["features", *map(str, common), "--fps", "12.5", "--flow-dir",
+                                str(folder), "-o", str(tmp_path / "x")])  # fmt: skip
+    assert other.exit_code == 1 and "other settings" in other.output
+    rgb = runner.invoke(app, ["features", str(video), "--window", "8", "--flow-dir", str(folder),
+                              "-o", str(tmp_path / "y")])  # fmt: skip
+    assert rgb.exit_code == 1 and "--flow-dir serves the optical-flow stream" in rgb.output
+
+
+def _pooled(model, views: torch.Tensor, endpoint: str) -> torch.Tensor:
+    """(V, C) space-time means of an endpoint over views (V, C, T, H, W), by hand."""
+    with torch.no_grad():
+        return model.endpoints(views, [endpoint])[endpoint].flatten(2).mean(2)
+
+
+def test_pooled_features_of_flow_weights_are_their_flow_views_run_by_hand(
+    small, tmp_path, monkeypatch
+):
+    _root, video, _weights = small
+    torch.manual_seed(1)  # a flow file that normalises its input: (flow - mean) / std
+    prep = attrs.evolve(FLOW_PREP, mean=(0.1, -0.2), std=(0.5, 2.0))
+    config = get_preset("i3d_r50", depth=18, base_channels=4, num_classes=3, in_channels=2)
+    weights = save_weights(
+        tmp_path / "flow.safetensors", build_model(config).state_dict(),
+        WeightsInfo(config, LABELS, prep),
+    )  # fmt: skip
+    monkeypatch.setattr("i3d.inference.sharded.FlowConfig", _fast)
+    args = [video, "--weights", weights, "--endpoint", "layer4"]
+    _features([*args, "-o", tmp_path / "a.safetensors"])
+    folder = tmp_path / "flowdir"
+    _features([*args, "--flow-dir", folder, "-o", tmp_path / "b.safetensors"])
+    # DeepMind's val protocol: the whole 16-frame video, the centre 32² of 48×32
+    field = _expected_flow(video, 32)[np.minimum(np.arange(16), 14)][..., 8:40]
+    x = (field.permute(1, 0, 2, 3) - torch.tensor([0.1, -0.2]).view(2, 1, 1, 1)) / torch.tensor(
+        [0.5, 2.0]
+    ).view(2, 1, 1, 1)
+    want = _pooled(load_model(weights), x[None], "layer4")[0]
+    from safetensors import safe_open
+
+    for name, atol in (("a", 1e-6), ("b", 2e-3)):  # b: float16 flow in the folder
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as fh:
+            got, meta = fh.get_tensor("0"), json.loads(fh.metadata()["i3d.features"])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+    flow = json.loads(meta["flow"])
+    assert flow["impl"] == "torch" and flow["folder"]["path"] == str(folder.resolve())
+    assert flow["folder"]["size"] == 32 and open_npy(folder / "clip.npy").shape[0] == 15
+    mixed = runner.invoke(app, ["features", *map(str, args), "-o", str(tmp_path / "b.safetensors")])
+    assert mixed.exit_code == 1 and "other settings: flow" in mixed.output
+
+
+def test_pooled_features_of_two_stream_weights_are_rgb_then_flow(streams):
+    _root, _rgb, _flow, two, video = streams
+    model = load_model(two)
+    small = {"resize_short": 32, "crop_size": 32, "num_crops": 3}  # an early endpoint: any size
+    pipeline = build_pipeline(model.weights_info.preprocessing, "test", **small)
+    got = video_features(model, pipeline, video, "Conv3d_1a_7x7", flow=FLOW)
+    rgb = _pooled(model.rgb, pipeline.normalize(pipeline.frames(video)), "Conv3d_1a_7x7")
+    field = _expected_flow(video, 32)[np.minimum(np.arange(10), 8)]  # (10, 2, 32, 34)
+    crops = [field[..., y1:y2, x1:x2] for (x1, y1, x2, y2), _ in T.view_boxes(34, 32, 32, 3)]
+    flow_views = torch.stack(crops).permute(0, 2, 1, 3, 4)  # (3 crops, 2, T, 32, 32)
+    flow = _pooled(model.flow, flow_views, "Conv3d_1a_7x7")
+    assert got.shape == (128,)  # 64 RGB channels, then 64 flow channels, averaged over views
+    np.testing.assert_allclose(got, torch.cat([rgb, flow], 1).mean(0), rtol=1e-5, atol=1e-6)

@@ -309,23 +309,6 @@ def test_predict_on_an_exported_onnx_file(setup, tmp_path):
             assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["inception_i3d_two_stream", "inception_i3d_flow"])
-def test_flow_models_are_refused_for_pooled_features(setup, tmp_path, preset):
-    _root, _weights, videos = setup
-    config = get_preset(preset, num_classes=2)
-    modality = "flow" if preset.endswith("flow") else "rgb"
-    prep = attrs.evolve(MMACTION_K400, modality=modality)
-    path = save_weights(
-        tmp_path / "m.safetensors",
-        build_model(config).state_dict(),
-        WeightsInfo(config, None, prep),
-    )
-    expected = "two-stream" if modality == "rgb" else "optical-flow model"
-    args = ["features", str(videos / "v0.mp4"), "--endpoint", "Mixed_5c", "--weights", str(path)]
-    result = runner.invoke(app, [*args, "-o", str(tmp_path / "f.safetensors")])
-    assert result.exit_code == 1 and expected in result.output
-
-
 def test_features_never_overwrite_other_files_or_mix_settings(setup, tmp_path):
     _root, weights, videos = setup
     copy = tmp_path / "copy.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from enum import Enum
@@ -19,6 +20,8 @@ from i3d.cli.video_common import (
     ERRORS,
     ClipLenOpt,
     DeviceOpt,
+    FlowDirOpt,
+    FlowImplOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
@@ -32,10 +35,12 @@ from i3d.cli.video_common import (
     view_progress,
 )
 from i3d.data.pipeline import build_pipeline
-from i3d.features.pooled import feature_device, iter_features
+from i3d.features.pooled import endpoint_names, feature_device, iter_features
 from i3d.features.store import FeatureSetting, open_feature_store
+from i3d.flow.recipe import FlowConfig
+from i3d.flow.views import open_flow_dir
 from i3d.inference.inputs import InputError, default_weights, expand_inputs
-from i3d.inference.predictor import check_video_model
+from i3d.inference.predictor import check_video_model, model_streams
 from i3d.inference.sharded import FeatureSpec, sharded_features
 from i3d.utils.files import (
     OutputError,
@@ -159,9 +164,8 @@ def features(
             "--weights when that is a two-stream file)."
         ),
     ] = None,
-    flow_impl: Annotated[
-        str, typer.Option(help="Snippet mode: TV-L1 of the flow stream, torch or opencv.")
-    ] = "torch",
+    flow_impl: FlowImplOpt = "torch",
+    flow_dir: FlowDirOpt = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -186,8 +190,8 @@ def features(
                 )
         snippet_features(
             inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
-            preset, stream, flow_weights, flow_impl, batch_size or 8, backend, device, workers,
-            world_size,
+            preset, stream, flow_weights, flow_impl, flow_dir, batch_size or 8, backend, device,
+            workers, world_size,
         )  # fmt: skip
         return
     batch_size = batch_size or 1
@@ -200,10 +204,15 @@ def features(
         where = feature_device(backend, device)  # checked here, used here only in one process
         path = weights if weights is not None else default_weights()
         refuse_overwriting(output, path)
-        check_video_model(path, read_info(path))
+        streams = model_streams(read_info(path))
+        if streams == ("rgb",) and flow_dir is not None:
+            raise InputError(
+                f"{path} is an RGB model; --flow-dir serves flow or two-stream weights"
+            )
         model = load_model(path, "cpu" if sharded else where)  # ranks load their own
-        if endpoint not in model.endpoint_names:
-            raise InputError(f"unknown endpoint {endpoint!r}; available: {model.endpoint_names}")
+        names = endpoint_names(model)
+        if endpoint not in names:
+            raise InputError(f"unknown endpoint {endpoint!r}; available: {names}")
         prep = model.weights_info.preprocessing
         overrides = {k: v for k, v in (("num_clips", clips), ("num_crops", crop_count)) if v}
         mode = "test" if overrides else "val"
@@ -213,22 +222,29 @@ def features(
         views = f"{mode} {pipeline.clips_per_crop}x{pipeline.num_crops}"
         if clip_len is not None:  # recorded so a resume cannot mix clip lengths
             views += f" clip_len {clip_len}"
-        setting = FeatureSetting(endpoint, pool.value, sha256_file(path), views)
+        spec = FeatureSpec(
+            str(path), endpoint, pool.value, mode, tuple(sorted(overrides.items())),
+            batch_size, backend, device, workers, flow_impl,
+            str(flow_dir) if flow_dir is not None else None,
+        )  # fmt: skip
+        flow = spec.flow_config(str(where))
+        flow_setting = ""
+        if streams != ("rgb",):  # the flow folder is claimed before any rank starts
+            folder = open_flow_dir(pipeline, flow, flow_dir) if flow_dir is not None else None
+            recorded = {**flow.recorded(), "folder": folder.recorded() if folder else None}
+            flow_setting = json.dumps(recorded, sort_keys=True)
+        setting = FeatureSetting(endpoint, pool.value, sha256_file(path), views, flow_setting)
         if os.environ.get("RANK", "0") == "0":  # one writer: this run, or a job's rank 0
             stack.enter_context(exclusive_lock(_lock_beside(output), str(output)))
         store = open_feature_store(output, setting)
         todo = [p for p in paths if not store.has(p)]
         failed: list[tuple[Path, str]] = []
         if sharded:
-            spec = FeatureSpec(
-                str(path), endpoint, pool.value, mode, tuple(sorted(overrides.items())),
-                batch_size, backend, device, workers,
-            )  # fmt: skip
             if not _sharded_features(todo, spec, output, world_size, store, failed):
                 return  # a torchrun rank other than 0: rank 0 writes the file
         else:
             _local_features(todo, model, pipeline, endpoint, pool.value, batch_size, workers,
-                            store, failed)  # fmt: skip
+                            flow, flow_dir, store, failed)  # fmt: skip
         store.save()
     report_written(len(todo) - len(failed), len(paths) - len(todo), output, failed)
 
@@ -248,6 +264,8 @@ def _local_features(
     pool: str,
     batch_size: int,
     workers: int | None,
+    flow: FlowConfig,
+    flow_dir: Path | None,
     store: Any,
     failed: list[tuple[Path, str]],
 ) -> None:
@@ -256,7 +274,7 @@ def _local_features(
         task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
         on_views = view_progress(progress, todo[0].name) if len(todo) == 1 else None
         results = iter_features(
-            model, pipeline, todo, endpoint, pool, batch_size, workers, on_views
+            model, pipeline, todo, endpoint, pool, batch_size, workers, on_views, flow, flow_dir
         )
         for i, (path, feats) in enumerate(zip(todo, results, strict=True), 1):
             if isinstance(feats, str):
@@ -322,6 +340,7 @@ def snippet_features(
     stream: str | None,
     flow_weights: Path | None,
     flow_impl: str,
+    flow_dir: Path | None,
     batch_size: int,
     backend: str,
     device: str | None,
@@ -332,7 +351,6 @@ def snippet_features(
     from i3d.backends import BackendError
     from i3d.features import SnippetJob, SnippetProtocol, extract_snippets, get_preset
     from i3d.features.presets import PresetError, choose_streams, preset_weights
-    from i3d.flow.recipe import FlowConfig
     from i3d.weights.two_stream import is_two_stream
 
     with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
@@ -347,6 +365,11 @@ def snippet_features(
         if weights is not None and flow_weights is None and is_two_stream(weights):
             flow_weights = weights  # a two-stream file serves both streams
         streams = choose_streams(named, stream, flow_weights is not None)
+        if flow_dir is not None and "flow" not in streams:
+            raise InputError(
+                "--flow-dir serves the optical-flow stream; add --stream flow or both (with "
+                "--flow-weights or two-stream --weights), or drop --flow-dir"
+            )
         if named is not None:
             if "window" in given and "stride" not in given:
                 given["stride"] = given["window"]
@@ -375,7 +398,7 @@ def snippet_features(
         job = SnippetJob(
             str(path), protocol, str(output), preset, batch_size, backend, device, workers,
             streams=streams, flow_weights=str(flow_weights) if flow_weights else None,
-            flow=FlowConfig(impl=flow_impl),
+            flow=FlowConfig(impl=flow_impl), flow_dir=str(flow_dir) if flow_dir else None,
         )  # fmt: skip
         with new_progress() as progress:
             on_progress = job_progress(progress, "snippets", len(paths))

@@ -25,10 +25,12 @@ import numpy as np
 
 from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, ResultFolder, run_sharded
-from i3d.features.extract import SnippetExtractor, VideoSnippets
+from i3d.features.extract import SnippetExtractor, VideoSnippets, snippet_flow_folder
+from i3d.features.frames import frame_transform
 from i3d.features.output import SnippetFolder, check_ids, video_id
 from i3d.features.protocol import SnippetProtocol
 from i3d.flow.recipe import FlowConfig
+from i3d.flow.store import FlowFolder
 from i3d.utils.files import remove_stale_temporaries, sha256_file
 
 
@@ -51,12 +53,19 @@ class SnippetJob:
     """A Flow-stream I3D (``flow`` in ``streams``)."""
     flow: FlowConfig = attrs.field(factory=FlowConfig)
     """How the flow stream's TV-L1 runs (its ``device`` follows the rank's)."""
+    flow_dir: str | None = None
+    """A flow folder (``i3d flow``) the flow stream reads, computing into it what it lacks."""
 
     def __attrs_post_init__(self) -> None:
         if not self.streams or set(self.streams) - {"rgb", "flow"}:
             raise ValueError(f"streams must be rgb, flow or both, not {self.streams}")
         if "flow" in self.streams and self.flow_weights is None:
             raise ValueError("the flow stream needs Flow-stream weights (flow_weights)")
+        if self.flow_dir is not None and "flow" not in self.streams:
+            raise ValueError(
+                "a flow folder serves the flow stream; ask for it (--stream flow or both, with "
+                "flow weights) or drop --flow-dir"
+            )
 
 
 @attrs.frozen
@@ -75,7 +84,9 @@ class SnippetRun:
 def settings_of(job: SnippetJob, extractors: Sequence[SnippetExtractor]) -> dict[str, Any]:
     """What decides a video's features, as recorded in (and compared against) the manifest:
     the protocol and the frame steps it resolved to, the streams and their weights (hashes),
-    the flow recipe's settings, and the decoder."""
+    the flow recipe's settings, the flow folder read (its path and ``flow.json``: an 8-bit
+    mmaction folder or float16 files give other features than computing flow), and the
+    decoder."""
     first = extractors[0]
     settings: dict[str, Any] = {
         "protocol": first.protocol.to_dict(),
@@ -91,8 +102,10 @@ def settings_of(job: SnippetJob, extractors: Sequence[SnippetExtractor]) -> dict
     if job.flow_weights is not None and "flow" in job.streams:
         settings["flow_weights"] = Path(job.flow_weights).name
         settings["flow_weights_sha256"] = sha256_file(job.flow_weights)
-        flow = attrs.asdict(attrs.evolve(job.flow, device="any", batch_size=1))
-        settings["flow"] = {k: v for k, v in flow.items() if k not in ("device", "batch_size")}
+        settings["flow"] = job.flow.recorded()
+    store = extractors[-1].flow_store
+    if store is not None:
+        settings["flow_dir"] = store.recorded()
     return settings
 
 
@@ -131,7 +144,9 @@ def _processor(
         flow = attrs.evolve(job.flow, device=str(device)) if job.flow.impl == "torch" else job.flow
         model = load_stream(job.flow_weights, "flow", device)
         extractors.append(
-            SnippetExtractor(model, job.protocol, job.batch_size, job.decoder, flow=flow)
+            SnippetExtractor(
+                model, job.protocol, job.batch_size, job.decoder, flow=flow, flow_dir=job.flow_dir
+            )
         )
     folder = SnippetFolder(job.output)
     settings = settings_of(job, extractors)
@@ -187,6 +202,16 @@ def _fingerprint(job: SnippetJob) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def claim_flow_dir(job: SnippetJob) -> FlowFolder:
+    """The job's flow folder, claimed for its protocol and TV-L1 (see
+    :func:`~i3d.features.extract.snippet_flow_folder`), or refused with what differs."""
+    from i3d.weights.format import read_info
+
+    assert job.flow_dir is not None and job.flow_weights is not None
+    transform = frame_transform(job.protocol, read_info(job.flow_weights).preprocessing)
+    return snippet_flow_folder(Path(job.flow_dir), job.protocol, transform, job.flow)
+
+
 def _recover(folder: SnippetFolder) -> None:
     """Fold the records an interrupted run left in the parts folder into the manifest."""
     parts = ResultFolder(folder.parts)
@@ -226,6 +251,8 @@ def extract_snippets(
             remove_stale_temporaries(folder.path)  # left by a killed run's writers
             if folder.parts.is_dir():
                 _recover(folder)
+            if job.flow_dir is not None:  # other settings are refused before any rank starts
+                claim_flow_dir(job)
         old = folder.records()
         processor = functools.partial(_processor, job=job)
         if on_progress is not None and world_size == 1 and not env_launched():

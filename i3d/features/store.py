@@ -30,13 +30,20 @@ class FeatureSetting:
     """SHA-256 of the weights file."""
     views: str
     """The view protocol, e.g. ``val 1x1`` or ``test 10x3`` (clips × crops)."""
+    flow: str = ""
+    """Flow and two-stream weights: JSON of the TV-L1 (implementation, parameters, bound)
+    and the flow folder read, if any (its path and ``flow.json``); empty for RGB weights."""
 
     def as_dict(self) -> dict[str, str]:
-        return attrs.asdict(self)
+        """The settings to store (RGB weights' without the empty ``flow``, as before it)."""
+        return {k: v for k, v in attrs.asdict(self).items() if k != "flow" or v}
 
     def check(self, path: Path, stored: dict[str, str]) -> None:
-        """Raise :class:`OutputError` if ``stored`` settings differ from these."""
-        ours = self.as_dict()
+        """Raise :class:`OutputError` if ``stored`` settings differ from these (a file
+        without ``flow`` holds features of RGB weights)."""
+        ours = attrs.asdict(self)
+        if stored and "flow" not in stored:
+            stored = {**stored, "flow": ""}
         diff = [
             f"{k} {stored[k]!r} (now {ours[k]!r})"
             for k in SETTING_KEYS

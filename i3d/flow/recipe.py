@@ -13,7 +13,7 @@ two implementations, named in a :class:`FlowConfig`: ``torch``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -49,6 +49,11 @@ class FlowConfig:
     """Torch device of the ``torch`` implementation (``opencv`` always runs on the CPU)."""
     batch_size: int = attrs.field(default=8, validator=_positive_int)
     """Frame pairs per TV-L1 call (the torch implementation solves them as one batch)."""
+
+    def recorded(self) -> dict[str, Any]:
+        """What decides the flow's values, as feature outputs record it: the implementation,
+        the TV-L1 parameters and the bound (not where or in what batches it runs)."""
+        return {"impl": self.impl, "tvl1": attrs.asdict(self.tvl1), "bound": self.bound}
 
 
 def rgb_to_gray(frames: np.ndarray) -> np.ndarray:

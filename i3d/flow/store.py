@@ -247,6 +247,11 @@ class FlowFolder:
         ensure_dir(self.path)
         claim_folder(self.path, self.settings)
 
+    def recorded(self) -> dict[str, Any]:
+        """Where flow came from, as feature outputs record it: this folder's absolute path
+        and the settings of its ``flow.json``."""
+        return {"path": str(self.path.resolve()), **self.settings.to_dict()}
+
     def entry(self, name: str) -> Path:
         """Where video ``name``'s flow lives: ``<name>.npy`` or the folder ``<name>/``."""
         return self.path / (f"{name}.npy" if self.settings.format == "npy" else name)

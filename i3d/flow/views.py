@@ -33,11 +33,13 @@ from i3d.flow.store import (
     FlowSettings,
     FlowStoreError,
     dequantize,
+    layout_of,
     mmaction_ticks,
     rawframes_flow_template,
     read_mmaction_levels,
 )
 from i3d.flow.video import iter_timeline_flow
+from i3d.weights.preprocessing import Preprocessing
 
 STREAMS = ("rgb", "flow")
 
@@ -85,6 +87,29 @@ def flow_settings(pipeline: Pipeline, config: FlowConfig, layout: str = "npy") -
         format=layout, fps=prep.fps, size=prep.resize_short, crop=None, impl=config.impl,
         tvl1=attrs.asdict(config.tvl1), bound=config.bound,
     )  # fmt: skip
+
+
+def open_flow_dir(
+    pipeline: Pipeline, config: FlowConfig, path: str | os.PathLike[str]
+) -> FlowFolder:
+    """The flow folder at ``path`` claimed for ``pipeline`` and ``config`` (created with
+    their settings, in the layout it already has): other settings are refused now, not once
+    per video."""
+    folder = Path(path)
+    store = FlowFolder(folder, flow_settings(pipeline, config, layout_of(folder)))
+    store.claim()
+    return store
+
+
+def normalize_flow(views: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """[-1, 1] flow views (N, 2, T, H, W) normalised as a Flow-stream file's ``prep`` says
+    (DeepMind's: mean 0, std 1, the views unchanged)."""
+    if set(prep.mean) == {0.0} and set(prep.std) == {1.0}:
+        return views
+    shape = (len(prep.mean), 1, 1, 1)
+    mean = torch.tensor(prep.mean, dtype=torch.float32).reshape(shape).to(views.device)
+    std = torch.tensor(prep.std, dtype=torch.float32).reshape(shape).to(views.device)
+    return (views - mean) / std
 
 
 @attrs.frozen

@@ -22,8 +22,7 @@ from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
 from i3d.data.transfer import DeviceFeed
 from i3d.flow.recipe import FlowConfig
-from i3d.flow.store import FlowFolder, layout_of
-from i3d.flow.views import StreamPiece, StreamPipeline, flow_settings
+from i3d.flow.views import StreamPiece, StreamPipeline, normalize_flow, open_flow_dir
 from i3d.inference.inputs import (
     VIDEO_ERRORS,
     InputError,
@@ -229,9 +228,7 @@ class Predictor:
         if self.streams != ("rgb",):
             store = None
             if flow_dir is not None:
-                settings = flow_settings(self.pipeline, self.flow, layout_of(Path(flow_dir)))
-                store = FlowFolder(Path(flow_dir), settings)
-                store.claim()  # other settings are refused now, not once per video
+                store = open_flow_dir(self.pipeline, self.flow, flow_dir)
             self.views = StreamPipeline(self.pipeline, self.streams, self.flow, store)
         elif flow_dir is not None:
             raise InputError(
@@ -298,11 +295,7 @@ class Predictor:
         """[-1, 1] flow views normalised as a flow file says (DeepMind's: mean 0, std 1)."""
         if self.streams != ("flow",):
             return views  # two-stream files take DeepMind's flow as is (checked when built)
-        p = self.pipeline.preprocessing
-        shape = (len(p.mean), 1, 1, 1)
-        mean = torch.tensor(p.mean, dtype=torch.float32).reshape(shape).to(views.device)
-        std = torch.tensor(p.std, dtype=torch.float32).reshape(shape).to(views.device)
-        return (views - mean) / std
+        return normalize_flow(views, self.pipeline.preprocessing)
 
     def _logits(
         self,

@@ -46,7 +46,12 @@ class PredictSpec:
 
     def flow_config(self, device: str | None) -> FlowConfig:
         """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
-        return FlowConfig(impl=self.flow_impl, device=device or "cpu")
+        return flow_config(self.flow_impl, device)
+
+
+def flow_config(impl: str, device: str | None) -> FlowConfig:
+    """The TV-L1 a job's flow stream runs: ``impl`` (torch on ``device``, or opencv)."""
+    return FlowConfig(impl=impl, device=device or "cpu")
 
 
 @attrs.frozen
@@ -62,6 +67,12 @@ class FeatureSpec:
     backend: str = "torch"
     device: str | None = None
     workers: int | None = None
+    flow_impl: str = "torch"
+    flow_dir: str | None = None
+
+    def flow_config(self, device: str | None) -> FlowConfig:
+        """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
+        return flow_config(self.flow_impl, device)
 
 
 def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
@@ -87,11 +98,13 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
     where = feature_device(spec.backend, rank_device(spec.backend, spec.device, ctx))
     model = load_model(spec.weights, where)
     pipeline = build_pipeline(model.weights_info.preprocessing, spec.mode, **dict(spec.overrides))
+    flow = spec.flow_config(str(where))
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
         for feats in iter_features(
-            model, pipeline, list(paths), spec.endpoint, spec.pool, spec.batch_size, spec.workers
-        ):
+            model, pipeline, list(paths), spec.endpoint, spec.pool, spec.batch_size, spec.workers,
+            flow=flow, flow_dir=spec.flow_dir,
+        ):  # fmt: skip
             yield Failed(feats) if isinstance(feats, str) else feats.numpy()
 
     return run

@@ -113,10 +113,14 @@ def is_two_stream(path: str | os.PathLike[str]) -> bool:
 def load_stream(
     path: str | os.PathLike[str], stream: str, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """The ``stream`` ("rgb" or "flow") model of a weight file: a two-stream file's stream,
+    """The ``stream`` ("rgb" or "flow") model of a weight file (see :func:`stream_of`)."""
+    return stream_of(load_model(path, device), stream)
+
+
+def stream_of(model: nn.Module, stream: str) -> nn.Module:
+    """The ``stream`` ("rgb" or "flow") model of a loaded model: a two-stream model's stream,
     with the weights info of that stream alone (the flow stream takes DeepMind's [-1, 1]
-    flow: mean 0, std 1), or a one-stream file's model as it is."""
-    model = load_model(path, device)
+    flow: mean 0, std 1), or a one-stream model as it is."""
     info = model.weights_info
     if getattr(info.config, "arch", None) != "two_stream":
         return model
