@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+from bounded import MiB, run_bounded
 from PIL import Image
 from videogen import write_video
 
@@ -56,16 +57,6 @@ def test_a_png_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
         open_frames_dir(folder, template="img_{:05d}.png")
     monkeypatch.setenv("I3D_MAX_FRAME_PIXELS", str(6000 * 6000))
     assert open_frames_dir(folder, template="img_{:05d}.png").size == (6000, 6000)
-
-
-def test_a_gif_claiming_a_huge_canvas_is_refused(tmp_path):
-    path = tmp_path / "big.gif"
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
-    data = bytearray(path.read_bytes())
-    data[6:10] = struct.pack("<HH", 16000, 16000)  # logical screen: 256 megapixels
-    path.write_bytes(bytes(data))
-    with pytest.raises(VideoDecodeError, match="16000x16000"):
-        open_video(path)
 
 
 def test_indirection_demuxers_are_not_used(tmp_path):
@@ -138,25 +129,10 @@ def test_the_npy_feature_store_resumes_after_a_kill_at_any_point(tmp_path):
     assert list(index["files"].values()) == [str(tmp_path / "a.mp4")]
 
 
-def test_deeply_nested_metadata_is_a_one_line_error(tmp_path):
-    """JSON nested 100k deep in a weights file's labels: no RecursionError traceback."""
-    from safetensors.torch import load_file, save_file
-    from tinymodel import save_tiny_weights
-    from typer.testing import CliRunner
-
-    from i3d.cli.main import app
+def test_metadata_larger_than_its_limit_is_refused():
+    """(Deep nesting: a bounded case below.)"""
     from i3d.utils.untrusted import load_json
 
-    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as fh:
-        meta = dict(fh.metadata())
-    meta["i3d.labels"] = "[" * 100_000 + "]" * 100_000
-    save_file(load_file(str(weights)), str(tmp_path / "deep.safetensors"), metadata=meta)
-    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "deep.safetensors")])
-    assert result.exit_code == 1 and "nested too deeply" in result.output
-    assert "Traceback" not in result.output
     with pytest.raises(ValueError, match="more than the 10 read"):
         load_json("[1, 2, 3, 4, 5]", "x", max_bytes=10)
 
@@ -221,17 +197,12 @@ def _claiming_pickle(numel: int, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def test_a_tiny_checkpoint_claiming_gigabytes_is_refused_before_allocation(tmp_path, monkeypatch):
-    """torch allocates each storage at the size the pickle names before reading its bytes:
-    a few hundred bytes claiming 3 GiB (legacy and zip formats) are refused first."""
+def _legacy_claiming_checkpoint(path) -> None:
+    """A legacy-format checkpoint of a few hundred bytes whose storage claims 3 GiB."""
     import io
     import pickle
-    import zipfile
 
-    import torch
     from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
-
-    from i3d.weights.safe_pickle import UnsafePickleError, load_checkpoint
 
     legacy = io.BytesIO()
     sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
@@ -239,7 +210,19 @@ def test_a_tiny_checkpoint_claiming_gigabytes_is_refused_before_allocation(tmp_p
     for header in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info):
         pickle.dump(header, legacy, protocol=2)
     legacy.write(_claiming_pickle(3 * 2**28, view_metadata=None))
-    (tmp_path / "legacy.pth").write_bytes(legacy.getvalue())
+    path.write_bytes(legacy.getvalue())
+
+
+def test_a_tiny_checkpoint_claiming_gigabytes_is_refused_before_allocation(tmp_path, monkeypatch):
+    """torch allocates each storage at the size the pickle names before reading its bytes:
+    a few hundred bytes claiming 3 GiB (legacy and zip formats) are refused first."""
+    import zipfile
+
+    import torch
+
+    from i3d.weights.safe_pickle import UnsafePickleError, load_checkpoint
+
+    _legacy_claiming_checkpoint(tmp_path / "legacy.pth")
     with zipfile.ZipFile(tmp_path / "zip.pth", "w") as archive:
         archive.writestr("archive/data.pkl", _claiming_pickle(3 * 2**28))
         archive.writestr("archive/data/0", b"\0" * 16)
@@ -277,45 +260,133 @@ def test_a_zip_checkpoint_member_that_inflates_past_the_file_is_refused(tmp_path
         load_checkpoint(path)
 
 
-def _with_file_limit(limit: int, tmpdir, job) -> tuple[int, str]:
-    """Run ``job`` in a forked child whose files cannot grow past ``limit`` bytes and whose
-    TMPDIR is ``tmpdir``: (exit status, what it printed). RLIMIT_FSIZE makes the kernel fail
-    the write with EFBIG (Python ignores SIGXFSZ), the way a full disk fails it with ENOSPC."""
-    import resource
-    import sys
-    import tempfile
-    import traceback
+def _box(data: bytes, *path: bytes) -> int:
+    """Offset of the ISO media box at ``path`` (moov, trak, ...) in an MP4 file's bytes."""
+    start, end = 0, len(data)
+    for kind in path:
+        while data[start + 4 : start + 8] != kind:
+            start += struct.unpack(">I", data[start : start + 4])[0]
+            assert start < end, f"no {kind!r} box"
+        end = start + struct.unpack(">I", data[start : start + 4])[0]
+        found, start = start, start + 8
+    return found
 
-    import torch
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        status = 70
-        try:
-            os.close(read)
-            os.dup2(write, 1)
-            os.dup2(write, 2)
-            sys.stdout = sys.stderr = open(write, "w", buffering=1, closefd=False)  # noqa: SIM115
-            os.environ["TMPDIR"] = str(tmpdir)
-            tempfile.tempdir = None
-            torch.set_num_threads(1)  # as a DataLoader worker: no thread pool after fork
-            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-            job()
-            status = 0
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            status = 71
-        finally:
-            sys.stdout.flush()
-            os._exit(status)
-    os.close(write)
-    with open(read, "rb") as fh:
-        printed = fh.read().decode(errors="replace")
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), printed
+def _mp4_claiming_frames(path, count: int) -> None:
+    """A 2 KB mp4 whose sample tables say ``count`` one-byte frames in one chunk."""
+    data = bytearray(write_video(path, 10, width=32, height=32).read_bytes())
+    stbl = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
+    struct.pack_into(">II", data, _box(data, *stbl, b"stsz") + 12, 1, count)
+    struct.pack_into(">I", data, _box(data, *stbl, b"stts") + 16, count)
+    struct.pack_into(">I", data, _box(data, *stbl, b"stsc") + 20, count)
+    path.write_bytes(bytes(data))
+
+
+def _gif_claiming_a_canvas(path) -> None:
+    """A 48-byte GIF whose logical screen is 16000² (256 megapixels)."""
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[6:10] = struct.pack("<HH", 16000, 16000)
+    path.write_bytes(bytes(data))
+
+
+def _zip_with_a_pickle_bomb(path) -> None:
+    """A torch zip checkpoint whose deflated data.pkl (1.4 MB) inflates to 320 MiB."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("archive/data.pkl", "w") as member:
+            for _ in range(320):
+                member.write(bytes(MiB))
+        zf.writestr("archive/version", "3\n")
+
+
+def _deeply_nested_labels(path) -> None:
+    """Tiny weights whose labels are JSON nested 100k deep."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tinymodel import save_tiny_weights
+
+    weights = save_tiny_weights(path.parent / "w.safetensors", ("a", "b"))
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta["i3d.labels"] = "[" * 100_000 + "]" * 100_000
+    save_file(load_file(str(weights)), str(path), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from tinymodel import save_tiny_weights
+
+    return save_tiny_weights(tmp_path_factory.mktemp("weights") / "w.safetensors", ("a", "b"))
+
+
+#: name → (what to craft, the file's name, the command (FILE, WEIGHTS), its error)
+BOUNDED_CASES = {
+    "legacy-pickle-claims-3GiB": (
+        _legacy_claiming_checkpoint, "legacy.pth", ["convert-weights", "FILE"],
+        r"legacy\.pth: refusing to load: its tensors claim at least 3,221,225,472 bytes, more "
+        r"than the 2\d\d-byte file holds",
+    ),
+    "zip-pickle-inflates-past-the-file": (
+        _zip_with_a_pickle_bomb, "bomb.pth", ["convert-weights", "FILE"],
+        r"bomb\.pth: archive member 'archive/data\.pkl' unpacks to 335,544,320 bytes, more than",
+    ),
+    "gif-canvas-16000x16000": (
+        _gif_claiming_a_canvas, "big.gif", ["predict", "FILE", "--weights", "WEIGHTS"],
+        r"big\.gif: frames of 16000x16000 \(256,000,000 pixels\) exceed the limit of "
+        r"67,108,864 pixels; raise it with I3D_MAX_FRAME_PIXELS",
+    ),
+    "mp4-claims-50M-frames": (
+        functools.partial(_mp4_claiming_frames, count=50_000_000), "claim.mp4",
+        ["predict", "FILE", "--weights", "WEIGHTS"],
+        r"claim\.mp4: its sample tables claim at least 50,000,000 bytes of frames and audio, "
+        r"more than the 2,\d\d\d-byte file holds",
+    ),
+    "json-nested-100k-deep": (
+        _deeply_nested_labels, "deep.safetensors", ["inspect", "FILE"],
+        r"deep\.safetensors: corrupt i3d metadata: i3d\.labels is JSON nested too deeply",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BOUNDED_CASES)
+def test_a_file_claiming_more_than_it_holds_fails_in_bounded_memory_and_time(
+    tmp_path, tiny_weights, case
+):
+    """Each hostile file (48 bytes to 1.4 MB) through the command a user would run,
+    in a child whose address space may grow by only 512 MiB: exit 1, one line naming the
+    file and the limit, RSS grown by under 100 MiB, done in seconds, nothing written."""
+    from i3d.cli.main import app
+
+    craft, name, command, message = BOUNDED_CASES[case]
+    folder, tmpdir = tmp_path / "in", tmp_path / "tmp"
+    folder.mkdir()
+    tmpdir.mkdir()
+    craft(folder / name)
+    before = sorted(folder.iterdir())
+    args = [{"FILE": str(folder / name), "WEIGHTS": str(tiny_weights)}.get(a, a) for a in command]
+    if args[0] == "predict":
+        args += ["--workers", "0"]
+    done = run_bounded(lambda: app(args, prog_name="i3d"), tmpdir)
+    lines = [line for line in done.lines() if not re.fullmatch(r"\d+ of \d+ inputs failed:", line)]
+    assert done.status == 1, done.stderr
+    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+    assert done.peak_rss < 100 * MiB, f"RSS grew by {done.peak_rss / MiB:.0f} MiB"
+    assert done.seconds < 20
+    assert sorted(folder.iterdir()) == before and not list(tmpdir.iterdir())
+
+
+def test_a_video_of_more_frames_than_the_limit_is_refused_before_indexing(tmp_path, monkeypatch):
+    """I3D_MAX_FRAMES: the frame count an mp4 header states is checked before the packets
+    are indexed; a container that states none (Matroska) is stopped while indexing."""
+    monkeypatch.setenv("I3D_MAX_FRAMES", "8")
+    for name in ("v.mp4", "v.mkv"):
+        video = write_video(tmp_path / name, 12, width=32, height=32)
+        with pytest.raises(VideoDecodeError, match=r"more than 8 frames .*I3D_MAX_FRAMES=N"):
+            open_video(video)
+    monkeypatch.setenv("I3D_MAX_FRAMES", "12")
+    assert open_video(video).num_frames == 12
 
 
 def _leftovers(*folders) -> list[str]:
@@ -358,9 +429,8 @@ def test_an_output_that_does_not_fit_is_a_one_line_error_and_keeps_the_previous(
     assert first.exit_code == 0, first.output
     before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file() and "lock" not in p.name}
     limit = max(len(data) for data in before.values())
-    status, printed = _with_file_limit(
-        limit, tmpdir, lambda: app([*args, *videos], prog_name="i3d")
-    )
+    done = run_bounded(lambda: app([*args, *videos], prog_name="i3d"), tmpdir, file_size=limit)
+    status, printed = done.status, done.stdout + done.stderr
     lines = [line for line in printed.splitlines() if line.strip()]
     assert status == 1, printed
     assert re.match(rf"error: cannot write {out_dir}/\S+: file too large; ", lines[-1]), printed
@@ -419,8 +489,9 @@ def test_every_writer_that_runs_out_of_room_names_its_file_and_keeps_the_previou
             except OutputError as exc:
                 print(f"{name}: {exc}")
 
-    status, printed = _with_file_limit(4096, tmp_path, job)
-    assert status == 0, printed
+    done = run_bounded(job, tmp_path, file_size=4096)
+    assert done.status == 0, done.stdout + done.stderr
+    printed = done.stdout
     lines = printed.splitlines()
     assert len(lines) == len(writers), printed
     for line, name in zip(lines, writers, strict=True):

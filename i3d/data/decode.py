@@ -57,19 +57,45 @@ def autorotate() -> bool:
     return os.environ.get(AUTOROTATE_ENV, "1").strip().lower() not in ("0", "false", "no")
 
 
-def max_frame_pixels() -> int:
-    """The largest frame (width × height) decoded: ``$I3D_MAX_FRAME_PIXELS``, else 8192²
-    (twice 8K UHD). A file claiming more is refused before anything is allocated."""
-    value = os.environ.get(MAX_PIXELS_ENV)
+MAX_FRAMES_ENV = "I3D_MAX_FRAMES"
+DEFAULT_MAX_FRAMES = 2_000_000
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A positive whole-number limit from the environment variable ``name``."""
+    value = os.environ.get(name)
     if value is None:
-        return DEFAULT_MAX_PIXELS
+        return default
     try:
         limit = int(value)
     except ValueError:
-        raise VideoDecodeError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number") from None
+        raise VideoDecodeError(f"{name}={value!r} is not a whole number") from None
     if limit < 1:
-        raise VideoDecodeError(f"{MAX_PIXELS_ENV} must be positive, got {limit}")
+        raise VideoDecodeError(f"{name} must be positive, got {limit}")
     return limit
+
+
+def max_frame_pixels() -> int:
+    """The largest frame (width × height) decoded: ``$I3D_MAX_FRAME_PIXELS``, else 8192²
+    (twice 8K UHD). A file claiming more is refused before anything is allocated."""
+    return _env_limit(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
+
+
+def max_frames() -> int:
+    """The most frames a video may have: ``$I3D_MAX_FRAMES``, else 2,000,000 (22 hours at
+    25 fps). The packet index holds every frame (about 150 bytes each), so a file with more,
+    or a header claiming more, is refused before it is indexed."""
+    return _env_limit(MAX_FRAMES_ENV, DEFAULT_MAX_FRAMES)
+
+
+def check_frame_count(path: Path, count: int) -> None:
+    """Refuse a video of more than :func:`max_frames` frames (read or claimed)."""
+    limit = max_frames()
+    if count > limit:
+        raise VideoDecodeError(
+            f"{path}: more than {limit:,} frames ({count:,} claimed or read so far); raise the "
+            f"limit with {MAX_FRAMES_ENV}=N if the file is trusted"
+        )
 
 
 def check_frame_size(path: Path, width: int, height: int) -> None:
@@ -91,9 +117,16 @@ def check_regular_file(path: Path, what: str = "video file") -> None:
 
 
 def open_container(path: Path) -> av.container.InputContainer:
-    """A PyAV input container with only :data:`VIDEO_FORMATS` and the file protocol allowed."""
+    """A PyAV input container with only :data:`VIDEO_FORMATS` and the file protocol allowed,
+    for a file whose sample tables (MP4/MOV) claim no more than it holds."""
     import av
 
+    from i3d.data.mp4_claims import SampleClaimError, check_sample_claims
+
+    try:
+        check_sample_claims(path)
+    except SampleClaimError as exc:
+        raise VideoDecodeError(str(exc)) from None
     options = {"protocol_whitelist": "file", "format_whitelist": VIDEO_FORMATS}
     return av.open(str(path), mode="r", options=options)
 
@@ -204,6 +237,7 @@ class PyAVReader(VideoReader):
             self._stream = self._container.streams.video[0]
             codec = self._stream.codec_context
             check_frame_size(self.path, int(codec.width or 0), int(codec.height or 0))
+            check_frame_count(self.path, int(self._stream.frames or 0))
             count = decoder_threads() if threads is None else threads
             if count > 1:  # frame and slice threads, whichever the codec supports
                 self._stream.thread_type = "AUTO"
@@ -263,10 +297,13 @@ class PyAVReader(VideoReader):
         keys: list[int] = []
         has_pts = True
         complete = 0  # packets up to the last one FFmpeg read whole
+        limit = max_frames()
         try:
             for packet in self._container.demux(self._stream):
                 if packet.size == 0:
                     continue
+                if len(pts) == limit:
+                    check_frame_count(self.path, limit + 1)
                 if packet.pts is None:
                     has_pts = False
                 pts.append(packet.pts if packet.pts is not None else len(pts))

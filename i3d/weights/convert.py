@@ -6,7 +6,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from i3d.utils.files import refuse_overwriting
 from i3d.weights.format import WeightsError
@@ -70,15 +70,36 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.endswith("data.pkl")]
-            blob = zf.read(names[0]) if names else b""
+            if names and zf.getinfo(names[0]).file_size <= path.stat().st_size:
+                with zf.open(names[0]) as fh:
+                    found = _markers_in(fh)
+            else:  # none, or one inflating past the file: load_checkpoint says which
+                found = set()
     else:
         with open(path, "rb") as fh:
-            blob = fh.read(1 << 20)
+            found = _markers_in(fh, limit=1 << 20)
     for marker, name in _MARKERS:
-        if marker in blob:
+        if marker in found:
             return name
     _explain_unknown(path)
     raise AssertionError("unreachable")  # _explain_unknown always raises
+
+
+def _markers_in(stream: BinaryIO, limit: int | None = None, chunk: int = 1 << 20) -> set[bytes]:
+    """The :data:`_MARKERS` in the first ``limit`` bytes of ``stream`` (all of it: None),
+    read in chunks, so a compressed pickle is never inflated into memory whole."""
+    keep = max(len(marker) for marker, _ in _MARKERS) - 1
+    found: set[bytes] = set()
+    tail, read = b"", 0
+    while limit is None or read < limit:
+        data = stream.read(chunk if limit is None else min(chunk, limit - read))
+        if not data:
+            break
+        read += len(data)
+        window = tail + data
+        found.update(marker for marker, _ in _MARKERS if marker in window)
+        tail = window[-keep:]
+    return found
 
 
 def _explain_unknown(path: Path) -> None:
