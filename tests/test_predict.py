@@ -290,23 +290,18 @@ def test_features_follow_the_models_device_and_dtype(setup, tmp_path):
 
 def test_predict_on_an_exported_onnx_file(setup, tmp_path):
     pytest.importorskip("onnxruntime")
-    from i3d.export import export_onnx
-
     _root, weights, videos = setup
-    onnx_path = tmp_path / "tiny.onnx"
-    export_onnx(weights, onnx_path, clip_len=8, size=32, batch="dynamic")
     cli_path = tmp_path / "cli.onnx"  # clip length and size default to the weights' protocol
     result = runner.invoke(app, ["export", "--weights", str(weights), "-o", str(cli_path)])
     assert result.exit_code == 0 and "(1, 3, 8, 32, 32)" in result.output, result.output
     args = ["predict", str(videos / "v1.mp4"), "--json", "--top-k", "5", "--weights"]
     ours = json.loads(runner.invoke(app, [*args, str(weights)]).output)
-    for path in (onnx_path, cli_path):
-        result = runner.invoke(app, [*args, str(path), "--backend", "onnx"])
-        assert result.exit_code == 0, result.output
-        exported = json.loads(result.output)
-        assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
-        for a, b in zip(exported["top"], ours["top"], strict=True):
-            assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    result = runner.invoke(app, [*args, str(cli_path), "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    exported = json.loads(result.output)
+    assert [t["label"] for t in exported["top"]] == [t["label"] for t in ours["top"]]
+    for a, b in zip(exported["top"], ours["top"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
 
 
 def test_features_never_overwrite_other_files_or_mix_settings(setup, tmp_path):
