@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,22 @@ def _run(args: list[str]):
 def test_predict_json_and_evaluate_match_one_process(setup, rank_threads, tmp_path):
     weights, videos, root = str(setup["weights"]), setup["videos"], setup["root"]
     one = _run(["predict", str(videos), "--weights", weights, "--json"])
-    two = _run(["predict", str(videos), "--weights", weights, "--json", "--world-size", "2"])
+    logs = tmp_path / "logs"
+    two = _run(["predict", str(videos), "--weights", weights, "--json", "--world-size", "2",
+                "--log-dir", str(logs)])  # fmt: skip
     assert one.exit_code == two.exit_code == 1  # the broken video fails, in both
+    # one log per rank: its device and share, then each of its videos once, with its outcome
+    ranks = [(logs / f"rank-{r}.log").read_text() for r in (0, 1)]
+    assert all("of 2 on cpu" in text and "through its share" in text for text in ranks)
+    logged = sorted(
+        (Path(m[1]).name, m[2].split(":")[0])
+        for text in ranks
+        for m in re.finditer(r"input \d+ \((\S+\.mp4)\) (done|failed: .*) in [\d.]+ s$", text, re.M)
+    )
+    assert logged == [("v0.mp4", "done"), ("v1.mp4", "done"), ("v2.mp4", "done"),
+                      ("v3_broken.mp4", "failed")]  # fmt: skip
+    refused = _run(["predict", str(videos), "--weights", weights, "--log-dir", str(logs)])
+    assert refused.exit_code == 1 and "--log-dir keeps one log per rank" in refused.output
     lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert lines == [line for line in one.stdout.splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]

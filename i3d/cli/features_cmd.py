@@ -22,9 +22,11 @@ from i3d.cli.video_common import (
     DeviceOpt,
     FlowDirOpt,
     FlowImplOpt,
+    LogDirOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
+    check_log_dir,
     count_videos,
     is_sharded,
     job_progress,
@@ -176,6 +178,7 @@ def features(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     world_size: WorldSizeOpt = 1,
+    log_dir: LogDirOpt = None,
 ) -> None:
     """Features of an endpoint per video, or per snippet over whole videos (resumable)."""
     from i3d.backends import BackendError
@@ -191,7 +194,7 @@ def features(
         snippet_features(
             inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
             preset, stream, flow_weights, flow_impl, flow_dir, batch_size or 8, backend, device,
-            workers, world_size,
+            workers, world_size, log_dir,
         )  # fmt: skip
         return
     batch_size = batch_size or 1
@@ -199,6 +202,7 @@ def features(
         crop_count = parse_crops(crops)
         if endpoint is None:
             raise InputError("pooled features need --endpoint NAME (e.g. Mixed_5c or layer4)")
+        check_log_dir(log_dir, world_size)
         paths = expand_inputs(inputs)
         sharded = is_sharded(world_size)
         where = feature_device(backend, device)  # checked here, used here only in one process
@@ -240,7 +244,7 @@ def features(
         todo = [p for p in paths if not store.has(p)]
         failed: list[tuple[Path, str]] = []
         if sharded:
-            if not _sharded_features(todo, spec, output, world_size, store, failed):
+            if not _sharded_features(todo, spec, output, world_size, log_dir, store, failed):
                 return  # a torchrun rank other than 0: rank 0 writes the file
         else:
             _local_features(todo, model, pipeline, endpoint, pool.value, batch_size, workers,
@@ -291,6 +295,7 @@ def _sharded_features(
     spec: FeatureSpec,
     output: Path,
     world_size: int,
+    log_dir: Path | None,
     store: Any,
     failed: list[tuple[Path, str]],
 ) -> bool:
@@ -303,7 +308,9 @@ def _sharded_features(
     folder = parts_folder(output)
     with new_progress() as progress:
         on_progress = job_progress(progress, "features", len(todo))
-        results = run_sharded_job(sharded_features, todo, spec, folder, world_size, on_progress)
+        results = run_sharded_job(
+            sharded_features, todo, spec, folder, world_size, on_progress, log_dir
+        )
     if results is None:
         return False
     for path, feats in zip(todo, results, strict=True):
@@ -346,6 +353,7 @@ def snippet_features(
     device: str | None,
     workers: int | None,
     world_size: int,
+    log_dir: Path | None,
 ) -> None:
     """``i3d features --window/--preset``: one (snippets, C) array per video in a folder."""
     from i3d.backends import BackendError
@@ -355,6 +363,7 @@ def snippet_features(
 
     with fail_on_errors(*ERRORS, BackendError, PresetError, OutputError):
         crop_count = parse_crops(crops)
+        check_log_dir(log_dir, world_size)
         chosen = {
             "window": window, "stride": stride, "fps": fps, "crops": crop_count,
             "endpoint": endpoint, "tail": tail.value if tail else None,
@@ -403,7 +412,7 @@ def snippet_features(
         with new_progress() as progress:
             on_progress = job_progress(progress, "snippets", len(paths))
             try:
-                run = extract_snippets(paths, job, world_size, on_progress)
+                run = extract_snippets(paths, job, world_size, on_progress, log_dir)
             except KeyboardInterrupt:
                 err_console.print(
                     f"interrupted; the finished videos are kept in {output}: run the same "

@@ -26,9 +26,11 @@ from i3d.cli.video_common import (
     DeviceOpt,
     FlowDirOpt,
     FlowImplOpt,
+    LogDirOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
+    check_log_dir,
     count_videos,
     is_sharded,
     job_progress,
@@ -97,6 +99,7 @@ def predict(
     flow_impl: FlowImplOpt = "torch",
     flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
+    log_dir: LogDirOpt = None,
 ) -> None:
     """Classify videos with the weights' own test protocol (views averaged as they say).
 
@@ -112,6 +115,7 @@ def predict(
             raise InputError(f"--csv {csv}: folder {csv.parent} does not exist; create it first")
         if resume and csv is None:
             raise InputError("--resume continues a --csv file; pass --csv OUT")
+        check_log_dir(log_dir, world_size)
         paths = expand_inputs(inputs)
         spec = PredictSpec(
             str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
@@ -138,7 +142,7 @@ def predict(
                 task = None
                 if is_sharded(world_size):
                     stream = _sharded_predictions(
-                        todo, spec, predictor.labels, csv, world_size, progress
+                        todo, spec, predictor.labels, csv, world_size, progress, log_dir
                     )
                     if stream is None:  # a torchrun rank other than 0: rank 0 reports
                         return
@@ -209,6 +213,7 @@ def _sharded_predictions(
     output: Path | None,
     world_size: int,
     progress: Progress,
+    log_dir: Path | None,
 ) -> list[Prediction] | None:
     """Predictions of ``todo`` in order from N ranks (None on torchrun ranks other than 0).
 
@@ -220,7 +225,9 @@ def _sharded_predictions(
     folder = parts_folder(output)
     try:
         on_progress = job_progress(progress, "predicting", len(todo))
-        scores = run_sharded_job(sharded_scores, todo, spec, folder, world_size, on_progress)
+        scores = run_sharded_job(
+            sharded_scores, todo, spec, folder, world_size, on_progress, log_dir
+        )
     finally:
         if output is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -276,6 +283,7 @@ def evaluate(
     flow_impl: FlowImplOpt = "torch",
     flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
+    log_dir: LogDirOpt = None,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
     from i3d.backends import BackendError
@@ -283,6 +291,7 @@ def evaluate(
     with fail_on_errors(*ERRORS, BackendError):
         if output_dir.exists() and not output_dir.is_dir():
             raise InputError(f"--output-dir {output_dir} is a file; give a folder")
+        check_log_dir(log_dir, world_size)
         if from_predictions is not None:
             if annotations is not None or data_root is not None or label_file is not None:
                 raise InputError(
@@ -310,7 +319,7 @@ def evaluate(
                 default_model=weights is None,
             )[:limit]
             if is_sharded(world_size):
-                outcome = _sharded_evaluation(samples, spec, output_dir, world_size)
+                outcome = _sharded_evaluation(samples, spec, output_dir, world_size, log_dir)
                 if outcome is None:  # a torchrun rank other than 0: rank 0 reports
                     return
                 scored, skipped = outcome
@@ -346,7 +355,11 @@ def evaluate(
 
 
 def _sharded_evaluation(
-    samples: list[Sample], spec: PredictSpec, output_dir: Path, world_size: int
+    samples: list[Sample],
+    spec: PredictSpec,
+    output_dir: Path,
+    world_size: int,
+    log_dir: Path | None,
 ) -> tuple[list[Scored], list[tuple[str, str]]] | None:
     """Scored samples and the unreadable ones from N ranks (None on torchrun ranks but 0);
     per-video results wait in ``OUTPUT_DIR.parts/`` until merged, for a rerun to resume."""
@@ -354,7 +367,9 @@ def _sharded_evaluation(
     paths = [Path(s.path) for s in samples]
     with new_progress() as progress:
         on_progress = job_progress(progress, "evaluating", len(paths))
-        scores = run_sharded_job(sharded_scores, paths, spec, folder, world_size, on_progress)
+        scores = run_sharded_job(
+            sharded_scores, paths, spec, folder, world_size, on_progress, log_dir
+        )
     if scores is None:
         return None
     scored = [

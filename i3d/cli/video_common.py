@@ -105,6 +105,26 @@ WorldSizeOpt = Annotated[
 ]
 
 
+LogDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--log-dir",
+        file_okay=False,
+        help="With --world-size N or torchrun: each rank appends its log to "
+        "LOG_DIR/rank-R.log (device, each video's time and outcome, warnings).",
+    ),
+]
+
+
+def check_log_dir(log_dir: Path | None, world_size: int) -> None:
+    """Refuse --log-dir for a one-process run, whose log is the terminal."""
+    if log_dir is not None and not is_sharded(world_size):
+        raise InputError(
+            "--log-dir keeps one log per rank of a --world-size N or torchrun run; a "
+            "one-process run logs to the terminal (drop --log-dir, or add --world-size N)"
+        )
+
+
 def is_sharded(world_size: int) -> bool:
     """Whether this run goes through torch.distributed ranks (--world-size N or torchrun)."""
     from i3d.distributed import env_launched
@@ -159,6 +179,7 @@ def run_sharded_job(
     folder: Path,
     world_size: int,
     on_progress: Callable[[int, int], None],
+    log_dir: Path | None = None,
 ) -> Any:
     """``run`` (sharded_scores / sharded_features); an interrupted or failed job says that
     the videos it finished are kept, and how to do the rest."""
@@ -166,7 +187,7 @@ def run_sharded_job(
 
     kept = f"the finished ones are kept in {folder}/; run the same command again to do the rest"
     try:
-        return run(todo, spec, folder, world_size, on_progress)
+        return run(todo, spec, folder, world_size, on_progress, log_dir=log_dir)
     except (RunIncomplete, KeyboardInterrupt) as exc:
         left = (
             f"{len(exc.missing)} of {exc.total} videos"

@@ -11,6 +11,10 @@ result as soon as it has it, atomically, to a file named by the input's index:
     FOLDER/items/00000013.failed.json   input 13 failed: {"reason": ...}
     FOLDER/ranks/rank-1.json        rank 1 is through its share (torchrun jobs)
 
+With ``log_dir``, every rank also appends to ``LOG_DIR/rank-R.log``: when it starts (device,
+share), each input with its time and outcome, and the warnings and log records of the
+process (a truncated video, a backend's notes), so a slow or failing rank can be read apart.
+
 Results do not depend on which rank made them, so a rerun, with any world size, runs only the
 inputs without a result (failed ones are retried), and the merge reads the files in input
 order: the same records, byte for byte, as one process. Ranks never wait on each other while
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -43,6 +48,8 @@ from i3d.distributed.shard import shard_of
 from i3d.utils.files import atomic_path, ensure_dir
 
 MANIFEST_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 #: ``make_processor(ctx)`` returns a function that takes a rank's inputs in order and yields
 #: one result for each (a JSON value, a numpy array, a tensor, or :class:`Failed`)
@@ -235,6 +242,7 @@ class _Job:
     keys: tuple[str, ...]
     fingerprint: str
     token: str
+    log_dir: str | None = None
 
 
 def _plan(job: _Job) -> _Job:
@@ -282,12 +290,51 @@ def _run_rank(ctx: DistContext, job: _Job) -> tuple[int, int, str]:
     assert job.pending is not None and job.costs is not None
     folder = ResultFolder(job.folder)
     mine = [job.pending[i] for i in shard_of(job.costs, ctx.rank, ctx.world_size)]
-    with _first_ctrl_c_only(ctx.distributed):
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: keep what is written, stop
+    with _rank_log(job.log_dir, ctx), _first_ctrl_c_only(ctx.distributed):
+        log.info(
+            "rank %d of %d on %s: %d of %d inputs to run",
+            ctx.rank, ctx.world_size, ctx.device, len(mine), len(job.pending),
+        )  # fmt: skip
+        try:
             if mine:
                 _run_share(ctx, job, folder, mine)
+        except KeyboardInterrupt:  # Ctrl-C: keep what is written, stop
+            log.info("interrupted")
         folder.mark_rank(ctx.rank, job.token)
+        log.info("through its share")
     return ctx.rank, ctx.world_size, job.token
+
+
+@contextlib.contextmanager
+def _rank_log(log_dir: str | None, ctx: DistContext) -> Iterator[None]:
+    """Append this rank's records, and the process's warnings, to ``LOG_DIR/rank-R.log``;
+    warnings still reach stderr as before."""
+    if log_dir is None:
+        yield
+        return
+    ensure_dir(Path(log_dir))
+    handler = logging.FileHandler(Path(log_dir) / f"rank-{ctx.rank}.log", encoding="utf-8")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s rank {ctx.rank} %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    console = None if root.handlers else logging.StreamHandler()  # what lastResort printed
+    if console is not None:
+        console.setLevel(logging.WARNING)
+        root.addHandler(console)
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.setLevel(level)
+        root.removeHandler(handler)
+        if console is not None:
+            root.removeHandler(console)
+        handler.close()
 
 
 @contextlib.contextmanager
@@ -320,6 +367,7 @@ def _run_share(ctx: DistContext, job: _Job, folder: ResultFolder, mine: list[int
     pos = 0
     while pos < len(mine):
         results: Iterator[Any] | None = None
+        started = time.monotonic()
         try:
             while pos < len(mine):
                 try:
@@ -332,10 +380,16 @@ def _run_share(ctx: DistContext, job: _Job, folder: ResultFolder, mine: list[int
                     ) from None
                 except job.catch as exc:
                     folder.fail(mine[pos], f"{type(exc).__name__}: {exc}")
+                    log.info("input %d failed after %.2f s: %s: %s", mine[pos],
+                             time.monotonic() - started, type(exc).__name__, exc)  # fmt: skip
                     pos += 1
                     break
                 folder.put(mine[pos], value)  # outside the try: a full disk stops the job
+                outcome = f"failed: {value.reason}" if isinstance(value, Failed) else "done"
+                log.info("input %d (%s) %s in %.2f s", mine[pos], job.keys[mine[pos]],
+                         outcome, time.monotonic() - started)  # fmt: skip
                 pos += 1
+                started = time.monotonic()
         finally:
             close = getattr(results, "close", None)
             if close is not None:
@@ -356,6 +410,7 @@ def run_sharded(
     catch: tuple[type[BaseException], ...] = (Exception,),
     wait_s: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> list[Outcome] | None:
     """Run every input through ``make_processor(ctx)`` on ``world_size`` ranks (or the ranks
     of the torchrun job this process belongs to); rank 0 gets the outcomes in input order,
@@ -374,6 +429,7 @@ def run_sharded(
     :class:`~i3d.distributed.launch.DistributedError` when a rank failed or died.
     ``on_progress(finished, total)`` hears, while the ranks run, how many inputs have a
     result or failed (in the launcher, or on rank 0 of a torchrun job once its share is done).
+    ``log_dir`` keeps a log per rank (``rank-R.log``, appended; see the module docstring).
     """
     items = tuple(items)
     keys = tuple(str(item) for item in items) if keys is None else tuple(keys)
@@ -392,6 +448,7 @@ def run_sharded(
         keys=keys,
         fingerprint=fingerprint,
         token="",
+        log_dir=None if log_dir is None else str(Path(log_dir).absolute()),
     )
     torchrun = env_launched()
     if not torchrun:  # the launcher sees the job before any rank starts: it plans

@@ -236,9 +236,11 @@ def extract_snippets(
     job: SnippetJob,
     world_size: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> SnippetRun | None:
     """Snippet features of ``paths`` into ``job.output`` on ``world_size`` ranks (or this
-    torchrun job's); None on torchrun ranks other than 0 (rank 0 writes the manifest)."""
+    torchrun job's); None on torchrun ranks other than 0 (rank 0 writes the manifest).
+    ``log_dir`` gets a log per rank."""
     from i3d.distributed.devices import group_device
     from i3d.distributed.launch import env_launched
 
@@ -273,6 +275,7 @@ def extract_snippets(
             backend=group_device(job.backend, job.device),
             catch=(),
             on_progress=on_progress,
+            log_dir=log_dir,
         )
         if outcomes is None:
             return None

@@ -124,6 +124,7 @@ def _run(
     folder: str | os.PathLike[str],
     world_size: int,
     on_progress: Callable[[int, int], None] | None,
+    log_dir: str | os.PathLike[str] | None,
 ) -> list[np.ndarray | str] | None:
     outcomes = run_sharded(
         [str(p) for p in paths],
@@ -134,6 +135,7 @@ def _run(
         world_size=world_size,
         backend=group_device(spec.backend, spec.device),
         on_progress=on_progress,
+        log_dir=log_dir,
     )
     if outcomes is None:  # a torchrun rank other than 0
         return None
@@ -146,11 +148,13 @@ def sharded_scores(
     folder: str | os.PathLike[str],
     world_size: int,
     on_progress: Callable[[int, int], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> list[np.ndarray | str] | None:
     """Averaged class scores (K,) of each video in order, or its error text, computed on
     ``world_size`` spawned ranks or the ranks of this torchrun job (None on ranks other
-    than 0). ``folder`` keeps each video's result: a rerun computes only what is missing."""
-    return _run(paths, _score_processor, spec, folder, world_size, on_progress)
+    than 0). ``folder`` keeps each video's result: a rerun computes only what is missing;
+    ``log_dir`` gets a log per rank."""
+    return _run(paths, _score_processor, spec, folder, world_size, on_progress, log_dir)
 
 
 def sharded_features(
@@ -159,6 +163,7 @@ def sharded_features(
     folder: str | os.PathLike[str],
     world_size: int,
     on_progress: Callable[[int, int], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> list[np.ndarray | str] | None:
     """Features of each video in order (float32), or its error text; as :func:`sharded_scores`."""
-    return _run(paths, _feature_processor, spec, folder, world_size, on_progress)
+    return _run(paths, _feature_processor, spec, folder, world_size, on_progress, log_dir)
