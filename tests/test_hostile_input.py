@@ -501,16 +501,10 @@ def test_every_writer_that_runs_out_of_room_names_its_file_and_keeps_the_previou
     assert _leftovers(tmp_path) == []
 
 
-def test_a_truncated_video_is_read_as_far_as_it_goes_with_a_warning(tmp_path, caplog):
-    """An mp4 cut at 60% (its index, written first, still claims 40 frames): the frames that
-    are there are decoded, the partly read last packet is left out instead of failing the
-    video, and a warning gives both counts; predict then runs on what is there."""
+def _truncated_mp4(tmp_path):
+    """(an mp4 cut at 60% whose index, written first, still claims 40 frames; the whole file)"""
     import av
-    from tinymodel import save_tiny_weights
-    from typer.testing import CliRunner
-    from videogen import pattern_frame, read_index
-
-    from i3d.cli.main import app
+    from videogen import pattern_frame
 
     full = tmp_path / "full.mp4"
     with av.open(str(full), "w", options={"movflags": "faststart"}) as container:
@@ -524,22 +518,77 @@ def test_a_truncated_video_is_read_as_far_as_it_goes_with_a_warning(tmp_path, ca
         container.mux(stream.encode())
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.6)])
+    return cut, full
+
+
+def test_a_truncated_video_is_read_as_far_as_it_goes_with_a_warning(tmp_path, caplog):
+    """The frames that are there are decoded, the partly read last packet is left out
+    instead of failing the video, and a warning gives both counts (log and reader)."""
+    from videogen import read_index
+
+    cut, full = _truncated_mp4(tmp_path)
     with caplog.at_level("WARNING", logger="i3d.data.decode"), open_video(cut) as reader:
         count = reader.num_frames
         frames = reader.get_frames(range(count))
     assert 10 < count < 40 and reader.claimed_frames == 40
     assert [read_index(f) for f in frames] == list(range(count))
     assert f"cut.mp4 ends early (truncated?): {count} of the 40 frames" in caplog.text
-    caplog.clear()
-    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
-    with caplog.at_level("WARNING", logger="i3d.data.decode"):
-        result = CliRunner().invoke(app, ["predict", str(cut), "--weights", str(weights)])
-    assert result.exit_code == 0, result.output
-    assert f"{count} of the 40 frames" in caplog.text
+    assert reader.warnings == (
+        f"ends early (truncated?): {count} of the 40 frames its header claims could be read; "
+        "using those",
+    )
     with caplog.at_level("WARNING", logger="i3d.data.decode"):
         caplog.clear()
-        open_video(full).close()
+        with open_video(full) as whole:
+            assert whole.warnings == ()
     assert not caplog.text
+
+
+def test_a_truncated_video_is_flagged_in_every_output(tmp_path):
+    """The warning travels from a loader worker (predict --workers 1) into predict's JSON and
+    CSV, evaluate's predictions, the pooled features index and the snippet manifest; the
+    whole video next to it has none."""
+    import csv
+
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+    from i3d.data.datasets import load_annotations
+    from i3d.inference import Predictor
+    from i3d.inference.evaluation import evaluate_samples, read_predictions, write_predictions
+
+    cut, full = _truncated_mp4(tmp_path)
+    with open_video(cut) as reader:
+        (warning,) = reader.warnings
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    common = ["--weights", str(weights)]
+    videos = [str(cut), str(full)]
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def run(*args, workers=0):
+        result = CliRunner().invoke(app, [*map(str, args), *common, "--workers", str(workers)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    predicted = run("predict", *videos, "--json", "--csv", out / "p.csv", workers=1)
+    records = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("warnings") for r in records] == [[warning], None]
+    rows = list(csv.DictReader((out / "p.csv").open()))
+    assert {r["path"]: r["warnings"] for r in rows} == {str(cut): warning, str(full): ""}
+    (tmp_path / "val.txt").write_text(f"{cut.name} 0\n{full.name} 1\n")
+    samples = load_annotations(tmp_path / "val.txt", tmp_path)  # what i3d evaluate writes:
+    write_predictions(out / "e.jsonl", list(evaluate_samples(samples, Predictor(weights), 0)))
+    evaluated = (out / "e.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("warnings") for line in evaluated] == [[warning], None]
+    assert [s.warnings for s in read_predictions(out / "e.jsonl")] == [(warning,), ()]
+    run("features", *videos, "-o", out / "pooled", "--endpoint", "layer4")
+    index = json.loads((out / "pooled" / "index.json").read_text())
+    assert index["warnings"] == {str(cut): [warning]}
+    run("features", *videos, "-o", out / "snippets", "--window", "8")
+    manifest = (out / "snippets" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("warnings") for line in manifest] == [[warning], None]
 
 
 def test_weights_known_only_by_a_hash_prefix_need_trust_prefix(tmp_path, monkeypatch):

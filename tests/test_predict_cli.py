@@ -156,9 +156,9 @@ def test_all_scores_in_json_and_csv(setup, tmp_path):
     assert scores.shape == (2, 5) and np.allclose(scores.sum(1), 1, atol=1e-5)
     assert records[0]["top"][0]["score"] == pytest.approx(scores[0].max())
     header, *rows = _csv(out)
-    assert header == ["path", "error", *LABELS]
+    assert header == ["path", "error", "warnings", *LABELS]
     assert [row[0] for row in rows] == [str(videos / "v0.mp4"), str(videos / "v1.mp4")]
-    np.testing.assert_allclose([[float(x) for x in r[2:]] for r in rows], scores, rtol=1e-6)
+    np.testing.assert_allclose([[float(x) for x in r[3:]] for r in rows], scores, rtol=1e-6)
 
 
 def test_resume_skips_done_videos_retries_failed_ones_and_keeps_the_file(
@@ -185,9 +185,9 @@ def test_resume_skips_done_videos_retries_failed_ones_and_keeps_the_file(
     result = runner.invoke(app, [*base, v0, str(bad), v1, "--resume"])
     assert result.exit_code == 1 and "1 video already in" in result.stderr
     header, *rows = _csv(out)
-    assert header == first[0] == ["path", "rank", "index", "label", "score", "error"]
+    assert header == first[0] == ["path", "rank", "index", "label", "score", "error", "warnings"]
     assert [r[0] for r in rows] == [v0, v0, str(bad), v1, v1] and rows[3:] == first[1:]
-    assert rows[2][-1] and "bad.mp4" in rows[2][-1]
+    assert rows[2][5] and "bad.mp4" in rows[2][5]
 
     write_video(bad, 20, width=48, height=32)  # fixed: retried, the others are skipped
     result = runner.invoke(app, [*base, v0, str(bad), v1, "--resume"])
@@ -220,3 +220,18 @@ def test_resume_skips_done_videos_retries_failed_ones_and_keeps_the_file(
     result = runner.invoke(app, [*base[:-3], str(fresh), "--top-k", "2", v2, v0])
     assert result.exit_code == 130 and "--resume" in result.stderr
     assert [r[0] for r in _csv(fresh)[1:]] == [v2, v2]
+
+
+def test_a_csv_written_before_the_warnings_column_resumes(tmp_path):
+    """--resume on a file without the warnings column reads it and writes the column."""
+    from i3d.cli.predict_csv import PredictionTable
+
+    old = tmp_path / "old.csv"
+    old.write_text("path,rank,index,label,score,error\nv.mp4,1,0,walk,0.5,\nbad.mp4,,,,,broken\n")
+    table = PredictionTable(1, False, ("walk", "run"), 2)
+    table.load(old)
+    assert table.done() == {"v.mp4"}
+    table.save(old, ["v.mp4", "bad.mp4"])
+    assert old.read_text().splitlines() == [
+        "path,rank,index,label,score,error,warnings", "v.mp4,1,0,walk,0.5,,", "bad.mp4,,,,,broken,"
+    ]  # fmt: skip

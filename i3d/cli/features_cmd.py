@@ -277,14 +277,16 @@ def _local_features(
     with new_progress() as progress:
         task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
         on_views = view_progress(progress, todo[0].name) if len(todo) == 1 else None
+        noted: dict[int, tuple[str, ...]] = {}
         results = iter_features(
-            model, pipeline, todo, endpoint, pool, batch_size, workers, on_views, flow, flow_dir
-        )
+            model, pipeline, todo, endpoint, pool, batch_size, workers, on_views, flow, flow_dir,
+            noted.__setitem__,
+        )  # fmt: skip
         for i, (path, feats) in enumerate(zip(todo, results, strict=True), 1):
             if isinstance(feats, str):
                 failed.append((path, feats))
             else:
-                store.add(path, feats)
+                store.add(path, feats, noted.pop(i - 1, ()))
             if i % SAVE_EVERY == 0:
                 store.save()
             progress.advance(task)

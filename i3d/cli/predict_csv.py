@@ -12,13 +12,13 @@ from i3d.inference.inputs import InputError
 from i3d.inference.predictor import Prediction
 from i3d.utils.files import atomic_path
 
-TOP_K_HEADER = ("path", "rank", "index", "label", "score", "error")
+TOP_K_HEADER = ("path", "rank", "index", "label", "score", "error", "warnings")
 
 
 def score_columns(labels: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
     """One column name per class: its label, or its index where labels are missing or clash."""
     names = tuple(labels) if labels is not None else ()
-    clash = len(set(names)) != len(names) or {"path", "error"} & set(names)
+    clash = len(set(names)) != len(names) or {"path", "error", "warnings"} & set(names)
     if len(names) != num_classes or clash:
         return tuple(str(i) for i in range(num_classes))
     return names
@@ -28,7 +28,9 @@ def score_columns(labels: Sequence[str] | None, num_classes: int) -> tuple[str, 
 class PredictionTable:
     """CSV rows by video: ``top_k`` rows each, or (``all_scores``) one row of every class score.
 
-    Rows of videos read from an earlier file stay unless a new result replaces them.
+    ``warnings`` holds what was wrong with a video that was still scored (a truncated file;
+    several joined by " | "). Rows of videos read from an earlier file stay unless a new
+    result replaces them; a file written before that column gets it, empty.
     """
 
     top_k: int
@@ -41,27 +43,28 @@ class PredictionTable:
         """The column names, for the class count known so far."""
         if not self.all_scores:
             return list(TOP_K_HEADER)
-        return ["path", "error", *score_columns(self.labels, self.num_classes or 0)]
+        return ["path", "error", "warnings", *score_columns(self.labels, self.num_classes or 0)]
 
     @property
     def error_column(self) -> int:
         """Where a row's error text is (empty for a video with scores)."""
-        return 1 if self.all_scores else len(TOP_K_HEADER) - 1
+        return 1 if self.all_scores else TOP_K_HEADER.index("error")
 
     def add(self, result: Prediction) -> None:
         """Rows of one result, replacing any earlier rows of the same video."""
         path = str(result.path)
+        warnings = " | ".join(result.warnings)
         if result.scores is None:
             row = [path] + [""] * self.error_column  # save() pads the class columns
             row[self.error_column] = result.error or "failed"
             self.rows[path] = [row]
         elif self.all_scores:
             self.num_classes = self.num_classes or len(result.scores)
-            self.rows[path] = [[path, "", *(f"{s:.7g}" for s in result.scores)]]
+            self.rows[path] = [[path, "", warnings, *(f"{s:.7g}" for s in result.scores)]]
         else:
             top = result.top(self.top_k)
             self.rows[path] = [
-                [path, str(rank), str(i), name, f"{score:.6f}", ""]
+                [path, str(rank), str(i), name, f"{score:.6f}", "", warnings]
                 for rank, (i, name, score) in enumerate(top, 1)
             ]
 
@@ -79,8 +82,12 @@ class PredictionTable:
         if not table:
             return
         header, body = table[0], table[1:]
+        if "warnings" not in header and "error" in header:  # written before the column
+            at = header.index("error") + 1
+            header = _with_column(header, at, "warnings")
+            body = [_with_column(row, at) for row in body]
         if self.all_scores and self.num_classes is None and header[:2] == ["path", "error"]:
-            self.num_classes = len(header) - 2  # a model without labels: trust the file's count
+            self.num_classes = len(header) - 3  # a model without labels: trust the file's count
         if header != self.header():
             kind = "every class score (--all-scores)" if self.all_scores else "top-k rows"
             raise InputError(
@@ -124,3 +131,8 @@ class PredictionTable:
             writer.writerow(header)
             for video in (*first, *rest):
                 writer.writerows(row + [""] * (len(header) - len(row)) for row in self.rows[video])
+
+
+def _with_column(row: list[str], at: int, value: str = "") -> list[str]:
+    """``row`` with ``value`` inserted at ``at`` (the warnings column of an older file)."""
+    return [*row[:at], value, *row[at:]]

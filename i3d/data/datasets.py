@@ -499,6 +499,22 @@ def in_input_order(results: Iterable[tuple[int, _Result]]) -> Iterator[_Result]:
             given += 1
 
 
+def note_warnings(
+    pieces: Iterable[tuple[int, ViewPiece | str]],
+    on_warnings: Callable[[int, tuple[str, ...]], None] | None,
+) -> Iterator[tuple[int, ViewPiece | str]]:
+    """``pieces`` passed on as they come, telling ``on_warnings`` (source index, warnings)
+    once for each source whose pieces carry warnings (a truncated video), before any result
+    of that source can be finished: they travel from the loader workers on the pieces."""
+    told: set[int] = set()
+    for index, piece in pieces:
+        if on_warnings is not None and not isinstance(piece, str) and index not in told:
+            if piece.warnings:
+                on_warnings(index, piece.warnings)
+            told.add(index)
+        yield index, piece
+
+
 def finish_pieces(
     pieces: Iterable[tuple[int, ViewPiece | str]],
     run: Callable[[ViewPiece], torch.Tensor],

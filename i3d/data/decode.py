@@ -150,6 +150,9 @@ class VideoReader(ABC):
     fps: float | None
     size: tuple[int, int]
     """(width, height) of the decoded frames."""
+    warnings: tuple[str, ...] = ()
+    """What is wrong with the video but did not stop it being read (a truncated file), one
+    line each without the path: results made from it carry them."""
 
     def get_frames(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
         """Frames at 0-based ``indices`` (any order, repeats allowed), stacked as (T, H, W, 3)."""
@@ -259,11 +262,11 @@ class PyAVReader(VideoReader):
         self.header_frames = int(self._stream.frames or 0)
         self.claimed_frames, slack = self._claimed_frames()
         if self.claimed_frames is not None and self.num_frames < self.claimed_frames - slack:
-            log.warning(
-                "warning: %s ends early (truncated?): %d of the %d frames its header claims "
-                "could be read; using those",
-                self.path, self.num_frames, self.claimed_frames,
-            )  # fmt: skip
+            self.warnings = (
+                f"ends early (truncated?): {self.num_frames} of the {self.claimed_frames} frames "
+                "its header claims could be read; using those",
+            )
+            log.warning("warning: %s %s", self.path, self.warnings[0])
 
     def _quarter_turns(self) -> int:
         """The display rotation of the first frame (phones store upright video sideways and

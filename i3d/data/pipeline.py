@@ -62,6 +62,8 @@ class ViewPiece:
     stop: int
     clips: int
     crops: int
+    warnings: tuple[str, ...] = ()
+    """The video's :attr:`~i3d.data.decode.VideoReader.warnings` (a truncated file)."""
 
     @property
     def last(self) -> bool:
@@ -239,7 +241,8 @@ class Pipeline:
                 first = starts[done]
                 out = outs.pop(done)
                 views = rearrange(out, "n (k t) h w c -> (n k) c t h w", t=length)
-                yield ViewPiece(views, first, min(count, first + size), count, len(plan))
+                stop = min(count, first + size)
+                yield ViewPiece(views, first, stop, count, len(plan), reader.warnings)
                 done += 1
         assert done == len(starts)  # iter_frames yields every wanted frame or raises
 

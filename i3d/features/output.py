@@ -3,7 +3,8 @@
     DIR/<id>.npy          float32 (snippets, C), or (crops, snippets, C)
     DIR/<id>.times.csv    per snippet: timeline frames, seconds, decoded frames read
     DIR/manifest.jsonl    one JSON record per video: how its features were made, the
-                          file's SHA-256 and size, frame count, rates; or why it failed
+                          file's SHA-256 and size, frame count, rates, ``warnings`` where
+                          the video had some (a truncated file); or why it failed
 
 A record's ``settings`` (protocol, weights hash, decoder) decide whether a rerun may reuse
 the file; its ``versions`` only document. Files are written atomically; one run at a time
@@ -130,6 +131,7 @@ class SnippetFolder:
         with atomic_path(self.path / f"{name}.times.csv") as tmp:
             tmp.write_text(_times_csv(result.times), encoding="utf-8")
         timeline = result.timeline
+        warnings = {"warnings": list(timeline.warnings)} if timeline.warnings else {}
         return {
             "video": name,
             "path": str(result.path),
@@ -146,6 +148,7 @@ class SnippetFolder:
             "snippets": int(result.times.shape[0]),
             "settings": settings,
             "versions": versions,
+            **warnings,
         }
 
     def locked(self) -> contextlib.AbstractContextManager[None]:

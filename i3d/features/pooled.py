@@ -17,7 +17,13 @@ from functools import partial
 
 import torch
 
-from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
+from i3d.data.datasets import (
+    auto_workers,
+    finish_pieces,
+    in_input_order,
+    iter_pieces,
+    note_warnings,
+)
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
 from i3d.data.transfer import DeviceFeed
 from i3d.flow.recipe import FlowConfig
@@ -207,9 +213,12 @@ def iter_features(
     on_views: ViewProgress | None = None,
     flow: FlowConfig | None = None,
     flow_dir: str | os.PathLike[str] | None = None,
+    on_warnings: Callable[[int, tuple[str, ...]], None] | None = None,
 ) -> Iterator[torch.Tensor | str]:
     """Float32 CPU features (:func:`video_features`) of each video in order, or the error
-    text of one that could not be read; ``workers`` processes decode ahead (None: auto)."""
+    text of one that could not be read; ``workers`` processes decode ahead (None: auto).
+    ``on_warnings`` hears (index in ``paths``, warnings) of a video read with warnings (a
+    truncated file) before its features come."""
     check_path_list(paths)
     _check_pool(pool)
     streams = FeatureStreams(model, pipeline, flow, flow_dir)
@@ -219,6 +228,7 @@ def iter_features(
     size = _clips_per_piece(pipeline, batch_size)
     feed = DeviceFeed(streams.device)
     pieces = iter_pieces(paths, streams.source, workers, VIDEO_ERRORS, size, feed.overlaps)
+    pieces = note_warnings(pieces, on_warnings)
 
     def run(piece: ViewPiece | StreamPiece) -> torch.Tensor:
         maps = streams.piece_maps(piece, endpoint, pool, batch_size, on_views)

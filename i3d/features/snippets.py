@@ -46,6 +46,8 @@ class Timeline:
     source_fps: float | None
     fps: float | None
     source: np.ndarray = attrs.field(eq=False, repr=False)
+    warnings: tuple[str, ...] = ()
+    """The video's :attr:`~i3d.data.decode.VideoReader.warnings` (a truncated file)."""
 
     @property
     def ticks(self) -> int:
@@ -60,7 +62,8 @@ def video_timeline(reader: VideoReader, fps: float | None) -> Timeline:
             f"resampled to {fps:g} fps; extract its frames at {fps:g} fps, or read the video file"
         )
     source = resampled_timeline(reader.num_frames, reader.fps, fps)
-    return Timeline(reader.num_frames, reader.fps, reader.fps if fps is None else fps, source)
+    rate = reader.fps if fps is None else fps
+    return Timeline(reader.num_frames, reader.fps, rate, source, reader.warnings)
 
 
 @attrs.frozen

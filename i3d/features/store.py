@@ -2,7 +2,9 @@
 
 A store records how its features were made (endpoint, pooling, weights, views); reopening it
 with other settings is refused instead of mixing features, and a file that is not a features
-file (model weights, say) is never overwritten.
+file (model weights, say) is never overwritten. ``warnings`` (video → lines) records what was
+wrong with videos whose features were still made (a truncated file), only where there are
+some.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -79,6 +82,14 @@ def _stored_metadata(meta: dict[str, str]) -> dict[str, object] | None:
     return data
 
 
+def _warnings_of(stored: dict[str, object]) -> dict[str, list[str]]:
+    """The ``warnings`` a store's metadata or index records (none in older files)."""
+    found = stored.get("warnings")
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): [str(w) for w in v] for k, v in found.items() if isinstance(v, list)}
+
+
 class SafetensorsFeatures:
     """One .safetensors: tensor ``"<i>"`` for video i of the metadata's ``videos`` list."""
 
@@ -89,6 +100,7 @@ class SafetensorsFeatures:
         remove_stale_temporaries(path.parent if str(path.parent) else Path("."), path.name)
         self.tensors: dict[str, torch.Tensor] = {}
         self.videos: list[str] = []
+        self.warnings: dict[str, list[str]] = {}
         if path.exists():
             try:
                 with safe_open(str(path), framework="pt") as fh:
@@ -100,6 +112,7 @@ class SafetensorsFeatures:
                         )
                     setting.check(path, {k: str(v) for k, v in stored.items() if k in SETTING_KEYS})
                     self.videos = [str(v) for v in stored["videos"]]
+                    self.warnings = _warnings_of(stored)
                     self.tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
             except OutputError:
                 raise
@@ -113,15 +126,19 @@ class SafetensorsFeatures:
     def has(self, video: Path) -> bool:
         return str(video) in self.done
 
-    def add(self, video: Path, features: torch.Tensor) -> None:
+    def add(self, video: Path, features: torch.Tensor, warnings: Sequence[str] = ()) -> None:
         self.tensors[str(len(self.videos))] = features.contiguous()
         self.videos.append(str(video))
         self.done.add(str(video))
+        if warnings:
+            self.warnings[str(video)] = list(warnings)
 
     def save(self) -> None:
         from safetensors.torch import save_file
 
         data = {**self.setting.as_dict(), "videos": self.videos}
+        if self.warnings:
+            data["warnings"] = self.warnings
         meta = {FEATURES_KEY: json.dumps(data, sort_keys=True)}
         with atomic_path(self.path) as tmp:
             save_file(self.tensors, str(tmp), metadata=meta)
@@ -145,6 +162,7 @@ class NpyFeatures:
             raise OutputError(f"{index} is not a readable features index ({exc})") from exc
         setting.check(path, {k: v for k, v in stored.items() if k in SETTING_KEYS})
         self.index: dict[str, str] = stored.get("files", {})
+        self.warnings = _warnings_of(stored)
         remove_stale_temporaries(path)
         if not index.is_file():  # the folder is ours from the start: a killed run resumes
             self.save()
@@ -163,14 +181,18 @@ class NpyFeatures:
         self.index.setdefault(name, str(video))
         return True
 
-    def add(self, video: Path, features: torch.Tensor) -> None:
+    def add(self, video: Path, features: torch.Tensor, warnings: Sequence[str] = ()) -> None:
         name = self.name(video)
         with atomic_path(self.path / name) as tmp, open(tmp, "wb") as fh:
             np.save(fh, features.numpy())
         self.index[name] = str(video)
+        if warnings:
+            self.warnings[str(video)] = list(warnings)
 
     def save(self) -> None:
-        data = {**self.setting.as_dict(), "files": self.index}
+        data: dict[str, object] = {**self.setting.as_dict(), "files": self.index}
+        if self.warnings:
+            data["warnings"] = self.warnings
         with atomic_path(self.path / "index.json") as tmp:
             tmp.write_text(json.dumps(data, indent=1) + "\n")
 

@@ -65,6 +65,12 @@ class StreamPiece:
     def crops(self) -> int:
         return self.first.crops
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The streams' warnings about the video (a truncated file), each once."""
+        found = [p.warnings for p in (self.rgb, self.flow) if p is not None]
+        return tuple(dict.fromkeys(w for ws in found for w in ws))
+
 
 def clip_positions(pipeline: Pipeline, ticks: int) -> np.ndarray:
     """(clips, frames) timeline positions of a test pipeline's clips on ``ticks`` frames: the
@@ -172,7 +178,7 @@ class StreamPipeline:
                             "fields; a two-stream sample needs one flow field fewer than frames"
                         )
             ticks = np.minimum(clip_positions(self.pipeline, frames), frames - 2)
-            yield from self._cut(ticks, clips_per_piece, fields)
+            yield from self._cut(ticks, clips_per_piece, fields, ())
             return
         with open_video(source, backend=self.pipeline.decoder) as reader:
             prep = self.pipeline.preprocessing
@@ -184,12 +190,17 @@ class StreamPipeline:
                 fields: _Fields = _Stored(self.store, Path(source), reader, timeline, self)
             else:
                 fields = _Computed(reader, timeline, self.pipeline, self.flow)
-            yield from self._cut(ticks, clips_per_piece, fields)
+            yield from self._cut(ticks, clips_per_piece, fields, reader.warnings)
 
     def _cut(
-        self, ticks: np.ndarray, clips_per_piece: int | None, fields: _Fields
+        self,
+        ticks: np.ndarray,
+        clips_per_piece: int | None,
+        fields: _Fields,
+        warnings: tuple[str, ...],
     ) -> Iterator[ViewPiece]:
-        """Views of each piece's clips, cut from the flow fields of their ticks."""
+        """Views of each piece's clips, cut from the flow fields of their ticks; the pieces
+        carry the video's ``warnings``."""
         count = len(ticks)
         size = count if clips_per_piece is None else max(1, min(clips_per_piece, count))
         for first in range(0, count, size):
@@ -206,7 +217,7 @@ class StreamPipeline:
                     cut = cut.flip(2) * torch.tensor([-1.0, 1.0])
                 views.append(cut[rows])  # (clips, T, h, w, 2)
             out = rearrange(torch.stack(views), "k n t h w c -> (k n) c t h w").contiguous()
-            yield ViewPiece(out, first, min(count, first + size), count, len(boxes))
+            yield ViewPiece(out, first, min(count, first + size), count, len(boxes), warnings)
             if first + size < count:
                 fields.forget_below(int(ticks[first + size :].min()))
 

@@ -26,11 +26,13 @@ from i3d.utils.untrusted import load_json
 
 @attrs.frozen
 class Scored:
-    """One evaluated sample: its label and averaged scores."""
+    """One evaluated sample: its label and averaged scores (and what was wrong with a video
+    that was still scored: a truncated file)."""
 
     path: str
     label: int
     scores: np.ndarray = attrs.field(eq=False, repr=False)
+    warnings: tuple[str, ...] = ()
 
 
 def evaluation_samples(
@@ -104,12 +106,12 @@ def evaluate_samples(
     samples: Sequence[Sample], predictor: Predictor, workers: int | None = None
 ) -> Iterator[Scored | tuple[Sample, str]]:
     """Score samples in order; unreadable ones are yielded as (sample, error)."""
-    scores = predictor.iter_scores([s.path for s in samples], workers)
-    for sample, result in zip(samples, scores, strict=True):
-        if isinstance(result, str):
-            yield sample, result
+    results = predictor.predict_many([s.path for s in samples], workers)
+    for sample, result in zip(samples, results, strict=True):
+        if result.scores is None:
+            yield sample, result.error or "failed"
         else:
-            yield Scored(str(sample.path), sample.label, result)
+            yield Scored(str(sample.path), sample.label, result.scores, result.warnings)
 
 
 def summarize(scored: Sequence[Scored]) -> dict[str, float]:
@@ -121,10 +123,13 @@ def summarize(scored: Sequence[Scored]) -> dict[str, float]:
 
 
 def write_predictions(path: str | os.PathLike[str], scored: Sequence[Scored]) -> None:
-    """JSON lines ``{"path", "label", "scores"}``, re-scorable with :func:`read_predictions`."""
+    """JSON lines ``{"path", "label", "scores"}`` (and ``warnings`` where a video had some),
+    re-scorable with :func:`read_predictions`."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for s in scored:
             record = {"path": s.path, "label": s.label, "scores": s.scores.tolist()}
+            if s.warnings:
+                record["warnings"] = list(s.warnings)
             fh.write(json.dumps(record) + "\n")
 
 
@@ -146,6 +151,7 @@ def read_predictions(path: str | os.PathLike[str]) -> list[Scored]:
                     str(record["path"]),
                     int(record["label"]),
                     np.asarray(record["scores"], dtype=np.float32),
+                    tuple(str(w) for w in record.get("warnings", ())),
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):

@@ -18,7 +18,13 @@ import attrs
 import numpy as np
 import torch
 
-from i3d.data.datasets import auto_workers, finish_pieces, in_input_order, iter_pieces
+from i3d.data.datasets import (
+    auto_workers,
+    finish_pieces,
+    in_input_order,
+    iter_pieces,
+    note_warnings,
+)
 from i3d.data.pipeline import Pipeline, ViewPiece, build_pipeline, join_pieces
 from i3d.data.transfer import DeviceFeed
 from i3d.flow.recipe import FlowConfig
@@ -76,12 +82,14 @@ def _on_cpu(device: str | None) -> bool:
 
 @attrs.frozen(repr=False)
 class Prediction:
-    """Averaged class scores of one video (``error`` set instead when it could not be read)."""
+    """Averaged class scores of one video (``error`` set instead when it could not be read);
+    ``warnings``: what is wrong with a video that was still scored (a truncated file)."""
 
     path: Path
     scores: np.ndarray | None = attrs.field(eq=False, repr=False)
     labels: tuple[str, ...] | None = attrs.field(default=None, repr=False)
     error: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def top(self, k: int = 5) -> list[tuple[int, str, float]]:
         """The ``k`` best classes as (index, name, score), best first."""
@@ -100,7 +108,8 @@ class Prediction:
         return self.labels[index] if self.labels is not None else str(index)
 
     def to_json(self, k: int = 5, all_scores: bool = False) -> dict[str, Any]:
-        """One JSON-able record: path, top-k classes (and every class score), or the error."""
+        """One JSON-able record: path, top-k classes (and every class score), or the error;
+        ``warnings`` only where there are some."""
         if self.error is not None:
             return {"path": str(self.path), "error": self.error}
         record: dict[str, Any] = {
@@ -109,6 +118,8 @@ class Prediction:
         }
         if all_scores and self.scores is not None:
             record["scores"] = self.scores.tolist()  # in class-index order
+        if self.warnings:
+            record["warnings"] = list(self.warnings)
         return record
 
 
@@ -346,23 +357,28 @@ class Predictor:
 
         ``on_views`` reports progress within each video (views run so far, views in it).
         """
-        scores_of = self.iter_scores(paths, workers, on_views)
-        for path, scores in zip(paths, scores_of, strict=True):
+        noted: dict[int, tuple[str, ...]] = {}
+        scores_of = self.iter_scores(paths, workers, on_views, noted.__setitem__)
+        for index, (path, scores) in enumerate(zip(paths, scores_of, strict=True)):
+            warnings = noted.pop(index, ())
             if isinstance(scores, str):
                 yield Prediction(Path(path), None, self.labels, error=scores)
             else:
-                yield Prediction(Path(path), scores, self.labels)
+                yield Prediction(Path(path), scores, self.labels, warnings=warnings)
 
     def iter_scores(
         self,
         paths: Sequence[str | os.PathLike[str]],
         workers: int | None = None,
         on_views: ViewProgress | None = None,
+        on_warnings: Callable[[int, tuple[str, ...]], None] | None = None,
     ) -> Iterator[np.ndarray | str]:
         """Scores of each video in order, or the error text of one that failed.
 
         Videos stream through the model a piece (:attr:`clips_per_piece` clips) at a time,
         decoded by ``workers`` processes ahead, so memory does not grow with their length.
+        ``on_warnings`` hears (index in ``paths``, warnings) of a video read with warnings
+        (a truncated file) before its scores come.
         """
         check_path_list(paths)
         workers = auto_workers(len(paths)) if workers is None else workers
@@ -373,6 +389,7 @@ class Predictor:
                 workers = 0  # decoding processes cannot share the device flow runs on
         pin = self.feed is not None and self.feed.overlaps
         pieces = iter_pieces(paths, source, workers, VIDEO_ERRORS, self.clips_per_piece, pin)
+        pieces = note_warnings(pieces, on_warnings)
         if self.feed is not None:
             pieces = self.feed.ahead(pieces)
         run = functools.partial(self._piece_logits, on_views=on_views)
