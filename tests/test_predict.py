@@ -410,3 +410,26 @@ def test_features_files_of_earlier_versions_still_resume(tmp_path):
     store.save()
     again = open_feature_store(tmp_path / "old.safetensors", setting)
     assert again.has(Path("a.mp4")) and again.has(Path("b.mp4"))
+
+
+def test_predict_and_evaluate_take_a_precision_and_backend_options(setup, tmp_path):
+    """--precision and -O reach the backend's runner: bf16 on the torch CPU backend stays
+    close to fp32 with the same top-1, and an option or precision it cannot take is one line."""
+    root, weights, videos = setup
+    args = ["predict", str(videos / "v0.mp4"), "--weights", str(weights), "--json"]
+    fp32 = json.loads(runner.invoke(app, args).output)
+    result = runner.invoke(app, [*args, "--precision", "bf16", "-O", "channels_last=false"])
+    assert result.exit_code == 0, result.output
+    bf16 = json.loads(result.output)
+    assert bf16["top"][0]["label"] == fp32["top"][0]["label"]
+    assert bf16["top"][0]["score"] == pytest.approx(fp32["top"][0]["score"], abs=0.03)
+    assert bf16["top"][0]["score"] != fp32["top"][0]["score"]  # it did run in bf16
+    for extra, message in ((["-O", "nonsense=1"], "nonsense"), (["-O", "novalue"], "key=value")):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    (root / "one.txt").write_text("v0.mp4 0\n")
+    result = runner.invoke(app, ["evaluate", str(root / "one.txt"), "--data-root", str(videos),
+                                 "--weights", str(weights), "--precision", "fp64",
+                                 "-o", str(tmp_path / "e")])  # fmt: skip
+    assert result.exit_code == 1 and "fp64" in result.output, result.output

@@ -14,11 +14,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Column, Table
 
+from i3d.cli.backend_cmds import parse_options
 from i3d.cli.common import err_console, fail_on_errors
 from i3d.cli.predict_csv import PredictionTable
 from i3d.cli.video_common import (
     ERRORS,
     BackendOpt,
+    BackendOptionOpt,
     BatchOpt,
     ClipLenOpt,
     ClipsOpt,
@@ -27,6 +29,7 @@ from i3d.cli.video_common import (
     FlowDirOpt,
     FlowImplOpt,
     LogDirOpt,
+    PrecisionOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
@@ -100,6 +103,8 @@ def predict(
     flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
     log_dir: LogDirOpt = None,
+    precision: PrecisionOpt = "fp32",
+    option: BackendOptionOpt = None,
 ) -> None:
     """Classify videos with the weights' own test protocol (views averaged as they say).
 
@@ -120,6 +125,7 @@ def predict(
         spec = PredictSpec(
             str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
             device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
+            precision, tuple(parse_options(option).items()),
         )  # fmt: skip
         predictor = _launcher_predictor(spec, is_sharded(world_size))
         if predictor.num_classes is not None:
@@ -195,7 +201,8 @@ def _launcher_predictor(spec: PredictSpec, sharded: bool) -> Predictor | _ModelI
         return _ModelInfo(info.labels, info.config.head.num_classes)
     return Predictor(
         spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend, spec.device,
-        spec.clip_len, flow=spec.flow_config(spec.device), flow_dir=spec.flow_dir,
+        spec.clip_len, spec.backend_options(), flow=spec.flow_config(spec.device),
+        flow_dir=spec.flow_dir,
     )  # fmt: skip
 
 
@@ -284,6 +291,8 @@ def evaluate(
     flow_dir: FlowDirOpt = None,
     world_size: WorldSizeOpt = 1,
     log_dir: LogDirOpt = None,
+    precision: PrecisionOpt = "fp32",
+    option: BackendOptionOpt = None,
 ) -> None:
     """Top-1/top-5/mean-class accuracy (mmaction definitions), per-class CSV, confusion PNG."""
     from i3d.backends import BackendError
@@ -307,6 +316,7 @@ def evaluate(
             spec = PredictSpec(
                 str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
                 device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
+                precision, tuple(parse_options(option).items()),
             )  # fmt: skip
             predictor = _launcher_predictor(spec, is_sharded(world_size))
             list_labels = read_labels(label_file) if label_file is not None else None

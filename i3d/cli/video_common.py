@@ -76,6 +76,19 @@ WorkersOpt = Annotated[
         min=0, help="Processes decoding ahead of the model (default: 0 for one video, else auto)."
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="fp32 (exact), or what the backend offers: bf16 / fp16 where the device has the "
+        "units, int8 on openvino (with -O calibration=LIST); see `i3d backends`."
+    ),
+]
+BackendOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option", "-O", help="Backend option key=value (repeatable; see `i3d backends`)."
+    ),
+]
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device, e.g. cpu, cuda:0, npu:0 (default: the backend's).")
 ]

@@ -43,6 +43,12 @@ class PredictSpec:
     workers: int | None = None
     flow_impl: str = "torch"
     flow_dir: str | None = None
+    precision: str = "fp32"
+    options: tuple[tuple[str, str], ...] = ()  # backend options (``-O key=value``)
+
+    def backend_options(self) -> dict[str, Any]:
+        """What the backend's runner is given: the ``-O`` options and the precision."""
+        return {**dict(self.options), "precision": self.precision}
 
     def flow_config(self, device: str | None) -> FlowConfig:
         """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
@@ -80,7 +86,8 @@ def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], 
     device = rank_device(spec.backend, spec.device, ctx)
     predictor = Predictor(
         spec.weights, spec.clips, spec.crops, spec.batch_size, spec.backend, device,
-        spec.clip_len, flow=spec.flow_config(device), flow_dir=spec.flow_dir,
+        spec.clip_len, spec.backend_options(), flow=spec.flow_config(device),
+        flow_dir=spec.flow_dir,
     )  # fmt: skip
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
