@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tinymodel import save_tiny_weights
@@ -225,3 +226,81 @@ def test_every_runner_shares_the_process_one_openvino_core(converted):
     weights, _, runner, _ = converted
     again = load_runner(weights, backend="openvino")
     assert again.core is runner.core is ovb.shared_core()
+
+
+@pytest.fixture(scope="module")
+def ov_features(cache, tmp_path_factory):
+    """Pooled layer2 features of a short video by torch and by OpenVINO (the first
+    conversion of that endpoint), and the weights and video."""
+    pytest.importorskip("openvino")
+    root = tmp_path_factory.mktemp("features")
+    weights = save_tiny_weights(root / "tiny.safetensors", LABELS)
+    video = write_video(root / "v.mp4", 24, width=48, height=32)
+    common = ["features", str(video), "--weights", str(weights), "--endpoint", "layer2"]
+    runs = {}
+    for backend in ("torch", "openvino"):
+        out = root / f"{backend}.safetensors"
+        runs[backend] = cli.invoke(app, [*common, "--backend", backend, "-o", str(out)])
+        assert runs[backend].exit_code == 0, runs[backend].output
+    return weights, video, common, root, runs
+
+
+def _features(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["0"]
+
+
+def test_pooled_features_on_openvino_equal_torch_and_reuse_the_cache(ov_features):
+    _, _, common, root, runs = ov_features
+    converting = "converting the model up to endpoint layer2 for clips 3×8×32×32"
+    assert converting in runs["openvino"].output
+    want, got = _features(root / "torch.safetensors"), _features(root / "openvino.safetensors")
+    assert got.shape == want.shape == (8,)
+    assert _rel(got, want) <= 1e-4
+    # a second run (per-view maps this time: pooling stays in torch) reads the converted model
+    maps = cli.invoke(app, [*common, "--backend", "openvino", "--pool", "none", "-o",
+                            str(root / "maps.safetensors")])  # fmt: skip
+    assert maps.exit_code == 0, maps.output
+    assert "converting" not in maps.output
+    per_view = _features(root / "maps.safetensors")
+    assert per_view.shape == (1, 8, 1, 4, 4)  # one centre view (val mode): a layer2 map
+    assert _rel(per_view.flatten(2).mean(dim=2).mean(dim=0), got) <= 1e-6
+
+
+def test_snippet_features_on_openvino_equal_torch(ov_features):
+    weights, video, _, root, _ = ov_features
+    common = ["features", str(video), "--weights", str(weights), "--window", "8",
+              "--endpoint", "layer2"]  # fmt: skip
+    for backend in ("torch", "openvino"):
+        out = cli.invoke(app, [*common, "--backend", backend, "-o", str(root / f"s-{backend}")])
+        assert out.exit_code == 0, out.output
+    want, got = (torch.from_numpy(np.load(root / f"s-{b}/v.npy")) for b in ("torch", "openvino"))
+    assert got.shape == want.shape == (3, 8)  # 24 frames: 3 snippets of 8
+    assert _rel(got, want) <= 1e-4
+
+
+def test_an_endpoint_openvino_cannot_convert_is_a_one_line_error(
+    ov_features, monkeypatch, tmp_path
+):
+    weights, video, _, _, _ = ov_features
+    monkeypatch.setenv("I3D_CACHE", str(tmp_path / "fresh"))  # nothing converted there yet
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "Model wasn't fully converted. Failed operations detailed log:\n"
+            "-- aten::max_pool3d with a message:\nNo conversion rule found"
+        )
+
+    monkeypatch.setattr(ovb.import_openvino(), "convert_model", refuse)
+    out = tmp_path / "f.safetensors"
+    result = cli.invoke(
+        app,
+        ["features", str(video), "--weights", str(weights), "--endpoint", "stem",
+         "--backend", "openvino", "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "convert_model failed at endpoint stem: RuntimeError: aten::max_pool3d" in lines[0]
+    assert "--backend torch" in lines[0] and not out.exists()

@@ -4,7 +4,9 @@ The torch model is converted with ``openvino.convert_model`` (from a TorchScript
 ``torch.export`` where tracing cannot convert; exact to ~1e-6), checked against torch on natural
 frames, and saved as OpenVINO IR. The compiled model of each precision and mode is saved
 beside it, so a second run imports it in seconds. Each clip is one infer request; a batch of
-clips (e.g. a video's 30 views) runs as concurrent requests.
+clips (e.g. a video's 30 views) runs as concurrent requests. A runner made by
+:func:`endpoint_runner` converts the model truncated at a feature endpoint instead (its own
+cache entries), for ``i3d features``.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from i3d.backends.base import (
     ClipRunner,
     check_options,
     check_precision,
+    first_line,
     labels_of,
     preprocessing_of,
     resolve_model,
     thread_count,
 )
-from i3d.backends.check_input import natural_clips_for
+from i3d.backends.check_input import natural_clips
 from i3d.backends.torch_backend import parse_flag
 from i3d.utils.files import OutputError, atomic_path, no_room_as_output_error
 
@@ -125,10 +128,13 @@ def model_digest(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def ir_key(digest: str, clip: tuple[int, ...], version: str) -> str:
-    """Cache key of a converted model: weights digest, clip shape (C, T, H, W), versions."""
-    text = json.dumps([CACHE_FORMAT, digest, list(clip), version])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def ir_key(digest: str, clip: tuple[int, ...], version: str, endpoint: str | None = None) -> str:
+    """Cache key of a converted model: weights digest, clip shape (C, T, H, W), versions, and
+    the feature endpoint it stops at (None: the whole classifier)."""
+    parts: list[object] = [CACHE_FORMAT, digest, list(clip), version]
+    if endpoint is not None:  # classifier keys stay as they were: existing caches are valid
+        parts.append(endpoint)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
 def cpu_capabilities(core: Any) -> tuple[str, ...]:
@@ -147,10 +153,26 @@ def compile_config(precision: str, mode: str, threads: int | None) -> dict[str, 
     return config
 
 
+CHECK_CONFIG = compile_config("fp32", "latency", None)  # what conversions are checked with
+
+
+class EndpointModel(nn.Module):
+    """A recognizer truncated at one endpoint: ``forward(x)`` is that endpoint's map."""
+
+    def __init__(self, model: nn.Module, endpoint: str) -> None:
+        super().__init__()
+        self.model = model
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.endpoints(x, [self.endpoint])[self.endpoint]
+
+
 class OpenVinoRunner(ClipRunner):
     """Clips through OpenVINO's CPU plugin; one compiled model per clip shape and mode, built
     on demand. ``mode="auto"`` runs a single clip in latency mode and several in throughput
-    mode (streams working on concurrent requests)."""
+    mode (streams working on concurrent requests). With ``endpoint``, the model converted is
+    the recognizer truncated there (:meth:`maps` runs it; cached under keys of its own)."""
 
     backend = "openvino"
     device = "cpu"
@@ -164,6 +186,7 @@ class OpenVinoRunner(ClipRunner):
         threads: int | None,
         cache: Path | None,
         calibration: tuple[Path, ...] = (),
+        endpoint: str | None = None,
     ) -> None:
         super().__init__(batch_size or DEFAULT_CHUNK, preprocessing_of(model))
         self.ov = import_openvino()
@@ -173,8 +196,10 @@ class OpenVinoRunner(ClipRunner):
         self.precision = precision
         self.mode = mode
         self.threads = threads
-        self.model = model
         self.digest = model_digest(model)
+        self.endpoint = endpoint
+        self.model = model if endpoint is None else EndpointModel(model, endpoint).eval()
+        self.check_prep = preprocessing_of(model)
         self.cache = cache
         self.calibration = calibration
         #: int8: per clip shape, (top-1 agreement, max relative logit change) against fp32 on
@@ -183,6 +208,8 @@ class OpenVinoRunner(ClipRunner):
         #: models converted or read this session, by clip shape (and (shape, "int8"))
         self.irs: dict[Any, Any] = {}
         self.queues: dict[tuple[tuple[int, ...], str], Any] = {}
+        #: per clip shape, the fp32 model the conversion check compiled (reused once)
+        self.checked: dict[tuple[int, ...], Any] = {}
         #: where each (clip shape, mode)'s compiled model came from: converted, ir cache,
         #: compiled cache
         self.sources: dict[tuple[tuple[int, ...], str], str] = {}
@@ -217,8 +244,8 @@ class OpenVinoRunner(ClipRunner):
                 ir, self.sources[clip, mode] = self._int8_ir(clip, None)
             else:
                 ir, self.sources[clip, mode] = self._ir(clip, None)
-            return self.core.compile_model(ir, "CPU", config)
-        key = ir_key(self.digest, clip, self.version)
+            return self._compile(clip, ir, config)
+        key = ir_key(self.digest, clip, self.version, self.endpoint)
         self.cache.mkdir(parents=True, exist_ok=True)
         cpu = self.core.get_property("CPU", "FULL_DEVICE_NAME")
         calibrated = calibration_digest(self.calibration) if self.precision == "int8" else ""
@@ -234,12 +261,21 @@ class OpenVinoRunner(ClipRunner):
             ir, self.sources[clip, mode] = self._int8_ir(clip, key)
         else:
             ir, self.sources[clip, mode] = self._ir(clip, self.cache / f"{key}.xml")
-        compiled = self.core.compile_model(ir, "CPU", config)
+        compiled = self._compile(clip, ir, config)
         stream = io.BytesIO()
         compiled.export_model(stream)
         with atomic_path(blob, CACHE_HINT) as tmp:
             tmp.write_bytes(stream.getvalue())
         return compiled
+
+    def _compile(self, clip: tuple[int, ...], ir: Any, config: dict[str, str]) -> Any:
+        """``ir`` compiled with ``config``: the model the conversion check compiled, when it
+        was compiled so (fp32, latency mode, default threads), else compiled now (and the
+        check's model dropped)."""
+        checked = self.checked.pop(clip, None)
+        if checked is not None and config == CHECK_CONFIG and self.precision == "fp32":
+            return checked
+        return self.core.compile_model(ir, "CPU", config)
 
     def _ir(self, clip: tuple[int, ...], xml: Path | None) -> tuple[Any, str]:
         """The model for ``clip`` and where it came from: this session or ``xml`` ("ir
@@ -290,30 +326,38 @@ class OpenVinoRunner(ClipRunner):
         """Convert the torch model for (1, *clip) input and check it against torch (fp32)."""
         shape = (1, *clip)
         where = f"; cached in {self.cache}" if self.cache is not None else ""
+        upto = f" up to endpoint {self.endpoint}" if self.endpoint is not None else ""
+        outputs = "logits" if self.endpoint is None else f"{self.endpoint} maps"
         print(
-            f"openvino: converting the model for clips {'×'.join(map(str, clip))} "
+            f"openvino: converting the model{upto} for clips {'×'.join(map(str, clip))} "
             f"(first use only{where})",
             file=sys.stderr,
         )
-        check = natural_clips_for(self.model, shape)
+        check = natural_clips(shape, self.check_prep)
         try:
             with torch.no_grad():
                 expected = self.model(check).float().numpy()
         except (RuntimeError, ValueError) as exc:  # clips too short or small for the strides
-            raise BackendError(f"the model failed on clips {shape}: {exc}") from exc
+            raise BackendError(f"the model failed on clips {shape}: {first_line(exc)}") from exc
         if not np.isfinite(expected).all():
             raise BackendError(
-                "torch gives non-finite logits on natural frames; the weights are broken, "
+                f"torch gives non-finite {outputs} on natural frames; the weights are broken, "
                 "so the conversion cannot be checked"
             )
-        ir = to_openvino(self.ov, self.model, check)
-        exact = self.core.compile_model(ir, "CPU", compile_config("fp32", "latency", None))
+        ir = to_openvino(self.ov, self.model, check, self.endpoint)
+        exact = self.core.compile_model(ir, "CPU", CHECK_CONFIG)
+        self.checked[clip] = exact
         got = exact(check.numpy())[0]
+        if got.shape != expected.shape:
+            raise BackendError(
+                f"OpenVINO's {outputs} have shape {got.shape}, torch's {expected.shape}; "
+                "use --backend torch"
+            )
         rel = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
         if not rel <= CHECK_RTOL:
             raise BackendError(
-                f"OpenVINO disagrees with torch on the converted model: relative logit "
-                f"difference {rel:.3g} > {CHECK_RTOL:g}; use --backend torch"
+                f"OpenVINO disagrees with torch on the converted model: relative difference "
+                f"of the {outputs} {rel:.3g} > {CHECK_RTOL:g}; use --backend torch"
             )
         return ir
 
@@ -337,11 +381,22 @@ class OpenVinoRunner(ClipRunner):
             raise BackendError("OpenVINO returned no output for some clips")
         return torch.from_numpy(np.concatenate(outputs))
 
+    def maps(self, clips: torch.Tensor) -> torch.Tensor:
+        """The endpoint's maps (M, ...) of normalised clips (M, C, T, H, W), float32 CPU,
+        ``chunk_clips`` clips handed to the request queue at a time."""
+        if self.endpoint is None:
+            raise BackendError("this runner converts the classifier; use predict()")
+        clips = clips.to("cpu", torch.float32).contiguous()
+        return torch.cat([self._run(chunk) for chunk in clips.split(self.chunk_clips)])
 
-def to_openvino(ov: ModuleType, model: nn.Module, example: torch.Tensor) -> Any:
+
+def to_openvino(
+    ov: ModuleType, model: nn.Module, example: torch.Tensor, endpoint: str | None = None
+) -> Any:
     """An OpenVINO model for ``example``'s shape: from a TorchScript trace (the faster
     build), else from ``torch.export``, whose static shapes make shape-derived values (such
-    as Inception's TF-SAME padding) constants that the TorchScript route cannot convert."""
+    as Inception's TF-SAME padding) constants that the TorchScript route cannot convert.
+    ``endpoint`` names the feature endpoint ``model`` stops at, for the error message."""
     shape = list(example.shape)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and exporter notices
@@ -354,8 +409,10 @@ def to_openvino(ov: ModuleType, model: nn.Module, example: torch.Tensor) -> Any:
         try:
             return ov.convert_model(torch.export.export(model, (example,)))
         except Exception as exc:  # as above
+            at = f" at endpoint {endpoint}" if endpoint is not None else ""
             raise BackendError(
-                f"openvino.convert_model failed: {type(exc).__name__}: {conversion_failure(exc)}"
+                f"openvino.convert_model failed{at}: {type(exc).__name__}: "
+                f"{conversion_failure(exc)}; use --backend torch"
             ) from exc
 
 
@@ -447,6 +504,23 @@ def save_ir(ov: ModuleType, ir: Any, xml: Path) -> None:
         os.replace(folder / "model.xml", xml)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def endpoint_runner(model: nn.Module, endpoint: str, batch_size: int) -> OpenVinoRunner:
+    """An fp32 runner of a loaded recognizer truncated at ``endpoint`` (``i3d features``),
+    cached in the i3d cache: its :meth:`~OpenVinoRunner.maps` hands ``batch_size`` clips at a
+    time to the request queue, in throughput mode (concurrent requests) for more than one
+    clip, else in latency mode. The pooling stays in torch, so one conversion serves every
+    pooling of the endpoint."""
+    import_openvino()
+    names = getattr(model, "endpoint_names", ())
+    if endpoint not in names:
+        raise BackendError(f"unknown endpoint {endpoint!r}; available: {', '.join(names)}")
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).float().cpu()  # the caller's model stays as it is
+    mode = "throughput" if batch_size > 1 else "latency"
+    cache = cache_root()
+    return OpenVinoRunner(model.eval(), "fp32", batch_size, mode, None, cache, endpoint=endpoint)
 
 
 class OpenVinoBackend:

@@ -174,7 +174,9 @@ def features(
             "--batch-size", min=1, help="Clips per forward pass (default 1; snippets: 8)."
         ),
     ] = None,
-    backend: Annotated[str, typer.Option(help="torch (cpu, cuda, mps) or npu.")] = "torch",
+    backend: Annotated[
+        str, typer.Option(help="torch (cpu, cuda, mps), npu, or openvino (cpu, fp32).")
+    ] = "torch",
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     world_size: WorldSizeOpt = 1,
@@ -248,7 +250,7 @@ def features(
                 return  # a torchrun rank other than 0: rank 0 writes the file
         else:
             _local_features(todo, model, pipeline, endpoint, pool.value, batch_size, workers,
-                            flow, flow_dir, store, failed)  # fmt: skip
+                            flow, flow_dir, store, failed, backend)  # fmt: skip
         store.save()
     report_written(len(todo) - len(failed), len(paths) - len(todo), output, failed)
 
@@ -272,15 +274,17 @@ def _local_features(
     flow_dir: Path | None,
     store: Any,
     failed: list[tuple[Path, str]],
+    backend: str,
 ) -> None:
-    """Features of ``todo`` in this process into ``store`` (saved every SAVE_EVERY videos)."""
+    """Features of ``todo`` in this process into ``store`` (saved every SAVE_EVERY videos),
+    the model run by ``backend``."""
     with new_progress() as progress:
         task = progress.add_task("features", total=len(todo), visible=len(todo) > 1)
         on_views = view_progress(progress, todo[0].name) if len(todo) == 1 else None
         noted: dict[int, tuple[str, ...]] = {}
         results = iter_features(
             model, pipeline, todo, endpoint, pool, batch_size, workers, on_views, flow, flow_dir,
-            noted.__setitem__,
+            noted.__setitem__, backend=backend,
         )  # fmt: skip
         for i, (path, feats) in enumerate(zip(todo, results, strict=True), 1):
             if isinstance(feats, str):

@@ -1,7 +1,8 @@
 """Snippet features of whole videos: :class:`SnippetExtractor` and :func:`iter_snippets`.
 
-Each snippet (see :mod:`i3d.features.protocol`) runs through the model to ``endpoint``,
-whose map is averaged over time and space: one vector per snippet and crop. Videos are
+Each snippet (see :mod:`i3d.features.protocol`) runs through the model to ``endpoint`` (on
+torch, npu or OpenVINO: :func:`~i3d.features.maps.endpoint_maps`), whose map is averaged
+over time and space in torch: one vector per snippet and crop. Videos are
 decoded by DataLoader workers ahead of the model, a batch of snippets at a time.
 """
 
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from i3d.backends.base import BackendError
 from i3d.data.datasets import auto_workers, in_input_order, worker_loader
 from i3d.data.decode import open_video
 from i3d.data.transfer import pins_memory
 from i3d.features.frames import FrameTransform, frame_transform
+from i3d.features.maps import endpoint_maps
 from i3d.features.protocol import SnippetProtocol
 from i3d.features.snippets import (
     SnippetBatch,
@@ -154,7 +157,8 @@ class SnippetExtractor:
     With ``flow``, the model is a Flow-stream I3D and each snippet is W flow fields
     (:func:`~i3d.features.snippets.snippet_batches`), read from the flow folder ``flow_dir``
     (``i3d flow`` output with this protocol's fps and short side) and computed into it for
-    the videos it lacks.
+    the videos it lacks. ``backend`` (torch, npu, openvino) runs the model
+    (:func:`~i3d.features.maps.endpoint_maps`; openvino converts it on the first snippet).
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class SnippetExtractor:
         decoder: str = "pyav",
         flow: FlowConfig | None = None,
         flow_dir: str | os.PathLike[str] | None = None,
+        backend: str = "torch",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -175,6 +180,7 @@ class SnippetExtractor:
                 f"unknown endpoint {endpoint!r}; available: {', '.join(model.endpoint_names)}"
             )
         self.protocol = attrs.evolve(protocol, endpoint=endpoint)
+        self.maps = endpoint_maps(model, endpoint, backend, batch_size * protocol.crops)
         self.transform = frame_transform(self.protocol, model.weights_info.preprocessing)
         self.batch_size, self.decoder, self.flow = batch_size, decoder, flow
         modality = model.weights_info.preprocessing.modality
@@ -270,9 +276,7 @@ class SnippetExtractor:
             rows = x.view(batch.count, -1, *x.shape[1:])
             pad = batch.pad.to(param.device)
             rows.masked_fill_(pad[:, None, None, :, None, None], 0.0)
-        with torch.no_grad():
-            maps = self.model.endpoints(x.to(param.dtype), [self.protocol.endpoint])
-        pooled = pool_map(maps[self.protocol.endpoint], self.protocol.pool)
+        pooled = pool_map(self.maps(x), self.protocol.pool)
         check_finite(pooled, "features")
         return pooled.to("cpu", torch.float32).view(batch.count, self.protocol.crops, -1)
 
@@ -285,6 +289,8 @@ class SnippetExtractor:
         views = torch.zeros(shape, dtype=dtype)
         try:
             return int(self._run(SnippetBatch(views, None, 0, 1, 1)).shape[-1])
+        except BackendError:  # OpenVINO could not convert or run it: its own message
+            raise
         except (RuntimeError, InputShapeError) as exc:
             raise ValueError(
                 f"snippets of {self.protocol.window} frames at {size}x{size} are too small for "
@@ -313,6 +319,7 @@ def iter_snippets(
     flow_weights: str | os.PathLike[str] | None = None,
     flow: FlowConfig | None = None,
     flow_dir: str | os.PathLike[str] | None = None,
+    backend: str = "torch",
 ) -> Iterator[VideoSnippets]:
     """Snippet features of each video in order, for code that consumes them directly.
 
@@ -322,7 +329,7 @@ def iter_snippets(
     I3D) adds the optical-flow stream, concatenated after RGB; a two-stream ``weights``
     file serves both streams (it is the ``flow_weights`` unless they are given). The flow
     stream reads its fields from the flow folder ``flow_dir`` when given (computing there
-    those it lacks).
+    those it lacks). ``backend`` (torch, npu, openvino) runs the models.
     """
     from i3d.features.presets import choose_streams, get_preset, preset_weights
     from i3d.features.run import concatenate_streams
@@ -346,13 +353,15 @@ def iter_snippets(
             path = preset_weights(preset) if preset is not None else default_weights()
         model = load_stream(path, "rgb", device or "cpu")
         check_video_model(path, model.weights_info)
-        extractors.append(SnippetExtractor(model, protocol, batch_size))
+        extractors.append(SnippetExtractor(model, protocol, batch_size, backend=backend))
     if "flow" in streams:
         assert flow_weights is not None
         config = flow or FlowConfig(device=device or "cpu")
         model = load_stream(flow_weights, "flow", device or "cpu")
         extractors.append(
-            SnippetExtractor(model, protocol, batch_size, flow=config, flow_dir=flow_dir)
+            SnippetExtractor(
+                model, protocol, batch_size, flow=config, flow_dir=flow_dir, backend=backend
+            )
         )
     results = [extractor.iter_videos(paths, workers) for extractor in extractors]
     for parts in zip(*results, strict=True):

@@ -5,7 +5,9 @@ Flow-stream weights see TV-L1 flow views cut as the RGB views are (as ``i3d pred
 them: :class:`~i3d.flow.views.StreamPipeline`); two-stream weights give the RGB features
 then the flow features of every view, concatenated. Videos stream through the model a piece
 of clips at a time (all their crops), as :class:`~i3d.inference.Predictor` does for scores,
-so a long video's views are never all in memory at once when features are pooled.
+so a long video's views are never all in memory at once when features are pooled. The
+model runs on torch, npu or OpenVINO (:func:`~i3d.features.maps.endpoint_maps`); the pooling
+is torch's in every case.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from i3d.data.datasets import (
 )
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
 from i3d.data.transfer import DeviceFeed
+from i3d.features.maps import EndpointMaps, endpoint_maps
 from i3d.flow.recipe import FlowConfig
 from i3d.flow.views import StreamPiece, StreamPipeline, normalize_flow, open_flow_dir
 from i3d.inference.inputs import VIDEO_ERRORS, ViewProgress, check_path_list
@@ -36,7 +39,8 @@ POOLS = ("mean", "none")
 
 
 def feature_device(backend: str, device: str | None) -> torch.device:
-    """Where ``i3d features`` runs the model: a torch (cpu/cuda/mps) or npu device.
+    """Where ``i3d features`` puts the model: a torch (cpu/cuda/mps) or npu device, or the
+    CPU for openvino (which converts it truncated at the endpoint).
 
     Features need the model's layers, so exported backends (onnx, om), which only give
     logits, are refused with what to use instead.
@@ -50,9 +54,17 @@ def feature_device(backend: str, device: str | None) -> torch.device:
     if backend == "npu":
         import_torch_npu()
         return npu_placement(parse_npu_device(device))[0]
+    if backend == "openvino":
+        from i3d.backends.openvino_backend import import_openvino
+
+        if (device or "cpu").strip().lower() != "cpu":
+            raise BackendError(f"the openvino backend runs on cpu, not {device!r}")
+        import_openvino()  # says how to install it
+        return torch.device("cpu")
     raise BackendError(
         f"features need the model's intermediate layers, which the {backend!r} backend does not "
-        "expose (exported models give logits only); use --backend torch (cpu, cuda) or npu"
+        "expose (exported models give logits only); use --backend torch (cpu, cuda), npu or "
+        "openvino"
     )
 
 
@@ -68,7 +80,8 @@ class FeatureStreams:
     ``model`` is a loaded model (:func:`i3d.load_model`): RGB, Flow-stream (its views are
     TV-L1 flow by DeepMind's recipe, computed as ``flow`` says or read from the flow folder
     ``flow_dir``), or two-stream, whose features are the RGB ones then the flow ones,
-    concatenated along channels (2048 for Inception's ``Mixed_5c``).
+    concatenated along channels (2048 for Inception's ``Mixed_5c``). ``backend`` (torch,
+    npu, openvino) runs the stream models (:func:`~i3d.features.maps.endpoint_maps`).
     """
 
     def __init__(
@@ -77,10 +90,13 @@ class FeatureStreams:
         pipeline: Pipeline,
         flow: FlowConfig | None = None,
         flow_dir: str | os.PathLike[str] | None = None,
+        backend: str = "torch",
     ) -> None:
         info = model.weights_info
         self.names = model_streams(info)
         self.models = stream_models(model)
+        self.backend = backend
+        self._maps: dict[tuple[str, str, int], EndpointMaps] = {}
         self.pipeline = pipeline
         self.device = next(model.parameters()).device
         self.flow = flow if flow is not None else FlowConfig(device=str(self.device))
@@ -117,11 +133,19 @@ class FeatureStreams:
         for name, views in (("rgb", piece.rgb), ("flow", piece.flow)):
             if views is not None:
                 progress = None if parts else on_views  # both streams: count views once
-                model, normalize = self.models[name], self.normalize[name]
+                maps, normalize = self.maps_of(name, endpoint, batch_size), self.normalize[name]
                 parts.append(
-                    _stream_maps(model, normalize, views, endpoint, pool, batch_size, progress)
+                    _stream_maps(maps, normalize, views, pool, batch_size, progress, self.device)
                 )
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def maps_of(self, name: str, endpoint: str, batch_size: int) -> EndpointMaps:
+        """Stream ``name``'s model run to ``endpoint``, made on first use (OpenVINO converts
+        it then, or reads it from its cache)."""
+        key = (name, endpoint, batch_size)
+        if key not in self._maps:
+            self._maps[key] = endpoint_maps(self.models[name], endpoint, self.backend, batch_size)
+        return self._maps[key]
 
 
 def stream_models(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -137,27 +161,25 @@ def endpoint_names(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def _stream_maps(
-    model: torch.nn.Module,
+    model_maps: EndpointMaps,
     normalize: Callable[[torch.Tensor], torch.Tensor],
     piece: ViewPiece,
-    endpoint: str,
     pool: str,
     batch_size: int,
     on_views: ViewProgress | None,
+    device: torch.device,
 ) -> torch.Tensor:
     """One stream's per-view features of a piece: (views, C) space-time means, or the maps.
 
     uint8 RGB views cross to the device (a quarter of float32's bytes) and are normalised
     there; flow views are [-1, 1] floats already."""
-    param = next(model.parameters())
     done, total = piece.start * piece.crops, piece.num_views
     out = []
     with torch.no_grad():
         for chunk in piece.views.split(batch_size):
             if on_views is not None:
                 on_views(done, total)
-            x = normalize(chunk.to(param.device, non_blocking=True)).to(param.dtype)
-            maps = model.endpoints(x, [endpoint])[endpoint]
+            maps = model_maps(normalize(chunk.to(device, non_blocking=True)))
             out.append(maps.flatten(2).mean(dim=2) if pool == "mean" and maps.ndim > 2 else maps)
             done += len(chunk)
     if on_views is not None and done == total:
@@ -188,12 +210,14 @@ def video_features(
     on_views: ViewProgress | None = None,
     flow: FlowConfig | None = None,
     flow_dir: str | os.PathLike[str] | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Endpoint features of one video: (C,) pooled over views and space-time, or the
     (V, C, t, h, w) maps of every view; ``on_views`` reports (views run, views in it).
-    Flow and two-stream models read flow as :class:`FeatureStreams` says."""
+    Flow and two-stream models read flow as :class:`FeatureStreams` says; ``backend``
+    (torch, npu, openvino) runs the model."""
     _check_pool(pool)
-    streams = FeatureStreams(model, pipeline, flow, flow_dir)
+    streams = FeatureStreams(model, pipeline, flow, flow_dir, backend)
     size = _clips_per_piece(pipeline, batch_size)
     parts = [
         streams.piece_maps(piece, endpoint, pool, batch_size, on_views)
@@ -214,14 +238,16 @@ def iter_features(
     flow: FlowConfig | None = None,
     flow_dir: str | os.PathLike[str] | None = None,
     on_warnings: Callable[[int, tuple[str, ...]], None] | None = None,
+    backend: str = "torch",
 ) -> Iterator[torch.Tensor | str]:
     """Float32 CPU features (:func:`video_features`) of each video in order, or the error
     text of one that could not be read; ``workers`` processes decode ahead (None: auto).
     ``on_warnings`` hears (index in ``paths``, warnings) of a video read with warnings (a
-    truncated file) before its features come."""
+    truncated file) before its features come. ``backend`` (torch, npu, openvino) runs the
+    model."""
     check_path_list(paths)
     _check_pool(pool)
-    streams = FeatureStreams(model, pipeline, flow, flow_dir)
+    streams = FeatureStreams(model, pipeline, flow, flow_dir, backend)
     workers = auto_workers(len(paths)) if workers is None else workers
     if streams.flow_on_device:
         workers = 0  # decoding processes cannot share the device flow runs on

@@ -138,16 +138,20 @@ def _processor(
     extractors = []
     if "rgb" in job.streams:
         model = load_stream(job.weights, "rgb", device)
-        extractors.append(SnippetExtractor(model, job.protocol, job.batch_size, job.decoder))
+        extractors.append(
+            SnippetExtractor(
+                model, job.protocol, job.batch_size, job.decoder, backend=job.backend
+            )
+        )
     if "flow" in job.streams:
         assert job.flow_weights is not None
         flow = attrs.evolve(job.flow, device=str(device)) if job.flow.impl == "torch" else job.flow
         model = load_stream(job.flow_weights, "flow", device)
-        extractors.append(
-            SnippetExtractor(
-                model, job.protocol, job.batch_size, job.decoder, flow=flow, flow_dir=job.flow_dir
-            )
-        )
+        extractor = SnippetExtractor(
+            model, job.protocol, job.batch_size, job.decoder, flow=flow, flow_dir=job.flow_dir,
+            backend=job.backend,
+        )  # fmt: skip
+        extractors.append(extractor)
     folder = SnippetFolder(job.output)
     settings = settings_of(job, extractors)
     versions = library_versions(job.decoder)

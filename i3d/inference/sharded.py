@@ -110,7 +110,7 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
     def run(paths: Sequence[Path]) -> Iterator[Any]:
         for feats in iter_features(
             model, pipeline, list(paths), spec.endpoint, spec.pool, spec.batch_size, spec.workers,
-            flow=flow, flow_dir=spec.flow_dir,
+            flow=flow, flow_dir=spec.flow_dir, backend=spec.backend,
         ):  # fmt: skip
             yield Failed(feats) if isinstance(feats, str) else feats.numpy()
 
