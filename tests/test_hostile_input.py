@@ -591,6 +591,49 @@ def test_a_truncated_video_is_flagged_in_every_output(tmp_path):
     assert [json.loads(line).get("warnings") for line in manifest] == [[warning], None]
 
 
+def test_a_truncated_video_is_flagged_in_a_sharded_runs_merged_outputs(tmp_path, monkeypatch):
+    """Through the ranks' result files (a one-rank torchrun job, in this process), the
+    warning reaches predict's JSON and CSV, evaluate's predictions and the pooled features
+    index as in one process; before, only the rank logs had it."""
+    import csv
+
+    from tinymodel import save_tiny_weights
+    from typer.testing import CliRunner
+
+    from i3d.cli.main import app
+
+    cut, full = _truncated_mp4(tmp_path)
+    with open_video(cut) as reader:
+        (warning,) = reader.warnings
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def run(*args):
+        argv = [*map(str, args), "--weights", str(weights), "--workers", "0"]
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+        return result
+
+    predicted = run("predict", cut, full, "--json", "--csv", out / "p.csv")
+    records = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("warnings") for r in records] == [[warning], None]
+    rows = list(csv.DictReader((out / "p.csv").open()))
+    assert {r["path"]: r["warnings"] for r in rows} == {str(cut): warning, str(full): ""}
+    (tmp_path / "val.txt").write_text(f"{cut.name} 0\n{full.name} 1\n")
+    run("evaluate", tmp_path / "val.txt", "--data-root", tmp_path, "-o", out / "eval")
+    evaluated = (out / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("warnings") for line in evaluated] == [[warning], None]
+    run("features", cut, full, "-o", out / "pooled", "--endpoint", "layer4")
+    index = json.loads((out / "pooled" / "index.json").read_text())
+    assert index["warnings"] == {str(cut): [warning]}
+    assert not list(out.glob("*.parts"))  # merged, then removed
+
+
 def test_weights_known_only_by_a_hash_prefix_need_trust_prefix(tmp_path, monkeypatch):
     """mmaction2 gives 32 bits of each hash: `weights pull` refuses such an entry in one line
     saying what it risks, before reading the file; --trust-prefix warns and goes on."""

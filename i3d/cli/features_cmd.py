@@ -319,11 +319,11 @@ def _sharded_features(
         )
     if results is None:
         return False
-    for path, feats in zip(todo, results, strict=True):
-        if isinstance(feats, str):
-            failed.append((path, feats))
+    for path, outcome in zip(todo, results, strict=True):
+        if outcome.ok:
+            store.add(path, torch.from_numpy(outcome.value), outcome.warnings)
         else:
-            store.add(path, torch.from_numpy(feats))
+            failed.append((path, str(outcome.error)))
     store.save()
     shutil.rmtree(folder, ignore_errors=True)
     return True

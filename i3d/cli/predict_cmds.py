@@ -242,10 +242,9 @@ def _sharded_predictions(
         return None
     shutil.rmtree(folder, ignore_errors=True)  # merged: the outputs have it all now
     return [
-        Prediction(path, None, labels, error=s) if isinstance(s, str)
-        else Prediction(path, s, labels)
-        for path, s in zip(todo, scores, strict=True)
-    ]  # fmt: skip
+        Prediction(path, o.value, labels, error=o.error, warnings=o.warnings)
+        for path, o in zip(todo, scores, strict=True)
+    ]
 
 
 def _print_table(results: list, top_k: int) -> None:
@@ -383,14 +382,14 @@ def _sharded_evaluation(
     if scores is None:
         return None
     scored = [
-        Scored(str(sample.path), sample.label, s)
-        for sample, s in zip(samples, scores, strict=True)
-        if not isinstance(s, str)
+        Scored(str(sample.path), sample.label, o.value, o.warnings)
+        for sample, o in zip(samples, scores, strict=True)
+        if o.ok
     ]
     skipped = [
-        (str(sample.path), s)
-        for sample, s in zip(samples, scores, strict=True)
-        if isinstance(s, str)
+        (str(sample.path), str(o.error))
+        for sample, o in zip(samples, scores, strict=True)
+        if not o.ok
     ]
     shutil.rmtree(folder, ignore_errors=True)
     return scored, skipped

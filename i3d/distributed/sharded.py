@@ -9,6 +9,7 @@ result as soon as it has it, atomically, to a file named by the input's index:
     FOLDER/items/00000012.npy       input 12's result, a numpy array (bit-exact dtype/shape)
     FOLDER/items/00000012.json      ... or a JSON value
     FOLDER/items/00000013.failed.json   input 13 failed: {"reason": ...}
+    FOLDER/items/00000012.warnings.json what was wrong with input 12 though it has a result
     FOLDER/ranks/rank-1.json        rank 1 is through its share (torchrun jobs)
 
 With ``log_dir``, every rank also appends to ``LOG_DIR/rank-R.log``: when it starts (device,
@@ -82,12 +83,23 @@ class Failed:
 
 
 @attrs.frozen
+class Noted:
+    """What a processor yields for an input it processed with warnings (a video read only
+    in part): the result, and the warnings, which the merge hands back beside it."""
+
+    value: Any
+    warnings: tuple[str, ...]
+
+
+@attrs.frozen
 class Outcome:
-    """Input ``index``'s result: ``value`` (JSON value or numpy array), or ``error``."""
+    """Input ``index``'s result: ``value`` (JSON value or numpy array), or ``error``;
+    ``warnings`` where the processor noted some."""
 
     index: int
     value: Any = attrs.field(default=None, eq=False)
     error: str | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -142,7 +154,7 @@ class ResultFolder:
 
     def finished(self) -> int:
         """How many inputs have a result or failed."""
-        return sum(1 for name in self._names() if not name.startswith("."))
+        return sum(1 for name in self._names() if _is_outcome(name))
 
     def remove_temporaries(self) -> None:
         """Remove the half-written files of a killed rank (only while no rank runs)."""
@@ -152,10 +164,19 @@ class ResultFolder:
                     (self.items / name).unlink()
 
     def put(self, index: int, value: Any) -> None:
-        """Record input ``index``'s result (or :class:`Failed`) atomically."""
+        """Record input ``index``'s result (or :class:`Failed`, or :class:`Noted`) atomically;
+        a result's warnings are written before it, so a result never lacks its warnings."""
         if isinstance(value, Failed):
             self.fail(index, value.reason)
             return
+        notes = self.items / f"{index:08d}.warnings.json"
+        if isinstance(value, Noted):
+            with atomic_path(notes) as tmp:
+                tmp.write_text(json.dumps(list(value.warnings)), encoding="utf-8")
+            value = value.value
+        else:
+            with contextlib.suppress(FileNotFoundError):  # an earlier try's warnings
+                notes.unlink()
         if _is_tensor(value):
             value = value.detach().cpu().numpy()
         stem = self.items / f"{index:08d}"
@@ -177,15 +198,23 @@ class ResultFolder:
     def fail(self, index: int, reason: str) -> None:
         with atomic_path(self.items / f"{index:08d}.failed.json") as tmp:
             tmp.write_text(json.dumps({"reason": reason}), encoding="utf-8")
+        with contextlib.suppress(FileNotFoundError):  # an earlier try's warnings
+            (self.items / f"{index:08d}.warnings.json").unlink()
 
     def outcome(self, index: int, names: set[str] | None = None) -> Outcome | None:
         """Input ``index``'s outcome, or None when it has not been run."""
         names = self._names() if names is None else names
         stem = f"{index:08d}"
+        warnings: tuple[str, ...] = ()
+        if f"{stem}.warnings.json" in names:
+            text = (self.items / f"{stem}.warnings.json").read_text("utf-8")
+            warnings = tuple(str(w) for w in json.loads(text))
         if f"{stem}.npy" in names:
-            return Outcome(index, np.load(self.items / f"{stem}.npy", allow_pickle=False))
+            value = np.load(self.items / f"{stem}.npy", allow_pickle=False)
+            return Outcome(index, value, warnings=warnings)
         if f"{stem}.json" in names:
-            return Outcome(index, json.loads((self.items / f"{stem}.json").read_text("utf-8")))
+            value = json.loads((self.items / f"{stem}.json").read_text("utf-8"))
+            return Outcome(index, value, warnings=warnings)
         if f"{stem}.failed.json" in names:
             text = (self.items / f"{stem}.failed.json").read_text("utf-8")
             return Outcome(index, error=json.loads(text)["reason"])
@@ -220,6 +249,13 @@ class ResultFolder:
             if marker.get("token") != token:
                 return False
         return True
+
+
+def _is_outcome(name: str) -> bool:
+    """Whether an items/ file name is an input's result or failure (not a temporary file
+    or a result's warnings)."""
+    stem, _, suffix = name.partition(".")
+    return stem.isdigit() and suffix in ("npy", "json", "failed.json")
 
 
 def _is_tensor(value: Any) -> bool:
@@ -386,6 +422,8 @@ def _run_share(ctx: DistContext, job: _Job, folder: ResultFolder, mine: list[int
                     break
                 folder.put(mine[pos], value)  # outside the try: a full disk stops the job
                 outcome = f"failed: {value.reason}" if isinstance(value, Failed) else "done"
+                if isinstance(value, Noted):
+                    outcome += f" with {len(value.warnings)} warning(s)"
                 log.info("input %d (%s) %s in %.2f s", mine[pos], job.keys[mine[pos]],
                          outcome, time.monotonic() - started)  # fmt: skip
                 pos += 1
@@ -456,6 +494,7 @@ def run_sharded(
     results = ResultFolder(folder)
     poll = None
     if on_progress is not None:
+
         def poll() -> None:
             on_progress(results.finished(), len(items))
 

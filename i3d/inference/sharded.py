@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 
 from i3d.distributed.devices import group_device, rank_device
 from i3d.distributed.shard import video_cost
-from i3d.distributed.sharded import Failed, run_sharded
+from i3d.distributed.sharded import Failed, Noted, Outcome, run_sharded
 from i3d.features.pooled import feature_device, iter_features
 from i3d.flow.recipe import FlowConfig
 from i3d.inference.predictor import Predictor
@@ -91,10 +90,19 @@ def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], 
     )  # fmt: skip
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
-        for scores in predictor.iter_scores(list(paths), spec.workers):
-            yield Failed(scores) if isinstance(scores, str) else scores
+        noted: dict[int, tuple[str, ...]] = {}
+        scores_of = predictor.iter_scores(list(paths), spec.workers, None, noted.__setitem__)
+        for index, scores in enumerate(scores_of):
+            yield _result(scores, noted.pop(index, ()))
 
     return run
+
+
+def _result(value: Any, warnings: tuple[str, ...]) -> Any:
+    """What a rank records for one video: its error, or its result with any warnings."""
+    if isinstance(value, str):
+        return Failed(value)
+    return Noted(value, warnings) if warnings else value
 
 
 def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
@@ -108,11 +116,13 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
     flow = spec.flow_config(str(where))
 
     def run(paths: Sequence[Path]) -> Iterator[Any]:
-        for feats in iter_features(
+        noted: dict[int, tuple[str, ...]] = {}
+        for index, feats in enumerate(iter_features(
             model, pipeline, list(paths), spec.endpoint, spec.pool, spec.batch_size, spec.workers,
-            flow=flow, flow_dir=spec.flow_dir, backend=spec.backend,
-        ):  # fmt: skip
-            yield Failed(feats) if isinstance(feats, str) else feats.numpy()
+            flow=flow, flow_dir=spec.flow_dir, on_warnings=noted.__setitem__,
+            backend=spec.backend,
+        )):  # fmt: skip
+            yield _result(feats if isinstance(feats, str) else feats.numpy(), noted.pop(index, ()))
 
     return run
 
@@ -132,7 +142,7 @@ def _run(
     world_size: int,
     on_progress: Callable[[int, int], None] | None,
     log_dir: str | os.PathLike[str] | None,
-) -> list[np.ndarray | str] | None:
+) -> list[Outcome] | None:
     outcomes = run_sharded(
         [str(p) for p in paths],
         functools.partial(factory, spec=spec),
@@ -144,9 +154,7 @@ def _run(
         on_progress=on_progress,
         log_dir=log_dir,
     )
-    if outcomes is None:  # a torchrun rank other than 0
-        return None
-    return [o.value if o.ok else str(o.error) for o in outcomes]
+    return outcomes  # None on a torchrun rank other than 0
 
 
 def sharded_scores(
@@ -156,11 +164,12 @@ def sharded_scores(
     world_size: int,
     on_progress: Callable[[int, int], None] | None = None,
     log_dir: str | os.PathLike[str] | None = None,
-) -> list[np.ndarray | str] | None:
-    """Averaged class scores (K,) of each video in order, or its error text, computed on
-    ``world_size`` spawned ranks or the ranks of this torchrun job (None on ranks other
-    than 0). ``folder`` keeps each video's result: a rerun computes only what is missing;
-    ``log_dir`` gets a log per rank."""
+) -> list[Outcome] | None:
+    """Each video's outcome in order, computed on ``world_size`` spawned ranks or the ranks
+    of this torchrun job (None on ranks other than 0): its averaged class scores (K,) as
+    ``value`` with the ``warnings`` of its reading, or its ``error`` text. ``folder`` keeps
+    each video's result: a rerun computes only what is missing; ``log_dir`` gets a log per
+    rank."""
     return _run(paths, _score_processor, spec, folder, world_size, on_progress, log_dir)
 
 
@@ -171,6 +180,7 @@ def sharded_features(
     world_size: int,
     on_progress: Callable[[int, int], None] | None = None,
     log_dir: str | os.PathLike[str] | None = None,
-) -> list[np.ndarray | str] | None:
-    """Features of each video in order (float32), or its error text; as :func:`sharded_scores`."""
+) -> list[Outcome] | None:
+    """Each video's outcome in order, its features (float32) as ``value``; as
+    :func:`sharded_scores`."""
     return _run(paths, _feature_processor, spec, folder, world_size, on_progress, log_dir)
