@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/cpu_ceiling.py [--preset i3d_r50_nl_dot_product] [--clip-len 32]
        [--size 224] [--views 30] [--rounds 3] [--threads N] [--only LABEL ...] [--json OUT]
+       [--no-profile]
 
 The model's FLOPs at the input are counted (torch's FlopCounterMode, a multiply-add is 2).
 One core's peak is measured with a short GEMM kernel (torch.mm, N=2048, one thread, CPU
@@ -14,13 +15,20 @@ over). Reported: median clips/s; the fraction of peak, FLOPs per CPU-second (all
 process's threads: time other jobs take is not counted, spinning threads are) over one
 core's peak; the video's clips/s as ratios to torch fp32 eager and to the best configuration
 listed before it; logit agreement with torch fp32 on natural frames (random weights, so the
-logits, not the classes, are what is compared).
+logits, not the classes, are what is compared). How busy the machine was with other jobs
+during the timings is measured (/proc/stat's busy time less this process's CPU time), not
+assumed. Each openvino precision is then profiled (its per-layer counters, one clip): the
+share of time in convolutions and matmuls against the rest, and the FLOP/s the GEMM-like
+layers reach in their own time, which says what keeps the whole model from the peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -97,6 +105,75 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     finally:
         torch.set_num_threads(threads)
     return 2 * size**3 / best
+
+
+def busy_jiffies() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine so far, in seconds (/proc/stat; None
+    where unreadable): the baseline to tell other jobs' load from this process's."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as stat:
+            fields = [float(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+def other_load(start: tuple[float, float] | None, own_cpu_s: float) -> float | None:
+    """The share of the machine's CPU time since ``start`` that other processes used
+    (0: idle apart from this benchmark), given this process's CPU seconds since then."""
+    end = busy_jiffies()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    busy = end[0] - start[0]
+    return max(0.0, busy - own_cpu_s) / (end[1] - start[1])
+
+
+def conv_flops(ir: Any) -> dict[str, tuple[float, list[int]]]:
+    """FLOPs (a multiply-add is 2) and weight shape of each convolution of an OpenVINO
+    model, by node name, from its static shapes."""
+    found = {}
+    for op in ir.get_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        weights = list(op.input(1).get_partial_shape().to_shape())
+        count = 2.0 * math.prod(op.get_output_shape(0)) * math.prod(weights[1:])
+        found[op.get_friendly_name()] = (count, weights)
+    return found
+
+
+def openvino_profile(runner: Any, clip: torch.Tensor, precision: str) -> dict[str, Any]:
+    """Where one clip's time goes through openvino at ``precision`` (its per-layer
+    counters, latency mode): milliseconds per kind of layer (``gemm``: convolutions and
+    matmuls, with what the plugin fused into them), and the slowest layer with its FLOPs."""
+    from i3d.backends.openvino_backend import compile_config
+
+    ir = runner.source_model(tuple(clip.shape[1:]))
+    config = {**compile_config(precision, "latency", None), "PERF_COUNT": "YES"}
+    compiled = runner.core.compile_model(ir, "CPU", config)
+    request = compiled.create_infer_request()
+    request.infer([clip.numpy()])  # warm-up
+    request.infer([clip.numpy()])
+    spent: dict[str, float] = {}
+    slowest = (0.0, "")
+    for layer in request.profiling_info:
+        if layer.status != layer.Status.EXECUTED:
+            continue
+        kind, ms = layer.node_type, layer.real_time.total_seconds() * 1e3
+        if kind in ("Convolution", "GroupConvolution", "MatMul", "FullyConnected"):
+            kind = "gemm"
+        spent[kind] = spent.get(kind, 0.0) + ms
+        slowest = max(slowest, (ms, layer.node_name))
+    count, weights = conv_flops(ir).get(slowest[1], (0.0, []))
+    return {"ms": spent, "slowest": {"ms": slowest[0], "flops": count, "weights": weights}}
+
+
+def rate_text(count: float, ms: float, threads: int, peak: float, of: str) -> str:
+    """``count`` FLOPs in ``ms`` on ``threads`` threads, per thread and as a share of the
+    ``of`` precision's one-core ``peak``."""
+    per_thread = count / (ms / 1e3) / threads
+    return f"{per_thread / 1e9:.0f} GFLOP/s a thread ({per_thread / peak:.0%} of the {of} peak)"
 
 
 def peaks(flags: set[str]) -> dict[str, float | None]:
@@ -188,6 +265,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", nargs="*", help="configuration labels to run (and the baseline)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip openvino's per-layer profile"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -219,8 +299,15 @@ def main() -> None:
                 skipped.append(f"{label}: {exc}")
                 continue
             print(f"  ready: {label} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        start, own = busy_jiffies(), time.process_time()
         per_clip = median_times(runners, clip, args.rounds)
         per_video = median_times(runners, video, args.rounds)
+        load = other_load(start, time.process_time() - own)
+        profiles = {}
+        for label, _, precision, _ in configs:
+            wanted = label.startswith("openvino") and "latency" not in label  # same model
+            if label in runners and wanted and not args.no_profile:
+                profiles[label] = openvino_profile(runners[label], clip, precision)
     after = peaks(flags)  # the faster of two measurements
     peak = {k: max(v, after[k]) if v else None for k, v in peak.items()}
     for precision, value in peak.items():
@@ -254,10 +341,12 @@ def main() -> None:
         )
         best_before = max(best_before, video_rate)
 
-    print(
-        f"\nshared machine: other jobs ran alongside (wall times ±20% or worse; the fraction "
-        f"of peak uses CPU time), {args.rounds} rounds"
-    )
+    if load is None:
+        print(f"\nother jobs' load: not measurable here; {args.rounds} rounds")
+    else:
+        state = "idle" if load < 0.05 else "shared (wall times move; fractions use CPU time)"
+        print(f"\nmachine {state}: other jobs used {load:.1%} of the CPU during the timings; "
+              f"{args.rounds} rounds")  # fmt: skip
     print(
         f"| configuration | clips/s, 1 clip | of peak | clips/s, {args.views}-view video "
         "| of peak | s/video | × torch fp32 eager | × previous best | top-1 / max Δlogit (rel.) |"
@@ -278,10 +367,31 @@ def main() -> None:
         )
     for note in skipped:
         print(f"skipped: {note}")
+    for label, profile in profiles.items():
+        precision = next(p for lab, _, p, _ in configs if lab == label)
+        spent, slowest = profile["ms"], profile["slowest"]
+        total = sum(spent.values())
+        others = sorted(((v, k) for k, v in spent.items() if k != "gemm"), reverse=True)
+        of = precision if peak.get(precision) else "fp32"  # int8: no int8 peak is measured
+        rate = functools.partial(rate_text, threads=args.threads, peak=peak[of], of=of)
+
+        print(
+            f"profile, {label}, one clip: {total:.0f} ms; convolutions and matmuls (with what "
+            f"is fused into them) {spent['gemm'] / total:.0%} at {rate(flops, spent['gemm'])}; "
+            + ", ".join(f"{k} {v / total:.0%}" for v, k in others[:4])
+        )
+        if slowest["flops"]:
+            rest = rate(flops - slowest["flops"], spent["gemm"] - slowest["ms"])
+            print(
+                f"  slowest layer: conv {slowest['weights']}, {slowest['ms'] / total:.0%} of the "
+                f"time for {slowest['flops'] / flops:.0%} of the FLOPs at "
+                f"{rate(slowest['flops'], slowest['ms'])}; the other layers {rest}"
+            )
     if args.json:
         record = {
             "cpu": cpu_model(), "flops_per_clip": flops, "peak_flops": peak, "rows": rows,
             "skipped": skipped, "clip_shape": list(clip_shape), "views": args.views,
+            "other_load": load, "openvino_profile_ms": profiles,
         }  # fmt: skip
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(record, indent=1))

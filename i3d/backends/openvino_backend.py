@@ -291,6 +291,14 @@ class OpenVinoRunner(ClipRunner):
             save_ir(self.ov, self.irs[clip], xml)
         return self.irs[clip], "converted"
 
+    def source_model(self, clip: tuple[int, ...]) -> Any:
+        """The OpenVINO model (not compiled) this runner runs for clips of shape ``clip``
+        (C, T, H, W) at its precision, the quantised one for int8: to inspect or profile."""
+        key = ir_key(self.digest, clip, self.version, self.endpoint)
+        if self.precision == "int8":
+            return self._int8_ir(clip, key if self.cache is not None else None)[0]
+        return self._ir(clip, self.cache / f"{key}.xml" if self.cache is not None else None)[0]
+
     def _int8_ir(self, clip: tuple[int, ...], key: str | None) -> tuple[Any, str]:
         """The quantised model for ``clip``: cached (keyed also by the calibration videos),
         or quantised now from the fp32 one with NNCF, its accuracy cost measured."""
