@@ -52,7 +52,7 @@ def test_input_and_missing_opencv_errors_are_one_line(tmp_path, monkeypatch):
     def missing() -> None:
         raise OpenCVMissingError("the opencv TV-L1 needs opencv-contrib")
 
-    monkeypatch.setattr(flow_cmd, "opencv_optflow", missing)
+    monkeypatch.setattr("i3d.flow.tvl1_opencv.opencv_optflow", missing)
     result = runner.invoke(app, ["flow", str(video), "-o", str(tmp_path), "--impl", "opencv"])
     assert result.exit_code == 1 and "needs opencv-contrib" in result.output
     assert "Traceback" not in result.output

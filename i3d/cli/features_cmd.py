@@ -23,6 +23,7 @@ from i3d.cli.video_common import (
     FlowDirOpt,
     FlowImplOpt,
     LogDirOpt,
+    RaftWeightsOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
@@ -39,7 +40,7 @@ from i3d.cli.video_common import (
 from i3d.data.pipeline import build_pipeline
 from i3d.features.pooled import endpoint_names, feature_device, iter_features
 from i3d.features.store import FeatureSetting, open_feature_store
-from i3d.flow.recipe import FlowConfig
+from i3d.flow.recipe import FlowConfig, check_flow
 from i3d.flow.views import open_flow_dir
 from i3d.inference.inputs import InputError, default_weights, expand_inputs
 from i3d.inference.predictor import check_video_model, model_streams
@@ -168,6 +169,7 @@ def features(
     ] = None,
     flow_impl: FlowImplOpt = "torch",
     flow_dir: FlowDirOpt = None,
+    raft_weights: RaftWeightsOpt = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -195,8 +197,8 @@ def features(
                 )
         snippet_features(
             inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
-            preset, stream, flow_weights, flow_impl, flow_dir, batch_size or 8, backend, device,
-            workers, world_size, log_dir,
+            preset, stream, flow_weights, flow_impl, flow_dir, raft_weights, batch_size or 8,
+            backend, device, workers, world_size, log_dir,
         )  # fmt: skip
         return
     batch_size = batch_size or 1
@@ -232,10 +234,12 @@ def features(
             str(path), endpoint, pool.value, mode, tuple(sorted(overrides.items())),
             batch_size, backend, device, workers, flow_impl,
             str(flow_dir) if flow_dir is not None else None,
+            str(raft_weights) if raft_weights is not None else None,
         )  # fmt: skip
         flow = spec.flow_config(str(where))
         flow_setting = ""
         if streams != ("rgb",):  # the flow folder is claimed before any rank starts
+            check_flow(flow)
             folder = open_flow_dir(pipeline, flow, flow_dir) if flow_dir is not None else None
             recorded = {**flow.recorded(), "folder": folder.recorded() if folder else None}
             flow_setting = json.dumps(recorded, sort_keys=True)
@@ -354,6 +358,7 @@ def snippet_features(
     flow_weights: Path | None,
     flow_impl: str,
     flow_dir: Path | None,
+    raft_weights: Path | None,
     batch_size: int,
     backend: str,
     device: str | None,
@@ -410,10 +415,13 @@ def snippet_features(
         if flow_weights is not None and "flow" in streams:
             check_flow_model(flow_weights, read_info(flow_weights))
         feature_device(backend, device)  # refuse exported backends before any rank starts
+        flow = FlowConfig(impl=flow_impl, raft_weights=raft_weights)
+        if "flow" in streams:
+            check_flow(flow)
         job = SnippetJob(
             str(path), protocol, str(output), preset, batch_size, backend, device, workers,
             streams=streams, flow_weights=str(flow_weights) if flow_weights else None,
-            flow=FlowConfig(impl=flow_impl), flow_dir=str(flow_dir) if flow_dir else None,
+            flow=flow, flow_dir=str(flow_dir) if flow_dir else None,
         )  # fmt: skip
         with new_progress() as progress:
             on_progress = job_progress(progress, "snippets", len(paths))

@@ -1,5 +1,5 @@
-"""``i3d flow``: DeepMind-recipe TV-L1 optical flow per video (``.npy`` or mmaction2 rawframes),
-resumable."""
+"""``i3d flow``: DeepMind-recipe TV-L1 (or RAFT) optical flow per video (``.npy`` or mmaction2
+rawframes), resumable."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import attrs
 import numpy as np
 import typer
 from rich.console import Console
@@ -18,9 +17,10 @@ from i3d.cli.video_common import ERRORS, report_written
 from i3d.data.decode import VideoDecodeError, open_video
 from i3d.data.transforms import center_box, rescale_size
 from i3d.features.snippets import video_timeline
-from i3d.flow.recipe import FlowConfig
+from i3d.flow.raft import RaftMissingError
+from i3d.flow.recipe import FlowConfig, check_flow
 from i3d.flow.store import FlowFolder, FlowSettings, FlowStoreError
-from i3d.flow.tvl1_opencv import OpenCVMissingError, opencv_optflow
+from i3d.flow.tvl1_opencv import OpenCVMissingError
 from i3d.flow.video import iter_timeline_flow
 from i3d.inference.inputs import VIDEO_ERRORS, InputError, expand_inputs
 from i3d.utils.files import OutputError
@@ -31,6 +31,7 @@ console = Console(soft_wrap=True)
 class Impl(str, Enum):
     torch = "torch"
     opencv = "opencv"
+    raft = "raft"
 
 
 class Layout(str, Enum):
@@ -106,8 +107,19 @@ def flow(
         ),
     ] = Layout.npy,
     impl: Annotated[
-        Impl, typer.Option(help="TV-L1 implementation: torch (any device) or opencv (reference).")
+        Impl,
+        typer.Option(
+            help="TV-L1 implementation: torch (any device) or opencv (reference); or raft "
+            "(torchvision RAFT, --raft-weights; not the TV-L1 I3D's flow weights saw)."
+        ),
     ] = Impl.torch,
+    raft_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="--impl raft: a local torchvision RAFT checkpoint (raft_large_*.pth, "
+            "raft_small_*.pth or .safetensors); nothing is downloaded."
+        ),
+    ] = None,
     fps: Annotated[
         float | None,
         typer.Option(help="Resample to F fps first (DeepMind: 25); 0 keeps the video's frames."),
@@ -119,8 +131,8 @@ def flow(
     crop: Annotated[
         int | None, typer.Option(min=1, help="Centre-crop the flow to C×C (e.g. 224).")
     ] = None,
-    device: Annotated[str, typer.Option(help="Torch device for --impl torch.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Frame pairs per TV-L1 batch.")] = 8,
+    device: Annotated[str, typer.Option(help="Torch device for --impl torch or raft.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Frame pairs per flow batch.")] = 8,
     dtype: Annotated[DType, typer.Option(help="--format npy: dtype of the [-1, 1] flow.")] = (
         DType.float32
     ),
@@ -133,19 +145,24 @@ def flow(
     Greyscale frames, TV-L1 (OpenCV's DualTVL1 defaults) from each frame to the next,
     clipped to ±20 pixels and divided by 20. The folder records these settings (flow.json)
     and refuses a run with others; `--size 256` without --crop makes the flow folder
-    `i3d predict --flow-dir` reads for DeepMind's weights.
+    `i3d predict --flow-dir` reads for DeepMind's weights. `--impl raft` runs torchvision's
+    RAFT on the RGB frames instead (same bound and scaling), which is not the flow DeepMind's
+    weights were trained on.
     """
-    errors = (InputError, OutputError, OpenCVMissingError, VideoDecodeError, FlowStoreError)
+    errors = (
+        InputError, OutputError, OpenCVMissingError, RaftMissingError, VideoDecodeError,
+        FlowStoreError, ValueError,
+    )  # fmt: skip
     with fail_on_errors(*errors):
         paths = expand_inputs(inputs)
         names = output_names(paths)
-        if impl is Impl.opencv:
-            opencv_optflow()  # fail once, up front, when opencv-contrib is missing
-        config = FlowConfig(impl=impl.value, device=device, batch_size=batch_size)
+        config = FlowConfig(
+            impl=impl.value, device=device, batch_size=batch_size, raft_weights=raft_weights
+        )
+        check_flow(config)  # fail once, up front: no opencv-contrib, torchvision or weights
         settings = FlowSettings(
-            format=layout.value, fps=fps or None, size=size, crop=crop, impl=config.impl,
-            tvl1=attrs.asdict(config.tvl1), bound=config.bound,
-        )  # fmt: skip
+            format=layout.value, fps=fps or None, size=size, crop=crop, **config.recorded()
+        )
         folder = FlowFolder(output, settings, dtype.value)
         folder.claim()
     todo = [p for p in paths if overwrite or not folder.has(names[p])]

@@ -30,6 +30,7 @@ from i3d.cli.video_common import (
     FlowImplOpt,
     LogDirOpt,
     PrecisionOpt,
+    RaftWeightsOpt,
     WeightsOpt,
     WorkersOpt,
     WorldSizeOpt,
@@ -44,6 +45,7 @@ from i3d.cli.video_common import (
     view_progress,
 )
 from i3d.data.datasets import Sample
+from i3d.flow.recipe import check_flow
 from i3d.inference.evaluation import (
     Scored,
     evaluate_samples,
@@ -101,6 +103,7 @@ def predict(
     ] = False,
     flow_impl: FlowImplOpt = "torch",
     flow_dir: FlowDirOpt = None,
+    raft_weights: RaftWeightsOpt = None,
     world_size: WorldSizeOpt = 1,
     log_dir: LogDirOpt = None,
     precision: PrecisionOpt = "fp32",
@@ -126,7 +129,9 @@ def predict(
             str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
             device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
             precision, tuple(parse_options(option).items()),
+            raft_weights=str(raft_weights) if raft_weights is not None else None,
         )  # fmt: skip
+        check_flow(spec.flow_config(spec.device))
         predictor = _launcher_predictor(spec, is_sharded(world_size))
         if predictor.num_classes is not None:
             top_k = min(top_k, predictor.num_classes)
@@ -288,6 +293,7 @@ def evaluate(
     workers: WorkersOpt = None,
     flow_impl: FlowImplOpt = "torch",
     flow_dir: FlowDirOpt = None,
+    raft_weights: RaftWeightsOpt = None,
     world_size: WorldSizeOpt = 1,
     log_dir: LogDirOpt = None,
     precision: PrecisionOpt = "fp32",
@@ -316,7 +322,9 @@ def evaluate(
                 str(weights or default_weights()), clips, crops, clip_len, batch_size, backend,
                 device, workers, flow_impl, str(flow_dir) if flow_dir is not None else None,
                 precision, tuple(parse_options(option).items()),
+                raft_weights=str(raft_weights) if raft_weights is not None else None,
             )  # fmt: skip
+            check_flow(spec.flow_config(spec.device))
             predictor = _launcher_predictor(spec, is_sharded(world_size))
             list_labels = read_labels(label_file) if label_file is not None else None
             samples = evaluation_samples(

@@ -95,8 +95,16 @@ DeviceOpt = Annotated[
 FlowImplOpt = Annotated[
     str,
     typer.Option(
-        help="Flow and two-stream weights: TV-L1 of the flow stream, torch (on --device) or "
-        "opencv (reference, CPU)."
+        help="Flow and two-stream weights: the flow stream's flow, TV-L1 torch (on --device) "
+        "or opencv (reference, CPU), or raft (torchvision RAFT from --raft-weights, on "
+        "--device; not the TV-L1 the I3D flow weights were trained on)."
+    ),
+]
+RaftWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="--flow-impl raft: a local torchvision RAFT checkpoint (raft_large_*.pth, "
+        "raft_small_*.pth or .safetensors); nothing is downloaded."
     ),
 ]
 FlowDirOpt = Annotated[

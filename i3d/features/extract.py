@@ -83,7 +83,7 @@ def snippet_flow_folder(
 ) -> FlowFolder:
     """The flow folder at ``path`` claimed for snippets of ``protocol``: its fps, its short
     side (OpenCV bilinear, mmcv rounding: what ``i3d flow --size`` resizes with), full frames,
-    ``flow``'s TV-L1; fields it lacks are written lossless (float32)."""
+    ``flow``'s TV-L1 or RAFT; fields it lacks are written lossless (float32)."""
     if (
         transform.frame_size is not None
         or transform.size_rule != "round"
@@ -97,7 +97,7 @@ def snippet_flow_folder(
         )
     settings = FlowSettings(
         format=layout_of(path), fps=protocol.fps, size=transform.resize_short, crop=None,
-        impl=flow.impl, tvl1=attrs.asdict(flow.tvl1), bound=flow.bound,
+        **flow.recorded(),
     )  # fmt: skip
     folder = FlowFolder(path, settings, dtype="float32")
     folder.claim()

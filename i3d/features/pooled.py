@@ -114,9 +114,9 @@ class FeatureStreams:
 
     @property
     def flow_on_device(self) -> bool:
-        """Whether TV-L1 runs on an accelerator (decoding processes cannot share it)."""
+        """Whether the flow runs on an accelerator (decoding processes cannot share it)."""
         on_cpu = torch.device(self.flow.device).type == "cpu"
-        return self.names != ("rgb",) and self.flow.impl == "torch" and not on_cpu
+        return self.names != ("rgb",) and self.flow.on_device and not on_cpu
 
     def piece_maps(
         self,

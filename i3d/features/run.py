@@ -145,7 +145,7 @@ def _processor(
         )
     if "flow" in job.streams:
         assert job.flow_weights is not None
-        flow = attrs.evolve(job.flow, device=str(device)) if job.flow.impl == "torch" else job.flow
+        flow = attrs.evolve(job.flow, device=str(device)) if job.flow.on_device else job.flow
         model = load_stream(job.flow_weights, "flow", device)
         extractor = SnippetExtractor(
             model, job.protocol, job.batch_size, job.decoder, flow=flow, flow_dir=job.flow_dir,

@@ -251,18 +251,18 @@ def _flow_crops(
     stored: Callable[[list[int]], np.ndarray] | None = None,
 ) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Flow tick t (timeline frame t to t + 1) of every tick pair, as float32 crops
-    (crops, h, w, 2) in [-1, 1]: greyscale resized frames, TV-L1, DeepMind's scaling (or the
-    fields ``stored`` reads), then the same crops as the RGB stream (mirrored crops are
-    mirrored, x not negated)."""
-    from i3d.flow.recipe import pair_flow, rgb_to_gray, scale_flow
+    (crops, h, w, 2) in [-1, 1]: the resized frames' flow (greyscale TV-L1 or RAFT),
+    DeepMind's scaling (or the fields ``stored`` reads), then the same crops as the RGB
+    stream (mirrored crops are mirrored, x not negated)."""
+    from i3d.flow.recipe import frame_flow, scale_flow
 
-    previous: tuple[int, np.ndarray | None] | None = None  # the last tick seen, its grey frame
+    previous: tuple[int, np.ndarray | None] | None = None  # the last tick seen, its frame
     boxes: list[tuple[T.Box, bool]] = []
     for chunk in chunks:
-        grey = rgb_to_gray(chunk.frames.numpy()) if stored is None else None
+        rgb = chunk.frames.numpy() if stored is None else None
         firsts, seconds, flow_ticks = [], [], []
         for tick in sorted(chunk.frame_of_tick):
-            frame = grey[chunk.frame_of_tick[tick]] if grey is not None else None
+            frame = rgb[chunk.frame_of_tick[tick]] if rgb is not None else None
             if previous is not None and previous[0] == tick - 1:
                 firsts.append(previous[1])
                 seconds.append(frame)
@@ -273,7 +273,7 @@ def _flow_crops(
         if stored is not None:
             field = torch.from_numpy(np.ascontiguousarray(stored(flow_ticks)))  # (n, H, W, 2)
         else:
-            pairs = pair_flow(np.stack(firsts), np.stack(seconds), flow)
+            pairs = frame_flow(np.stack(firsts), np.stack(seconds), flow)
             field = scale_flow(pairs, flow.bound).permute(0, 2, 3, 1).contiguous()
         if not boxes:
             boxes = transform.boxes(field.shape[2], field.shape[1])

@@ -1,4 +1,4 @@
-"""Optical flow for the I3D Flow stream: TV-L1 (PyTorch or OpenCV) and DeepMind's recipe."""
+"""Optical flow for the I3D Flow stream: TV-L1 (PyTorch or OpenCV) or RAFT, DeepMind's recipe."""
 
 from i3d.flow.metrics import end_point_error
 from i3d.flow.params import OPENCV_DEFAULTS, TVL1Params
@@ -6,7 +6,9 @@ from i3d.flow.recipe import (
     FLOW_BOUND,
     IMPLEMENTATIONS,
     FlowConfig,
+    check_flow,
     deepmind_flow,
+    frame_flow,
     pair_flow,
     rgb_to_gray,
     scale_flow,
@@ -22,8 +24,10 @@ __all__ = [
     "FlowConfig",
     "OpenCVMissingError",
     "TVL1Params",
+    "check_flow",
     "deepmind_flow",
     "end_point_error",
+    "frame_flow",
     "iter_video_flow",
     "opencv_available",
     "opencv_tvl1_flow",

@@ -83,11 +83,18 @@ class FlowSettings:
     """Short side the frames were resized to (bilinear), None: as decoded."""
     crop: int | None
     impl: str
-    tvl1: dict[str, Any]
+    tvl1: dict[str, Any] | None
+    """The TV-L1 parameters; None for RAFT."""
     bound: float
+    raft: dict[str, Any] | None = None
+    """RAFT's model, weights SHA-256 and refinements; None (not written) for a TV-L1."""
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """The ``flow.json`` record (a TV-L1 folder's has no ``raft``, as before RAFT was one)."""
+        record = attrs.asdict(self)
+        if record["raft"] is None:
+            del record["raft"]
+        return record
 
     def differences(self, other: FlowSettings) -> list[str]:
         """``field: ours vs theirs`` for every field that differs."""

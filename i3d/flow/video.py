@@ -1,4 +1,4 @@
-"""Flow of a whole video, streamed: decode, resample, resize as RGB, TV-L1 chunk by chunk."""
+"""Flow of a whole video, streamed: decode, resample, resize as RGB, flow chunk by chunk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from i3d.data.decode import VideoDecodeError, VideoReader, open_video
 from i3d.data.pipeline import chunked
 from i3d.data.transforms import center_box, resize_short
-from i3d.flow.recipe import FlowConfig, pair_flow, rgb_to_gray, scale_flow
+from i3d.flow.recipe import FlowConfig, frame_flow, scale_flow
 
 _DECODE_CHUNK = 16  # decoded frames resized together
 
@@ -59,8 +59,7 @@ def iter_timeline_flow(
 
 def _solve(frames: np.ndarray, config: FlowConfig) -> np.ndarray:
     """[-1, 1] flow (n - 1, H, W, 2) between consecutive uint8 RGB frames (n, H, W, 3)."""
-    gray = rgb_to_gray(frames)
-    flow = scale_flow(pair_flow(gray[:-1], gray[1:], config), config.bound)
+    flow = scale_flow(frame_flow(frames[:-1], frames[1:], config), config.bound)
     return flow.permute(0, 2, 3, 1).contiguous().numpy()
 
 

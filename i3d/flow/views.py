@@ -3,7 +3,7 @@
 The Flow stream sees, at each frame position of a clip, the flow from that timeline frame to
 the next (DeepMind's sample clip: 79 RGB frames, 79 flow fields); the video's last frame has
 no next one, so it reuses the flow into it. Flow is computed by DeepMind's recipe on the
-resized full frames (greyscale, TV-L1, clipped to ±bound, divided by it) and then cut into
+resized full frames (greyscale and TV-L1, or RAFT, clipped to ±bound, divided by it) and cut into
 the same crops as the RGB frames; a mirrored crop mirrors the field and negates x (as
 mmaction's Flip inverts flow_x), so it shows the mirrored motion. With a flow folder
 (:mod:`i3d.flow.store`) a video's flow is computed once, for its whole timeline, and read
@@ -27,7 +27,7 @@ from i3d.data import transforms as T
 from i3d.data.decode import VideoDecodeError, VideoReader, open_video
 from i3d.data.pipeline import Pipeline, ViewPiece
 from i3d.data.sampling import resampled_timeline
-from i3d.flow.recipe import FlowConfig, pair_flow, rgb_to_gray, scale_flow
+from i3d.flow.recipe import FlowConfig, frame_flow, scale_flow
 from i3d.flow.store import (
     FlowFolder,
     FlowSettings,
@@ -82,7 +82,7 @@ def clip_positions(pipeline: Pipeline, ticks: int) -> np.ndarray:
 
 def flow_settings(pipeline: Pipeline, config: FlowConfig, layout: str = "npy") -> FlowSettings:
     """The settings a flow folder holds when it serves ``pipeline``: its frame rate and short
-    side, full (uncropped) frames, ``config``'s TV-L1."""
+    side, full (uncropped) frames, ``config``'s flow (TV-L1 or RAFT)."""
     prep = pipeline.preprocessing
     if prep.interpolation != "bilinear":
         raise FlowStoreError(
@@ -90,9 +90,8 @@ def flow_settings(pipeline: Pipeline, config: FlowConfig, layout: str = "npy") -
             f"{prep.interpolation}: run without a flow folder"
         )
     return FlowSettings(
-        format=layout, fps=prep.fps, size=prep.resize_short, crop=None, impl=config.impl,
-        tvl1=attrs.asdict(config.tvl1), bound=config.bound,
-    )  # fmt: skip
+        format=layout, fps=prep.fps, size=prep.resize_short, crop=None, **config.recorded()
+    )
 
 
 def open_flow_dir(
@@ -304,10 +303,11 @@ class _Computed(_Fields):
         missing = np.array([t for t in wanted.tolist() if t not in self.known], dtype=np.int64)
         if missing.size:
             positions = np.unique(np.concatenate([missing, missing + 1]))
-            gray = self._gray(self.timeline[positions])
+            frames = self._frames(self.timeline[positions])
             first = np.searchsorted(positions, missing)
             second = np.searchsorted(positions, missing + 1)
-            flow = scale_flow(pair_flow(gray[first], gray[second], self.config), self.config.bound)
+            pairs = frame_flow(frames[first], frames[second], self.config)
+            flow = scale_flow(pairs, self.config.bound)
             for tick, field in zip(missing.tolist(), flow.permute(0, 2, 3, 1).numpy(), strict=True):
                 self.known[tick] = field
         return np.stack([self.known[t] for t in wanted.tolist()])
@@ -316,10 +316,10 @@ class _Computed(_Fields):
         for old in [t for t in self.known if t < tick]:
             del self.known[old]
 
-    def _gray(self, sources: np.ndarray) -> np.ndarray:
-        """Greyscale uint8 (n, H, W) of source frames, resized as the RGB stream is."""
+    def _frames(self, sources: np.ndarray) -> np.ndarray:
+        """uint8 RGB (n, H, W, 3) of source frames, resized as the RGB stream is."""
         prep = self.pipeline.preprocessing
         unique, inverse = np.unique(sources, return_inverse=True)
         frames = torch.from_numpy(self.reader.get_frames(unique))
         frames = T.resize_short(frames, prep.resize_short, prep.interpolation)
-        return rgb_to_gray(frames.numpy())[inverse.reshape(-1)]
+        return frames.numpy()[inverse.reshape(-1)]

@@ -385,7 +385,7 @@ class Predictor:
         source: Any = self.pipeline
         if self.views is not None:
             source = self.views
-            if not _on_cpu(self.flow.device) and self.flow.impl == "torch":
+            if not _on_cpu(self.flow.device) and self.flow.on_device:
                 workers = 0  # decoding processes cannot share the device flow runs on
         pin = self.feed is not None and self.feed.overlaps
         pieces = iter_pieces(paths, source, workers, VIDEO_ERRORS, self.clips_per_piece, pin)

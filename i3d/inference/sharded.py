@@ -44,19 +44,21 @@ class PredictSpec:
     flow_dir: str | None = None
     precision: str = "fp32"
     options: tuple[tuple[str, str], ...] = ()  # backend options (``-O key=value``)
+    raft_weights: str | None = None
 
     def backend_options(self) -> dict[str, Any]:
         """What the backend's runner is given: the ``-O`` options and the precision."""
         return {**dict(self.options), "precision": self.precision}
 
     def flow_config(self, device: str | None) -> FlowConfig:
-        """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
-        return flow_config(self.flow_impl, device)
+        """The flow the flow stream runs (on ``device``), for flow and two-stream weights."""
+        return flow_config(self.flow_impl, device, self.raft_weights)
 
 
-def flow_config(impl: str, device: str | None) -> FlowConfig:
-    """The TV-L1 a job's flow stream runs: ``impl`` (torch on ``device``, or opencv)."""
-    return FlowConfig(impl=impl, device=device or "cpu")
+def flow_config(impl: str, device: str | None, raft_weights: str | None = None) -> FlowConfig:
+    """The flow a job's flow stream runs: ``impl`` (torch TV-L1 or RAFT from ``raft_weights``
+    on ``device``, or the opencv TV-L1)."""
+    return FlowConfig(impl=impl, device=device or "cpu", raft_weights=raft_weights)
 
 
 @attrs.frozen
@@ -74,10 +76,11 @@ class FeatureSpec:
     workers: int | None = None
     flow_impl: str = "torch"
     flow_dir: str | None = None
+    raft_weights: str | None = None
 
     def flow_config(self, device: str | None) -> FlowConfig:
-        """The TV-L1 the flow stream runs (on ``device``), for flow and two-stream weights."""
-        return flow_config(self.flow_impl, device)
+        """The flow the flow stream runs (on ``device``), for flow and two-stream weights."""
+        return flow_config(self.flow_impl, device, self.raft_weights)
 
 
 def _score_processor(ctx: Any, spec: PredictSpec) -> Callable[[Sequence[Path]], Iterator[Any]]:
@@ -128,8 +131,12 @@ def _feature_processor(ctx: Any, spec: FeatureSpec) -> Callable[[Sequence[Path]]
 
 
 def _fingerprint(weights: str, spec: Any) -> str:
-    """What decides the results: the weights' bytes and every setting of the spec."""
+    """What decides the results: the weights' bytes and every setting of the spec (RAFT
+    weights by their bytes too; a spec without them hashes as before they existed)."""
     settings = {k: v for k, v in attrs.asdict(spec).items() if k not in ("workers", "weights")}
+    raft = settings.pop("raft_weights")
+    if raft is not None:
+        settings["raft_sha256"] = sha256_file(raft)
     text = json.dumps([sha256_file(weights), settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
