@@ -129,6 +129,13 @@ def train_command(
         str,
         typer.Option(help="auto (fp16 + loss scaling on cuda/npu, bf16 on cpu) | fp16 | bf16."),
     ] = "auto",
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last",
+            help="Channels-last (NDHWC) weights and clips: faster with --amp (bf16 on CPU).",
+        ),
+    ] = False,
     grad_clip: Annotated[float | None, typer.Option(help="Max grad norm (0 disables).")] = None,
     work_dir: Annotated[
         Path, typer.Option(help="Checkpoints, metrics, curves and exported weights.")
@@ -196,6 +203,7 @@ def train_command(
             warmup_epochs=warmup_epochs,
             amp=amp or None,
             amp_dtype=amp_dtype,
+            channels_last=channels_last or None,
             work_dir=str(work_dir),
             seed=seed,
             deterministic=deterministic or None,

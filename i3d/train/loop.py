@@ -290,6 +290,11 @@ class Trainer:
             generator=torch.Generator().manual_seed(c.seed),
         )
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """How weights and training clips are laid out (``--channels-last``)."""
+        return torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
+
     def _build_model(self) -> None:
         c = self.config
         base = self.init_info.config if self.init_info is not None else None
@@ -309,7 +314,7 @@ class Trainer:
                 )
         if c.sync_bn and self.ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.raw_model = model.to(self.ctx.device)
+        self.raw_model = model.to(self.ctx.device, memory_format=self.memory_format)
         self.raw_model.train()
         self.model: nn.Module = self.raw_model
         if self.ctx.distributed:
@@ -603,6 +608,7 @@ class Trainer:
         clips, labels = batch
         views = clips.shape[1]
         clips = clips.flatten(0, 1).to(ctx.device, non_blocking=True)
+        clips = clips.contiguous(memory_format=self.memory_format)
         labels = labels.repeat_interleave(views).to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=c.amp):
             logits = self.model(clips)
