@@ -160,6 +160,23 @@ def test_int8_is_calibrated_on_the_listed_videos_and_reports_its_cost(converted,
     assert again.sources == {(CLIP, "latency"): "compiled cache"}
 
 
+def test_every_frame_weights_calibrate_from_videos_of_other_lengths(tmp_path):
+    """DeepMind's every-frame clips are as long as each video: calibration cuts clips of the
+    compiled length from every video, as predict --clip-len does (it refused all videos but
+    those of exactly that length), and names what it found for a shape it cannot cut."""
+    import attrs
+
+    from i3d.weights.preprocessing import DEEPMIND_K400
+
+    prep = attrs.evolve(DEEPMIND_K400, resize_short=32, crop_size=32, input_size=32)
+    videos = tuple(write_video(tmp_path / f"c{n}.mp4", n, width=48, height=32) for n in (9, 40))
+    clips = ovb.calibration_clips(videos, prep, (3, 12, 32, 32))
+    assert clips and all(c.shape == (3, 12, 32, 32) for c in clips)
+    assert clips[0].min() >= -1 and clips[0].max() <= 1  # DeepMind's [-1, 1]
+    with pytest.raises(BackendError, match=r"give clips of 3×12×32×32.* runs 3×12×40×40"):
+        ovb.calibration_clips(videos, prep, (3, 12, 40, 40))
+
+
 def test_int8_needs_a_calibration_list_of_existing_videos_and_nncf(
     converted, monkeypatch, tmp_path
 ):

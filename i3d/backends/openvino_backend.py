@@ -461,7 +461,9 @@ def calibration_clips(
     videos: tuple[Path, ...], prep: Any, clip: tuple[int, ...]
 ) -> list[torch.Tensor]:
     """Normalised clips of shape ``clip`` from the first views of each video, as the weights'
-    test pipeline cuts them (a clip of another shape cannot calibrate this model)."""
+    test pipeline cuts them with ``clip``'s length (so every-frame weights, whose clips are
+    as long as each video, calibrate from videos of any length; a clip of another
+    shape cannot calibrate this model)."""
     from i3d.data.pipeline import build_pipeline
 
     if prep is None:
@@ -469,7 +471,7 @@ def calibration_clips(
             "int8 calibration cuts your videos with the weights' test pipeline, but this "
             "model has no preprocessing metadata; load .safetensors weights"
         )
-    pipeline = build_pipeline(prep, "test")
+    pipeline = build_pipeline(prep, "test", clip_len=clip[1])
     clips: list[torch.Tensor] = []
     shapes = set()
     for video in videos:
