@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from i3d.data.decode import VIDEO_SUFFIXES, VideoDecodeError, open_frames_dir, open_video
+from i3d.data.handoff import WorkerLoader
 from i3d.data.pipeline import Pipeline, ViewPiece, join_pieces
 from i3d.data.rng import sample_rng
 
@@ -332,10 +333,13 @@ def worker_loader(dataset: Dataset[Any], workers: int, **options: Any) -> DataLo
 
     The parent's garbage is collected first, and each worker freezes what it inherits: a
     worker that collected the parent's garbage would run destructors whose thread pools
-    exist only in the parent (an OpenVINO compiled model's hung a worker for good).
+    exist only in the parent (an OpenVINO compiled model's hung a worker for good). Workers
+    put their items in shared memory before queueing them (:mod:`i3d.data.handoff`), so a
+    full ``/dev/shm`` or a small ``ulimit -f`` ends the iteration with a
+    :class:`~i3d.data.handoff.SharedMemoryError` instead of a hang.
     """
     gc.collect()
-    return DataLoader(dataset, num_workers=workers, worker_init_fn=worker_init, **options)
+    return WorkerLoader(dataset, num_workers=workers, worker_init_fn=worker_init, **options)
 
 
 def worker_init(_worker_id: int) -> None:
