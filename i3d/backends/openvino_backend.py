@@ -355,7 +355,9 @@ class OpenVinoRunner(ClipRunner):
         ir = to_openvino(self.ov, self.model, check, self.endpoint)
         exact = self.core.compile_model(ir, "CPU", CHECK_CONFIG)
         self.checked[clip] = exact
-        got = exact(check.numpy())[0]
+        request = exact.create_infer_request()  # not the compiled model's own (see _compile)
+        got = request.infer({0: check.numpy()}, share_inputs=False)[0].copy()
+        del request
         if got.shape != expected.shape:
             raise BackendError(
                 f"OpenVINO's {outputs} have shape {got.shape}, torch's {expected.shape}; "
