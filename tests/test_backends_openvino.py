@@ -16,6 +16,7 @@ from videogen import write_video
 from i3d.backends import BackendError, BackendUnavailable, get_backend, load_runner
 from i3d.backends import openvino_backend as ovb
 from i3d.cli.main import app
+from i3d.models.space_to_depth import SpaceToDepthConv3d
 
 LABELS = ("walk", "run", "jump", "swim", "sit")
 CLIP = (3, 8, 32, 32)  # the tiny weights' test clip (C, T, H, W)
@@ -53,6 +54,7 @@ def test_fp32_conversion_matches_torch_and_keeps_views_and_labels(converted):
     assert _rel(logits, expected) <= 1e-4
     assert runner.labels == LABELS and runner.precision == "fp32"
     assert runner.sources == {(CLIP, "throughput"): "converted"}
+    assert not any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
 
 
 def test_second_load_imports_the_compiled_model_from_the_cache(converted, cache):
@@ -139,7 +141,9 @@ def test_bf16_runs_where_the_cpu_has_bf16(converted):
         pytest.skip("this CPU has no bf16 units")
     runner = load_runner(weights, backend="openvino", precision="bf16")
     got = runner.predict(x)  # refused if OpenVINO compiled anything but bf16
-    assert runner.sources == {(CLIP, "throughput"): "ir cache"}
+    # bf16 converts the model with its RGB stem as space-to-depth (cached apart from fp32's)
+    assert runner.sources == {(CLIP, "throughput"): "converted"}
+    assert any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
     assert _rel(got, logits) <= 0.05  # bf16 keeps about 3 significant digits
 
 

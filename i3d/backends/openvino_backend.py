@@ -46,6 +46,7 @@ from i3d.backends.base import (
 )
 from i3d.backends.check_input import natural_clips
 from i3d.backends.torch_backend import parse_flag
+from i3d.models.space_to_depth import space_to_depth_stem
 from i3d.utils.files import OutputError, atomic_path, no_room_as_output_error
 
 INSTALL_HINT = 'pip install "i3d[openvino]" (or: pip install openvino)'
@@ -196,7 +197,9 @@ class OpenVinoRunner(ClipRunner):
         self.precision = precision
         self.mode = mode
         self.threads = threads
-        self.digest = model_digest(model)
+        if precision == "bf16":  # exact, and 1.4x for bf16 on AMX (i3d.models.space_to_depth)
+            model = space_to_depth_stem(model)
+        self.digest = model_digest(model)  # the rewritten model's: cached apart from fp32's
         self.endpoint = endpoint
         self.model = model if endpoint is None else EndpointModel(model, endpoint).eval()
         self.check_prep = preprocessing_of(model)

@@ -157,12 +157,10 @@ class Unit3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = _pad_spec(x.shape[2:], self.kernel, self.stride)
-        if all(a == b for a, b in pads):
+        if isinstance(self.conv3d, nn.Conv3d) and all(a == b for a, b in pads):
             x = F.conv3d(x, self.conv3d.weight, self.conv3d.bias, self.stride, [a for a, _ in pads])
-        else:
-            x = F.conv3d(
-                F.pad(x, _flat_pads(pads)), self.conv3d.weight, self.conv3d.bias, self.stride
-            )
+        else:  # uneven pads, or a rewritten convolution (i3d.models.space_to_depth)
+            x = self.conv3d(F.pad(x, _flat_pads(pads)))
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x, inplace=True) if self.activation else x
