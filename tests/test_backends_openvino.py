@@ -141,9 +141,11 @@ def test_bf16_runs_where_the_cpu_has_bf16(converted):
         pytest.skip("this CPU has no bf16 units")
     runner = load_runner(weights, backend="openvino", precision="bf16")
     got = runner.predict(x)  # refused if OpenVINO compiled anything but bf16
-    # bf16 converts the model with its RGB stem as space-to-depth (cached apart from fp32's)
-    assert runner.sources == {(CLIP, "throughput"): "converted"}
-    assert any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
+    # on AMX bf16 converts the model with its RGB stem as space-to-depth (cached apart from
+    # fp32's); without AMX it compiles fp32's cached model
+    rewritten = any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
+    assert rewritten == ovb.amx_units()
+    assert runner.sources == {(CLIP, "throughput"): "converted" if rewritten else "ir cache"}
     assert _rel(got, logits) <= 0.05  # bf16 keeps about 3 significant digits
 
 
@@ -159,7 +161,8 @@ def test_int8_is_calibrated_on_the_listed_videos_and_reports_its_cost(converted,
     agree, rel = runner.int8_cost[CLIP]
     assert 0 <= agree <= 1 and 0 < rel < 0.5
     assert runner.sources == {(CLIP, "latency"): "converted"}
-    assert any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
+    rewritten = any(isinstance(m, SpaceToDepthConv3d) for m in runner.model.modules())
+    assert rewritten == ovb.amx_units()  # the space-to-depth stem on AMX only
     again = load_runner(weights, backend="openvino", precision="int8", calibration=listing)
     again.predict(x[:1, 0])
     assert again.sources == {(CLIP, "latency"): "compiled cache"}
@@ -180,6 +183,13 @@ def test_every_frame_weights_calibrate_from_videos_of_other_lengths(tmp_path):
     assert clips[0].min() >= -1 and clips[0].max() <= 1  # DeepMind's [-1, 1]
     with pytest.raises(BackendError, match=r"give clips of 3×12×32×32.* runs 3×12×40×40"):
         ovb.calibration_clips(videos, prep, (3, 12, 40, 40))
+
+
+def test_only_bf16_and_int8_on_amx_rewrite_the_stem(monkeypatch):
+    for amx in (True, False):
+        monkeypatch.setattr(ovb, "amx_units", lambda amx=amx: amx)
+        chosen = {p: ovb.rewrites_stem(p) for p in ("fp32", "bf16", "fp16", "int8")}
+        assert chosen == {"fp32": False, "bf16": amx, "fp16": False, "int8": amx}
 
 
 def test_int8_needs_a_calibration_list_of_existing_videos_and_nncf(

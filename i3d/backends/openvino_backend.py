@@ -154,6 +154,19 @@ def compile_config(precision: str, mode: str, threads: int | None) -> dict[str, 
     return config
 
 
+def amx_units() -> bool:
+    """Whether this CPU has AMX tile units (torch's run-time check; False where it has none)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def rewrites_stem(precision: str) -> bool:
+    """Whether the model is converted with its stem as space-to-depth: bf16 and int8 on AMX,
+    whose 32-deep tiles a 3-channel stem leaves mostly empty (i3d.models.space_to_depth).
+    fp32, and CPUs without AMX (not measured), keep the plain stem."""
+    return precision in ("bf16", "int8") and amx_units()
+
+
 CHECK_CONFIG = compile_config("fp32", "latency", None)  # what conversions are checked with
 
 
@@ -197,7 +210,7 @@ class OpenVinoRunner(ClipRunner):
         self.precision = precision
         self.mode = mode
         self.threads = threads
-        if precision in ("bf16", "int8"):  # exact; AMX fills its tiles (models.space_to_depth)
+        if rewrites_stem(precision):
             model = space_to_depth_stem(model)
         self.digest = model_digest(model)  # the rewritten model's: cached apart from fp32's
         self.endpoint = endpoint

@@ -7,7 +7,8 @@ fifth of the bf16 peak, 45% of a clip's time for 21% of its FLOPs. Folding each 
 block of the input into channels (s_t·s_h·s_w times as many) turns a k-wide kernel of stride
 s into a ⌈k/s⌉-wide kernel of stride 1 that computes the same sums. The zero taps add FLOPs
 (1.57× for ResNet's stem), which fp32 does not win back, so OpenVINO's bf16 and int8 use the
-rewrite (NL-R50 on an AMX Xeon: bf16 13.0 → 15.5 clips/s, int8 16.2 → 27.3) and fp32 does not.
+rewrite on AMX CPUs (NL-R50 on an AMX Xeon: bf16 13.0 → 15.9 clips/s, int8 16.2 → 27.3) and
+fp32 does not.
 """
 
 from __future__ import annotations
