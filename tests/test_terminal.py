@@ -4,6 +4,7 @@ progress column that crashed every interactive `i3d train` through."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -23,8 +24,11 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 LABELS = ("moving up", "moving down")
 
 
-def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 120) -> tuple[int, str]:
-    """Run ``i3d ARGS`` with stdin/stdout/stderr on a pseudo-terminal → (exit code, text)."""
+def run_in_terminal(
+    args: list[str], env: dict[str, str], timeout: float = 120, raw: bool = False
+) -> tuple[int, str]:
+    """Run ``i3d ARGS`` with stdin/stdout/stderr on a pseudo-terminal → (exit code, text;
+    with ``raw``, the bytes as the terminal got them, escapes and carriage returns kept)."""
     main, child = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "i3d", *args], stdin=child, stdout=child, stderr=child, env=env
@@ -49,7 +53,31 @@ def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 120) 
         pytest.fail(f"i3d {' '.join(args)} did not finish in {timeout} s in a terminal")
     os.close(main)
     code = proc.wait(timeout=30)
-    return code, ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return code, text if raw else ANSI.sub("", text)
+
+
+def terminal_screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: printable runs overwrite at the cursor, and
+    CR, LF, erase-line and cursor-up move or clear as rich's live bars use them (no wrap)."""
+    lines, row, col = [""], 0, 0
+    for token in re.split(r"(\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r|\n)", text):
+        if token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token == "\r":
+            col = 0
+        elif token.startswith("\x1b[") and token[-1] in "KA":
+            count = int(token[2:-1] or (0 if token[-1] == "K" else 1))
+            if token[-1] == "A":
+                row = max(0, row - count)
+            else:  # 0: to the line's end, 2: the whole line (rich uses 2)
+                lines[row] = "" if count == 2 else lines[row][:col]
+        elif token and not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token) :]
+            col += len(token)
+    return lines
 
 
 def run_redirected(args: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -147,3 +175,21 @@ def test_readme_first_command_pull_then_demo(project, deepmind_sdist, tmp_path):
     for run in (run_in_terminal, run_redirected):
         code, out = run(["demo"], env)
         assert code == 0 and "playing cricket" in out, out
+
+
+def test_predict_json_lines_stay_whole_in_a_terminal(project):
+    """`i3d predict A B --json` in a terminal: each JSON object is a line of its own. Written
+    straight to stdout, each one landed after the text of the progress bar drawn on stderr
+    (`predicting ━━━ 0/2 -:--:--{"path": ...}`), in the terminal a README command runs in."""
+    root = project["root"]
+    other = write_video(root / "other.mp4", 20, width=48, height=32)
+    args = ["predict", str(project["video"]), str(other), "--weights", str(project["weights"])]
+    code, raw = run_in_terminal([*args, "--json"], _env(root), raw=True)
+    assert code == 0, raw
+    assert "predicting" in raw, raw  # the bar was drawn
+    shown = [line for line in terminal_screen(raw) if line.strip()]
+    assert all(line.startswith("{") for line in shown), shown
+    assert [Path(json.loads(line)["path"]).name for line in shown] == ["clip.mp4", "other.mp4"]
+    code, out = run_redirected([*args, "--json"], _env(root))  # the JSON lines as before
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert code == 0 and [r["path"] for r in records] == [str(project["video"]), str(other)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +66,29 @@ from i3d.weights.format import read_info
 from i3d.weights.labels import read_labels
 
 console = Console(soft_wrap=True)  # log lines stay whole when redirected
+
+
+def _echo_line(progress: Progress, line: str) -> None:
+    """``line`` on stdout while ``progress`` draws on stderr. When both are one terminal, the
+    progress prints it above its bar: written straight to stdout, it followed the bar's text
+    on the bar's line. Otherwise (stdout redirected) stdout gets exactly the line."""
+    live = progress.live.is_started and progress.console.is_terminal
+    if live and _same_terminal(sys.stdout, progress.console.file):
+        progress.console.print(line, markup=False, highlight=False, emoji=False)
+    else:
+        typer.echo(line)
+
+
+def _same_terminal(*files: object) -> bool:
+    """Whether open files are all one terminal device."""
+    try:
+        fds = [f.fileno() for f in files]  # type: ignore[attr-defined]
+        ends = {(s.st_dev, s.st_ino) for s in map(os.fstat, fds)}
+        return all(map(os.isatty, fds)) and len(ends) == 1
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture)
+        return False
+
+
 SAVE_SECONDS = 30.0  # least time between rewrites of a --csv file during a run (resume points)
 
 
@@ -167,7 +192,7 @@ def predict(
                     results.append(result)
                     table.add(result)
                     if as_json:
-                        typer.echo(json.dumps(result.to_json(top_k, all_scores)))
+                        _echo_line(progress, json.dumps(result.to_json(top_k, all_scores)))
                     if task is not None:
                         progress.advance(task)
                     if early is not None and time.monotonic() - saved > SAVE_SECONDS:
