@@ -157,6 +157,16 @@ def test_pull_downloads_converts_and_never_downloads_again(server, cache):
     assert server.hits == {entry.filename: 2}
 
 
+def test_resolve_names_the_pull_that_works(cache):
+    """`i3d features --preset rtfm` before its weights are pulled says which pull to run; for
+    the mmaction2 entries (hash prefix only) it named one that is refused without
+    --trust-prefix."""
+    with pytest.raises(hub.HubError, match=r"`i3d weights pull i3d_r50_k400_rgb --trust-prefix`"):
+        hub.resolve("i3d_r50_k400_rgb")
+    with pytest.raises(hub.HubError, match=r"`i3d weights pull i3d_inception_k400_rgb`$"):
+        hub.resolve("i3d_inception_k400_rgb")
+
+
 def test_mirror_from_environment(server, cache, monkeypatch):
     entry = _entry()
     server.files[entry.filename] = PAYLOAD

@@ -210,13 +210,15 @@ def damage(
 def resolve(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """The converted ``.safetensors`` of a pulled entry (error naming the pull command if not)."""
     path = weights_path(name, cache)
+    # entries known by a hash prefix are pulled only with --trust-prefix: name the pull that works
+    trust = " --trust-prefix" if len(get_entry(name).sha256) < 64 else ""
     if not path.is_file():
-        raise HubError(f"weights {name!r} are not pulled yet; run `i3d weights pull {name}`")
+        raise HubError(f"weights {name!r} are not pulled yet; run `i3d weights pull {name}{trust}`")
     problem = damage(name, cache, tensors=False)  # loading the file checks its tensors
     if problem is not None:
         raise HubError(
             f"the cached weights {name!r} ({path}) are damaged ({problem}); run "
-            f"`i3d weights pull {name} --force` to fetch them again"
+            f"`i3d weights pull {name} --force{trust}` to fetch them again"
         )
     return path
 
