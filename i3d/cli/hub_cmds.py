@@ -113,7 +113,7 @@ def pull(
             status.print(f"{entry.name} is already pulled (use --force to convert again)")
             typer.echo(str(hub.weights_path(entry)))
             return
-        if trust_prefix and len(entry.sha256) < 64:
+        if trust_prefix and entry.prefix_only:
             status.print(f"[yellow]warning:[/yellow] {escape(hub.prefix_risk(entry))}")
         problem = hub.damage(entry)
         if problem is not None:

@@ -72,6 +72,11 @@ class HubEntry:
         return self.url.rsplit("/", 1)[-1]
 
     @property
+    def prefix_only(self) -> bool:
+        """Whether only a prefix of the file's SHA-256 is known (pulled with --trust-prefix)."""
+        return len(self.sha256) < 64
+
+    @property
     def where(self) -> str:
         """Where the artifact comes from: its URL or the package-index requirement."""
         return f"package index: {self.index_requirement}" if self.index_requirement else self.url
@@ -211,7 +216,7 @@ def resolve(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """The converted ``.safetensors`` of a pulled entry (error naming the pull command if not)."""
     path = weights_path(name, cache)
     # entries known by a hash prefix are pulled only with --trust-prefix: name the pull that works
-    trust = " --trust-prefix" if len(get_entry(name).sha256) < 64 else ""
+    trust = " --trust-prefix" if get_entry(name).prefix_only else ""
     if not path.is_file():
         raise HubError(f"weights {name!r} are not pulled yet; run `i3d weights pull {name}{trust}`")
     problem = damage(name, cache, tensors=False)  # loading the file checks its tensors
@@ -385,7 +390,7 @@ def _source_file(
         if not digest_matches(digest, entry.sha256):
             raise HubError(
                 f"{from_file} has SHA-256 {digest}, but {entry.name} is {entry.filename} with "
-                f"SHA-256 {entry.sha256}{'...' if len(entry.sha256) < 64 else ''}; wrong file?"
+                f"SHA-256 {entry.sha256}{'...' if entry.prefix_only else ''}; wrong file?"
             )
         artifact = from_file
     else:
@@ -434,7 +439,7 @@ def pull(
     dst = weights_path(entry, root)
     if not force and is_pulled(entry, root):
         return dst
-    if len(entry.sha256) < 64 and not trust_prefix:
+    if entry.prefix_only and not trust_prefix:
         raise HubError(f"{prefix_risk(entry)}; pass --trust-prefix to accept it anyway")
     src, made = _source_file(
         entry, root, Path(from_file) if from_file is not None else None, mirror, progress, stage
