@@ -145,16 +145,12 @@ class ResultFolder:
 
     def done(self) -> set[int]:
         """Indices of the inputs that have a result (failed ones are not done)."""
-        done = set()
-        for name in self._names():
-            stem, _, suffix = name.partition(".")
-            if stem.isdigit() and suffix in ("npy", "json"):
-                done.add(int(stem))
-        return done
+        outcomes = (_outcome_file(name) for name in self._names())
+        return {o[0] for o in outcomes if o is not None and o[1] != "failed.json"}
 
     def finished(self) -> int:
         """How many inputs have a result or failed."""
-        return sum(1 for name in self._names() if _is_outcome(name))
+        return sum(1 for name in self._names() if _outcome_file(name) is not None)
 
     def remove_temporaries(self) -> None:
         """Remove the half-written files of a killed rank (only while no rank runs)."""
@@ -251,11 +247,13 @@ class ResultFolder:
         return True
 
 
-def _is_outcome(name: str) -> bool:
-    """Whether an items/ file name is an input's result or failure (not a temporary file
-    or a result's warnings)."""
+def _outcome_file(name: str) -> tuple[int, str] | None:
+    """(input index, suffix) of an items/ file holding an input's result (``npy``, ``json``)
+    or failure (``failed.json``); None for temporary files and a result's warnings."""
     stem, _, suffix = name.partition(".")
-    return stem.isdigit() and suffix in ("npy", "json", "failed.json")
+    if stem.isdigit() and suffix in ("npy", "json", "failed.json"):
+        return int(stem), suffix
+    return None
 
 
 def _is_tensor(value: Any) -> bool:
