@@ -152,6 +152,25 @@ def test_short_clips_are_a_clear_error(setup):
     assert "Traceback" not in result.output
 
 
+def test_protocol_batchnorm_eps_reaches_the_detector(setup):
+    import attrs
+
+    from i3d.fvd.extract import Detector, iter_activations
+    from i3d.fvd.protocols import get_protocol
+
+    cd = get_protocol("cd-fvd")
+    ported = Detector(setup["weights"], batchnorm_eps=cd.batchnorm_eps)
+    norms = [m for m in ported.model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
+    videos = open_videos(setup["real"][:1])
+    with pytest.raises(ValueError, match="BatchNorm eps"):
+        next(iter_activations(videos, [0], get_protocol("tf"), "real", 0, ported))
+    as_port = next(iter_activations(videos, [0], cd, "real", 0, ported))
+    own = attrs.evolve(cd, batchnorm_eps=None)
+    as_weights = next(iter_activations(videos, [0], own, "real", 0, Detector(setup["weights"])))
+    assert not np.array_equal(as_port, as_weights)
+
+
 def test_bad_inputs_are_refused_before_reading(setup):
     root, w = setup["root"], setup["weights"]
     with pytest.raises(FVDInputError, match="uint8"):

@@ -142,6 +142,9 @@ def test_protocol_facts():
         16, "random", "first", "discard", 0,
     )  # fmt: skip
     assert (cd.resize, cd.covariance_ddof) == ("torch_bilinear", 0)
+    # TF-GAN's SVD root floor for tf only; VideoGPT's pytorch_i3d BatchNorm eps for cd-fvd only
+    assert [p.root_floor for p in (tf, sg, cd, cm)] == [1e-10, 0.0, 0.0, 0.0]
+    assert [p.batchnorm_eps for p in (tf, sg, cd, cm)] == [None, None, 1e-5, None]
     assert (cm.resize, cm.min_frames, cm.covariance_ddof) == ("short_side_center_crop", 10, 1)
     with pytest.raises(ValueError, match="unknown FVD protocol"):
         get_protocol("fid")

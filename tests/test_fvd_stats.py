@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from i3d.fvd.frechet import frechet_distance, psd_sqrt, trace_sqrt_product
+from i3d.fvd.frechet import TFGAN_ROOT_FLOOR, frechet_distance, psd_sqrt, trace_sqrt_product
 from i3d.fvd.stats import ActivationStats
 
 
@@ -79,6 +79,24 @@ def test_trace_sqrt_product_by_hand():
     assert value == pytest.approx(25.0 + 2.0, abs=1e-12)
 
 
+def test_tfgan_root_floor_by_hand():
+    # eigenvalue 1e-12 < 1e-10: TF-GAN's SVD square root leaves it as is, so sqrt(C1) =
+    # diag(1, 1e-12), A C2 A = diag(1, 1e-36) and its "root" again diag(1, 1e-36)
+    cov = np.diag([1.0, 1e-12])
+    assert trace_sqrt_product(cov, cov, TFGAN_ROOT_FLOOR) == pytest.approx(1.0 + 1e-36, abs=0)
+    assert trace_sqrt_product(cov, cov) == pytest.approx(1.0 + 1e-12, rel=1e-15)
+    m = np.zeros(2)
+    tfgan = frechet_distance(m, cov, m, cov, TFGAN_ROOT_FLOOR)
+    assert tfgan == pytest.approx(2e-12, rel=1e-3)  # tr(2C) - 2 (1 + 1e-36)
+    assert frechet_distance(m, cov, m, cov) == pytest.approx(0.0, abs=1e-15)
+    # a round-off negative eigenvalue: kept (not rooted) below the floor, sign-rooted above
+    s = np.diag([4.0, -1e-14, -1e-8])
+    np.testing.assert_allclose(
+        np.diag(psd_sqrt(s, TFGAN_ROOT_FLOOR)), [2.0, -1e-14, -1e-4], rtol=1e-12
+    )
+    np.testing.assert_allclose(np.diag(psd_sqrt(s)), [2.0, 0.0, 0.0], atol=1e-15)
+
+
 @pytest.mark.parametrize(("dim", "n"), [(4, 50), (16, 200), (64, 1000)])
 def test_frechet_equals_scipy_on_well_conditioned(dim, n):
     rng = np.random.default_rng(dim)
@@ -100,17 +118,19 @@ def test_frechet_finite_and_non_negative_when_ill_conditioned():
     scales = np.diag(np.logspace(-12, 6, dim))  # condition number 1e18
     cases.append((np.zeros(dim), scales, np.zeros(dim), scales[::-1, ::-1].copy()))
     for case in cases:
-        value = frechet_distance(*case)
-        assert np.isfinite(value) and value >= 0.0
+        for floor in (0.0, TFGAN_ROOT_FLOOR):
+            value = frechet_distance(*case, floor)
+            assert np.isfinite(value) and value >= 0.0
     assert frechet_distance(*cases[4]) == pytest.approx(dim, rel=1e-12)  # |m1 - m2|^2 only
 
 
-def test_identical_sets_give_zero():
+@pytest.mark.parametrize("floor", [0.0, TFGAN_ROOT_FLOOR])
+def test_identical_sets_give_zero(floor):
     rng = np.random.default_rng(6)
     for n in (3, 401, 2000):
         a = rng.normal(size=(n, 400)) * 10
         m, s = a.mean(0), np.cov(a, rowvar=False)
-        assert 0.0 <= frechet_distance(m, s, m, s) < 1e-6
+        assert 0.0 <= frechet_distance(m, s, m, s, floor) < 1e-6
 
 
 def test_frechet_refuses_bad_shapes():

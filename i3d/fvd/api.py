@@ -148,7 +148,7 @@ def compute_stats(
         if results is None:
             raise RuntimeError("sharded FVD statistics reach rank 0 only")
     else:
-        detector = detector or Detector(path, device, batch_size)
+        detector = detector or Detector(path, device, batch_size, proto.batchnorm_eps)
         results = iter_activations(video_set, range(len(video_set)), proto, role, seed, detector)
     acc = accumulate(results, lambda i: _frames_used(video_set, proto, i))
     if acc.stats is None:
@@ -205,7 +205,11 @@ def fvd_from_stats(real: FVDStats, fake: FVDStats) -> FVDResult:
         )
     ddof = proto.covariance_ddof
     value = frechet_distance(
-        real.stats.mean, real.stats.covariance(ddof), fake.stats.mean, fake.stats.covariance(ddof)
+        real.stats.mean,
+        real.stats.covariance(ddof),
+        fake.stats.mean,
+        fake.stats.covariance(ddof),
+        proto.root_floor,
     )
     record = {
         "fvd": value,
@@ -263,7 +267,7 @@ def fvd(
             if isinstance(source, FVDStats):
                 check_compatible(source, proto, digest)
         if need_model and world_size == 1:
-            detector = Detector(path, device, batch_size)
+            detector = Detector(path, device, batch_size, proto.batchnorm_eps)
     done: list[FVDStats] = []
     for source, role in zip(given, ("real", "fake"), strict=True):
         if isinstance(source, FVDStats):

@@ -42,10 +42,18 @@ class Discarded:
 
 
 class Detector:
-    """The I3D classifier whose time-averaged logits are the FVD activations."""
+    """The I3D classifier whose time-averaged logits are the FVD activations.
+
+    ``batchnorm_eps`` replaces every BatchNorm's epsilon (a protocol's
+    :attr:`~i3d.fvd.protocols.Protocol.batchnorm_eps`); None keeps the weights' own.
+    """
 
     def __init__(
-        self, weights: str | os.PathLike[str], device: str | None = None, batch_size: int = 1
+        self,
+        weights: str | os.PathLike[str],
+        device: str | None = None,
+        batch_size: int = 1,
+        batchnorm_eps: float | None = None,
     ) -> None:
         from i3d.weights.format import load_model
 
@@ -58,6 +66,11 @@ class Detector:
                 f"{self.weights} is not an RGB video classifier (FVD needs RGB Inception I3D "
                 "logits; a flow or two-stream model cannot read frames)"
             )
+        if batchnorm_eps is not None:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eps = batchnorm_eps
+        self.batchnorm_eps = batchnorm_eps
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
 
@@ -81,6 +94,13 @@ def iter_activations(
     Up to ``detector.batch_size`` consecutive clips of one shape share a forward pass.
     Raises :class:`~i3d.fvd.protocols.ClipError` for a video the protocol cannot take.
     """
+    if detector.batchnorm_eps != protocol.batchnorm_eps:
+        raise ValueError(
+            f"protocol {protocol.name} runs the detector with BatchNorm eps "
+            f"{protocol.batchnorm_eps or 'of the weights'}, this detector with "
+            f"{detector.batchnorm_eps or 'that of the weights'}: build it with "
+            f"Detector(..., batchnorm_eps={protocol.batchnorm_eps!r})"
+        )
     resize = RESIZES[protocol.resize]
     pending: list[np.ndarray | Discarded | torch.Tensor] = []
 
@@ -150,7 +170,7 @@ class ExtractSpec:
 def _rank_processor(ctx: Any, spec: ExtractSpec, videos: VideoSet) -> Callable[..., Any]:
     """One rank's extractor: the detector on the rank's device, activations per video."""
     device = spec.device if ctx.device.type == "cpu" else str(ctx.device)
-    detector = Detector(spec.weights, device, spec.batch_size)
+    detector = Detector(spec.weights, device, spec.batch_size, spec.protocol.batchnorm_eps)
 
     def run(indices: Sequence[int]) -> Iterator[Any]:
         for result in iter_activations(

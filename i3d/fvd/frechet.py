@@ -7,11 +7,19 @@ symmetric PSD square root; ``S1 S2`` has the eigenvalues of the symmetric PSD ``
 the trace is the sum of the square roots of ``A S2 A``'s eigenvalues (LAPACK ``syevd`` through
 ``numpy.linalg.eigh``), with round-off negatives clipped to 0. This is exact arithmetic's
 value, real and finite for every pair of PSD inputs.
+
+TF-GAN (the ``tf`` protocol's reference) forms the same two square roots by SVD and leaves
+singular values below 1e-10 un-rooted (``_symmetric_matrix_square_root``'s ``eps``); with
+``root_floor=TFGAN_ROOT_FLOOR`` the eigenvalues are treated the same way, which moves FVDs
+whose covariances have directions below 1e-10 (few videos, or nearly flat activations).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+TFGAN_ROOT_FLOOR = 1e-10
+"""TF-GAN's ``_symmetric_matrix_square_root`` eps: smaller singular values are not rooted."""
 
 
 def _check_covariance(name: str, cov: np.ndarray, dim: int) -> np.ndarray:
@@ -23,24 +31,39 @@ def _check_covariance(name: str, cov: np.ndarray, dim: int) -> np.ndarray:
     return (cov + cov.T) / 2
 
 
-def psd_sqrt(cov: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root of a symmetric matrix (negative eigenvalues taken as 0)."""
+def _roots(eigenvalues: np.ndarray, root_floor: float) -> np.ndarray:
+    """Square roots of a symmetric matrix's eigenvalues: round-off negatives as 0 (floor 0),
+    or as TF-GAN's SVD takes them (|λ| below the floor unchanged, else sign(λ)·√|λ|)."""
+    if root_floor == 0.0:
+        return np.sqrt(np.clip(eigenvalues, 0.0, None))
+    size = np.abs(eigenvalues)
+    return np.where(size < root_floor, eigenvalues, np.sign(eigenvalues) * np.sqrt(size))
+
+
+def psd_sqrt(cov: np.ndarray, root_floor: float = 0.0) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (see :func:`_roots` for the floor)."""
     w, v = np.linalg.eigh(cov)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    return (v * _roots(w, root_floor)) @ v.T
 
 
-def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
-    """``tr(sqrt(cov1 @ cov2))`` of two PSD matrices, from the eigenvalues of ``A cov2 A``."""
-    root = psd_sqrt(cov1)
+def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray, root_floor: float = 0.0) -> float:
+    """``tr(sqrt(cov1 @ cov2))`` of two PSD matrices, from the eigenvalues of ``A cov2 A``;
+    ``root_floor`` :data:`TFGAN_ROOT_FLOOR` reproduces TF-GAN's ``trace_sqrt_product``."""
+    root = psd_sqrt(cov1, root_floor)
     inner = root @ cov2 @ root
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    return float(_roots(eig, root_floor).sum())
 
 
 def frechet_distance(
-    mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov2: np.ndarray
+    mean1: np.ndarray,
+    cov1: np.ndarray,
+    mean2: np.ndarray,
+    cov2: np.ndarray,
+    root_floor: float = 0.0,
 ) -> float:
-    """``|m1 - m2|² + tr(C1 + C2 - 2 sqrt(C1 C2))`` in float64, finite and >= 0."""
+    """``|m1 - m2|² + tr(C1 + C2 - 2 sqrt(C1 C2))`` in float64, finite and >= 0
+    (``root_floor``: see :func:`trace_sqrt_product`)."""
     mean1 = np.asarray(mean1, dtype=np.float64)
     mean2 = np.asarray(mean2, dtype=np.float64)
     if mean1.ndim != 1 or mean1.shape != mean2.shape:
@@ -52,5 +75,5 @@ def frechet_distance(
         raise ValueError("means contain NaN or inf")
     diff = mean1 - mean2
     value = float(diff @ diff) + float(np.trace(cov1) + np.trace(cov2))
-    value -= 2.0 * trace_sqrt_product(cov1, cov2)
+    value -= 2.0 * trace_sqrt_product(cov1, cov2, root_floor)
     return max(value, 0.0)  # the distance is >= 0; only round-off goes below

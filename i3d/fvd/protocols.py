@@ -1,9 +1,11 @@
 """The named FVD protocols, each as its source code defines it, and their clip selection.
 
 A :class:`Protocol` says how a video becomes the detector's input (which frames, which
-resize and value scaling) and how the Fréchet distance is formed (covariance ``ddof``); the
-README's FVD section gives each field's source. The detector output is the same for all:
-the Kinetics-400 logits of Inception-v1 I3D averaged over time (TF-Hub's
+resize and value scaling), the detector's BatchNorm epsilon where the source's model differs
+from DeepMind's, and how the Fréchet distance is formed (covariance ``ddof``, which
+eigenvalues its matrix square root leaves un-rooted); the README's
+FVD section gives each field's source. The detector output is the same for all: the
+Kinetics-400 logits of Inception-v1 I3D averaged over time (TF-Hub's
 ``RGB/inception_i3d/Mean``).
 """
 
@@ -14,6 +16,7 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
+from i3d.fvd.frechet import TFGAN_ROOT_FLOOR
 from i3d.fvd.resize import RESIZES
 
 HEAD_MIN_FRAMES = 9
@@ -42,6 +45,12 @@ class Protocol:
     ``frames`` consecutive frames start at frame 0 (``"first"``) or at a seeded uniform
     offset (``"random"``), chosen per role. ``short_real`` says what a real video shorter
     than the clip does: fail (``"error"``) or drop out of the set (``"discard"``).
+    ``batchnorm_eps`` None runs the detector as the weights define it (DeepMind's Sonnet
+    BatchNorm, eps 1e-3); a number replaces every BatchNorm's epsilon, for protocols whose
+    source runs another port of the network (VideoGPT's ``pytorch_i3d.py`` builds 1e-5).
+    ``root_floor`` 0 takes every square root in the distance exactly (as ``scipy.linalg.sqrtm``
+    does); TF-GAN's 1e-10 leaves smaller singular values un-rooted
+    (:func:`~i3d.fvd.frechet.trace_sqrt_product`).
     """
 
     name: str
@@ -53,6 +62,8 @@ class Protocol:
     short_real: Literal["error", "discard"] = "error"
     min_frames: int = HEAD_MIN_FRAMES
     covariance_ddof: int = 1
+    batchnorm_eps: float | None = None
+    root_floor: float = 0.0
     source: str = ""
 
     def __attrs_post_init__(self) -> None:
@@ -109,8 +120,10 @@ PROTOCOLS: dict[str, Protocol] = {
         name="tf",
         resize="tf1_bilinear",
         covariance_ddof=1,
+        root_floor=TFGAN_ROOT_FLOOR,
         source="github.com/google-research/google-research frechet_video_distance/"
-        "frechet_video_distance.py + tensorflow_gan classifier_metrics.py",
+        "frechet_video_distance.py + tensorflow_gan classifier_metrics.py "
+        "(frechet_classifier_distance_from_activations, _symmetric_matrix_square_root eps)",
     ),
     "stylegan-v": Protocol(
         name="stylegan-v",
@@ -127,8 +140,10 @@ PROTOCOLS: dict[str, Protocol] = {
         name="cd-fvd",
         resize="torch_bilinear",
         covariance_ddof=0,
+        batchnorm_eps=1e-5,
         source="github.com/songweige/content-debiased-fvd cdfvd/fvd.py, "
-        "third_party/i3d/utils.py, utils/metric_utils.py (arrays: cdfvd.compute_fvd)",
+        "third_party/i3d/utils.py, third_party/i3d/pytorch_i3d.py (BatchNorm3d eps=1e-5), "
+        "utils/metric_utils.py (arrays: cdfvd.compute_fvd)",
     ),
     "common-metrics": Protocol(
         name="common-metrics",
