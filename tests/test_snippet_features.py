@@ -3,6 +3,7 @@ computation (all frames decoded, windows cut by hand), streaming, and the output
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def _crops(frames: np.ndarray, protocol: SnippetProtocol, c: int) -> list[np.nda
 
 
 def _reference(model, protocol: SnippetProtocol, path: Path, prep) -> np.ndarray:
+    if protocol.batchnorm_eps is not None:  # the extractor's port normalises with its own eps
+        model = copy.deepcopy(model)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.eps = protocol.batchnorm_eps
     frames = _all_frames(path)
     n = len(frames)
     short = protocol.resize_short or prep.resize_short
@@ -171,6 +177,11 @@ def test_every_preset_matches_an_independent_computation(name, frames, inception
     assert result.features.shape[-2] == preset.protocol.count(frames) > 0
     scale = np.abs(expected).max()
     np.testing.assert_allclose(result.features, expected, rtol=0, atol=2e-5 * scale)
+    if preset.protocol.batchnorm_eps is not None:  # it matters, and the caller's model is kept
+        assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+        own = _reference(model, attrs.evolve(extractor.protocol, batchnorm_eps=None), video,
+                         model.weights_info.preprocessing)  # fmt: skip
+        assert np.abs(own - expected).max() > 1e-4 * scale
 
 
 def test_fps_resampling_tails_and_timestamps(resnet, tmp_path):

@@ -8,6 +8,7 @@ decoded by DataLoader workers ahead of the model, a batch of snippets at a time.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from i3d.flow.recipe import FlowConfig
 from i3d.flow.store import FlowFolder, FlowSettings, layout_of
 from i3d.inference.predictor import check_finite
 from i3d.models import InputShapeError
+from i3d.models.layers import set_batchnorm_eps
 
 
 @attrs.frozen(eq=False)
@@ -153,7 +155,8 @@ class SnippetExtractor:
     """A loaded model and a snippet protocol; ``iter_videos`` gives each video's features.
 
     ``model`` is a loaded :class:`~i3d.models.recognizer.Recognizer` (``i3d.load_model``)
-    on the device to run on; ``batch_size`` snippets (all their crops) run per forward pass.
+    on the device to run on (a protocol's ``batchnorm_eps`` is set on a copy of it);
+    ``batch_size`` snippets (all their crops) run per forward pass.
     With ``flow``, the model is a Flow-stream I3D and each snippet is W flow fields
     (:func:`~i3d.features.snippets.snippet_batches`), read from the flow folder ``flow_dir``
     (``i3d flow`` output with this protocol's fps and short side) and computed into it for
@@ -173,6 +176,9 @@ class SnippetExtractor:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        if protocol.batchnorm_eps is not None:  # a copy: the caller's model keeps its own
+            model = copy.deepcopy(model)
+            set_batchnorm_eps(model, protocol.batchnorm_eps)
         self.model = model.eval()
         endpoint = protocol.endpoint or default_endpoint(model)
         if endpoint not in model.endpoint_names:

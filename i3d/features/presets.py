@@ -119,6 +119,7 @@ PRESETS: dict[str, SnippetPreset] = {
                 resize_short=256,
                 size_rule="floor",
                 resampler="pil-bilinear",
+                batchnorm_eps=1e-5,
                 **_INCEPTION_RGB,
             ),
             "i3d_inception_k400_rgb",
@@ -126,7 +127,8 @@ PRESETS: dict[str, SnippetPreset] = {
             "v-iashin/video_features configs/i3d.yml and models/i3d/extract_i3d.py: stacks of "
             "64 (+1 frame for the flow pair), step 64, native fps, short side 256 (PIL "
             "bilinear), centre 224, [-1, 1], Mixed_5c + AvgPool3d(2,7,7) + time mean; rgb and "
-            "flow (RAFT) saved separately",
+            "flow (RAFT) saved separately; models/i3d/i3d_src/i3d_net.py builds BatchNorm3d "
+            "with PyTorch's default eps 1e-5",
             "hassony2/kinetics_i3d_pytorch rgb_imagenet (DeepMind's ImageNet-inflated I3D)",
         ),
     )

@@ -67,6 +67,11 @@ def _optional_floats(value: object) -> tuple[float, ...] | None:
     return None if value is None else tuple(float(v) for v in value)  # type: ignore[union-attr]
 
 
+def _optional_eps(_instance: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 (or None: the weights' own), got {value}")
+
+
 def _optional_rate(_instance: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not (isinstance(value, int | float) and 0 < value <= 1000):
         raise ValueError(f"{attribute.name} must be a frame rate in (0, 1000], got {value!r}")
@@ -84,7 +89,9 @@ class SnippetProtocol:
     ``value_range`` then ``(x - mean) / std``. ``endpoint`` (None: the model's last feature
     map before its classifier) becomes one vector per snippet and crop by ``pool``: ``mean``
     over time and space, or ``i3d`` (AvgPool3d (2, 7, 7), stride 1, then the mean of what is
-    left: pytorch-i3d's and kinetics-i3d's feature head).
+    left: pytorch-i3d's and kinetics-i3d's feature head). ``batchnorm_eps`` (None: the
+    weights' own) replaces every BatchNorm's epsilon, for protocols whose extractor runs a port
+    of the network that normalises differently (video_features' I3D keeps PyTorch's 1e-5).
     """
 
     window: int = attrs.field(validator=_positive)
@@ -105,6 +112,7 @@ class SnippetProtocol:
     value_range: tuple[float, float] | None = attrs.field(default=None, converter=_optional_floats)
     mean: tuple[float, ...] | None = attrs.field(default=None, converter=_optional_floats)
     std: tuple[float, ...] | None = attrs.field(default=None, converter=_optional_floats)
+    batchnorm_eps: float | None = attrs.field(default=None, validator=_optional_eps)
 
     def __attrs_post_init__(self) -> None:
         if self.anchor == "center" and self.tail in ("drop", "loop"):

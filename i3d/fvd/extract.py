@@ -67,9 +67,9 @@ class Detector:
                 "logits; a flow or two-stream model cannot read frames)"
             )
         if batchnorm_eps is not None:
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eps = batchnorm_eps
+            from i3d.models.layers import set_batchnorm_eps
+
+            set_batchnorm_eps(self.model, batchnorm_eps)
         self.batchnorm_eps = batchnorm_eps
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
