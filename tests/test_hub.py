@@ -346,3 +346,17 @@ def test_from_file_folder_says_a_file_is_needed(cache, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 1 and "is a folder" in result.output
     assert "does not exist" not in result.output
+
+
+def test_pull_progress_shows_sizes_only_for_downloads():
+    from rich.progress import DownloadColumn, Progress
+
+    from i3d.cli.hub_cmds import _SizedOnly
+
+    column = _SizedOnly(DownloadColumn())
+    with Progress(column, disable=True) as progress:
+        unsized = progress.add_task("fetching from the package index (pip)", total=None)
+        sized = progress.add_task("downloading", total=2_000_000, completed=1_000_000)
+        tasks = {t.id: t for t in progress.tasks}
+        assert column.render(tasks[unsized]).plain == ""  # was "0/? bytes"
+        assert column.render(tasks[sized]).plain == "1.0/2.0 MB"

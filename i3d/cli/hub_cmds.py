@@ -14,14 +14,30 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from i3d.cli.common import fail_on_errors
 from i3d.weights import hub
+
+
+class _SizedOnly(ProgressColumn):
+    """A column shown only while the step has a known size (a download): the pip fetch,
+    extraction and conversion steps show their spinner, name and time, not "0/? bytes"."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> Text:
+        return self.column.render(task) if task.total is not None else Text("")
+
 
 console = Console(soft_wrap=True)  # log lines stay whole when redirected
 status = Console(stderr=True, soft_wrap=True)
@@ -123,9 +139,9 @@ def pull(
         with Progress(
             SpinnerColumn(),
             "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _SizedOnly(BarColumn()),
+            _SizedOnly(DownloadColumn()),
+            _SizedOnly(TransferSpeedColumn()),
             TimeElapsedColumn(),
             console=status,
             transient=True,
