@@ -39,7 +39,8 @@ def convert_weights(
         Path | None, typer.Option(help="Class names, one per line, in model order.")
     ] = None,
 ) -> None:
-    """Convert a checkpoint (mmaction2, DeepMind, pytorch-i3d, 2D ResNet) to .safetensors."""
+    """Convert a checkpoint (mmaction2, DeepMind, pytorch-i3d, pytorch-resnet3d, 2D ResNet)
+    to .safetensors."""
     from i3d.weights.convert import convert
 
     dst = output or src.with_suffix(".safetensors")

@@ -206,6 +206,12 @@ class ResNet3dConfig:
 
     ``inflate`` and ``non_local`` hold, per stage, either one flag for every block or a tuple
     with one flag per block, exactly like mmaction's kwargs of the same names.
+
+    The stem's max pool is ``(pool1_kernel_t, 3, 3)`` with stride ``(pool1_stride_t,
+    pool1_stride_s, pool1_stride_s)`` and padding ``pool1_padding`` (t, h, w); the defaults,
+    kernel (1, 3, 3) and padding (0, 1, 1), are mmaction's. Tushar-N/pytorch-resnet3d (Facebook's
+    video-nonlocal-net) pools (2, 3, 3) with no padding: ``pool1_kernel_t=2,
+    pool1_padding=(0, 0, 0)``. The pool has no parameters, so state dicts are the same.
     """
 
     arch: Literal["resnet3d"] = "resnet3d"
@@ -218,6 +224,8 @@ class ResNet3dConfig:
     conv1_stride_t: int = 2
     pool1_stride_s: int = 2
     pool1_stride_t: int = 2
+    pool1_kernel_t: int = 1
+    pool1_padding: tuple[int, ...] = attrs.field(default=(0, 1, 1), converter=_STRICT)
     with_pool1: bool = True
     with_pool2: bool = True
     style: Literal["pytorch", "caffe"] = "pytorch"
@@ -252,6 +260,7 @@ class ResNet3dConfig:
             raise ConfigError(
                 f"conv1_kernel must have 3 entries (t, h, w), got {self.conv1_kernel}"
             )
+        self._check_pool1()
         for name in ("spatial_strides", "temporal_strides", "dilations", "inflate", "non_local"):
             if len(getattr(self, name)) < self.num_stages:
                 raise ConfigError(
@@ -271,6 +280,23 @@ class ResNet3dConfig:
             raise ConfigError(
                 f"frozen_stages must be -1..{self.num_stages}, got {self.frozen_stages}"
             )
+
+    def _check_pool1(self) -> None:
+        """The stem pool's kernel and padding: positive kernel, padding at most half of it."""
+        for name in ("pool1_stride_t", "pool1_stride_s", "pool1_kernel_t"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.pool1_padding) != 3:
+            raise ConfigError(
+                f"pool1_padding must have 3 entries (t, h, w), got {list(self.pool1_padding)}"
+            )
+        kernel = (self.pool1_kernel_t, 3, 3)
+        for axis, pad, size in zip("thw", self.pool1_padding, kernel, strict=True):
+            if not 0 <= pad <= size // 2:
+                raise ConfigError(
+                    f"pool1_padding {list(self.pool1_padding)}: the {axis} padding must be "
+                    f"0..{size // 2} (at most half the pool kernel, {size}), got {pad}"
+                )
 
     @property
     def block_type(self) -> Literal["basic", "bottleneck"]:

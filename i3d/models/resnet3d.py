@@ -112,9 +112,9 @@ class ResNet3d(nn.Module):
             padding=tuple((k - 1) // 2 for k in c.conv1_kernel),
         )
         self.maxpool = nn.MaxPool3d(
-            kernel_size=(1, 3, 3),
+            kernel_size=(c.pool1_kernel_t, 3, 3),
             stride=(c.pool1_stride_t, c.pool1_stride_s, c.pool1_stride_s),
-            padding=(0, 1, 1),
+            padding=c.pool1_padding,
         )
         self.pool2 = nn.MaxPool3d(kernel_size=(2, 1, 1), stride=(2, 1, 1))
         inflate, non_local = c.block_flags("inflate"), c.block_flags("non_local")

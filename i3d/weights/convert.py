@@ -35,6 +35,14 @@ def _pytorch_i3d(
     return convert_pytorch_i3d(src, dst, labels=labels, preset=preset)
 
 
+def _pytorch_resnet3d(
+    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+) -> Path:
+    from i3d.weights.pytorch_resnet3d import convert_pytorch_resnet3d
+
+    return convert_pytorch_resnet3d(src, dst, labels=labels, preset=preset)
+
+
 def _torchvision_2d(
     src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
 ) -> tuple[Path, Any]:
@@ -48,6 +56,7 @@ CONVERTERS: dict[str, Converter] = {
     "mmaction": _mmaction,
     "deepmind": _deepmind,
     "pytorch-i3d": _pytorch_i3d,
+    "pytorch-resnet3d": _pytorch_resnet3d,
     "torchvision-2d": _torchvision_2d,
 }
 
@@ -80,9 +89,19 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             found = _markers_in(fh, limit=1 << 20)
     for marker, name in _MARKERS:
         if marker in found:
-            return name
+            return _torchvision_layout(path) if name == "torchvision-2d" else name
     _explain_unknown(path)
     raise AssertionError("unreachable")  # _explain_unknown always raises
+
+
+def _torchvision_layout(path: Path) -> str:
+    """``torchvision-2d`` or ``pytorch-resnet3d``: both use torchvision's key names, and only
+    the stem conv's shape (4-D or 5-D) tells them apart, so the checkpoint is loaded (with the
+    restricted unpickler) to look at it."""
+    from i3d.weights.pytorch_resnet3d import stem_is_3d
+    from i3d.weights.safe_pickle import load_checkpoint
+
+    return "pytorch-resnet3d" if stem_is_3d(load_checkpoint(path)) else "torchvision-2d"
 
 
 def _markers_in(stream: BinaryIO, limit: int | None = None, chunk: int = 1 << 20) -> set[bytes]:
