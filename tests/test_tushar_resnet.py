@@ -221,6 +221,35 @@ def test_a_2d_torchvision_layout_is_still_detected_as_torchvision(tmp_path):
     assert detect_format(src) == "torchvision-2d"
 
 
+@pytest.mark.parametrize("stem_dims", [4, 5])
+def test_auto_detected_torchvision_layouts_are_unpickled_once(tmp_path, monkeypatch, stem_dims):
+    """Telling 2D from pytorch-resnet3d needs the stem's shape: the conversion reuses that load."""
+    import i3d.weights.pytorch_resnet3d as tushar
+    import i3d.weights.safe_pickle as safe_pickle
+
+    loads = []
+    real = safe_pickle.load_checkpoint
+
+    def counting(path, *args, **kwargs):
+        loads.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safe_pickle, "load_checkpoint", counting)
+    monkeypatch.setattr(tushar, "load_checkpoint", counting)
+    if stem_dims == 5:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in tushar_state_dict().items()}
+    else:
+        sd = {"conv1.weight": torch.zeros(2, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(1)}
+    src = tmp_path / "checkpoint.pth"
+    torch.save(sd, src)
+    if stem_dims == 5:
+        convert(src, tmp_path / "out.safetensors")
+    else:  # a toy 2D dict: inflation refuses it, after the single load
+        with pytest.raises(WeightsError):
+            convert(src, tmp_path / "out.safetensors")
+    assert len(loads) == 1
+
+
 def test_pool1_fields_are_validated_and_round_trip():
     config = tushar_config()
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config

@@ -12,7 +12,9 @@ from i3d.utils.files import refuse_overwriting
 from i3d.weights.format import WeightsError
 
 Converter = Callable[..., Any]
-"""``converter(src, dst, *, preset, labels) -> Path`` (``preset`` may be None)."""
+"""``converter(src, dst, *, preset, labels) -> Path`` (``preset`` may be None); converters of
+formats whose detection loads the file also take ``checkpoint=`` (its already-loaded content),
+so a checkpoint is unpickled once."""
 
 
 def _mmaction(src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None) -> Path:
@@ -36,19 +38,31 @@ def _pytorch_i3d(
 
 
 def _pytorch_resnet3d(
-    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+    src: Path,
+    dst: Path,
+    *,
+    preset: str | None,
+    labels: tuple[str, ...] | None,
+    checkpoint: Any = None,
 ) -> Path:
     from i3d.weights.pytorch_resnet3d import convert_pytorch_resnet3d
 
-    return convert_pytorch_resnet3d(src, dst, labels=labels, preset=preset)
+    return convert_pytorch_resnet3d(src, dst, labels=labels, preset=preset, checkpoint=checkpoint)
 
 
 def _torchvision_2d(
-    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+    src: Path,
+    dst: Path,
+    *,
+    preset: str | None,
+    labels: tuple[str, ...] | None,
+    checkpoint: Any = None,
 ) -> tuple[Path, Any]:
     from i3d.weights.inflate import convert_torchvision_2d
 
-    return convert_torchvision_2d(src, dst, preset=preset or "i3d_r50", labels=labels)
+    return convert_torchvision_2d(
+        src, dst, preset=preset or "i3d_r50", labels=labels, checkpoint=checkpoint
+    )
 
 
 #: source format name → converter; engineers add their formats here
@@ -70,8 +84,14 @@ _MARKERS: tuple[tuple[bytes, str], ...] = (
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """Guess a checkpoint's source format from the key names in its pickle, without loading it."""
-    path = Path(path)
+    """Guess a checkpoint's source format from the key names in its pickle (loading it only
+    when the key names alone cannot tell, as for torchvision-layout checkpoints)."""
+    return _detect(Path(path))[0]
+
+
+def _detect(path: Path) -> tuple[str, Any]:
+    """The source format of ``path`` and, when telling it needed the file loaded, its content
+    (else None), so the converter does not unpickle it a second time."""
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -89,19 +109,20 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             found = _markers_in(fh, limit=1 << 20)
     for marker, name in _MARKERS:
         if marker in found:
-            return _torchvision_layout(path) if name == "torchvision-2d" else name
+            return _torchvision_layout(path) if name == "torchvision-2d" else (name, None)
     _explain_unknown(path)
     raise AssertionError("unreachable")  # _explain_unknown always raises
 
 
-def _torchvision_layout(path: Path) -> str:
+def _torchvision_layout(path: Path) -> tuple[str, Any]:
     """``torchvision-2d`` or ``pytorch-resnet3d``: both use torchvision's key names, and only
     the stem conv's shape (4-D or 5-D) tells them apart, so the checkpoint is loaded (with the
     restricted unpickler) to look at it."""
     from i3d.weights.pytorch_resnet3d import stem_is_3d
     from i3d.weights.safe_pickle import load_checkpoint
 
-    return "pytorch-resnet3d" if stem_is_3d(load_checkpoint(path)) else "torchvision-2d"
+    checkpoint = load_checkpoint(path)
+    return ("pytorch-resnet3d" if stem_is_3d(checkpoint) else "torchvision-2d"), checkpoint
 
 
 def _markers_in(stream: BinaryIO, limit: int | None = None, chunk: int = 1 << 20) -> set[bytes]:
@@ -149,12 +170,14 @@ def convert(
 ) -> Any:
     """Convert ``src`` (any supported checkpoint) to a project ``.safetensors`` at ``dst``."""
     refuse_overwriting(dst, src)
+    loaded = None
     if source_format == "auto":
-        source_format = detect_format(src)
+        source_format, loaded = _detect(Path(src))
     converter = CONVERTERS.get(source_format)
     if converter is None:
         raise WeightsError(
             f"unknown source format {source_format!r}; "
             f"choose one of: {', '.join(sorted(CONVERTERS))}"
         )
-    return converter(Path(src), Path(dst), preset=preset, labels=labels)
+    extra = {} if loaded is None else {"checkpoint": loaded}
+    return converter(Path(src), Path(dst), preset=preset, labels=labels, **extra)

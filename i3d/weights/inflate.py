@@ -283,8 +283,11 @@ def convert_torchvision_2d(
     preset: str = "i3d_r50",
     num_classes: int | None = None,
     labels: tuple[str, ...] | None = None,
+    checkpoint: Any = None,
 ) -> tuple[Path, InflationReport]:
-    """Inflate a 2D ResNet checkpoint file into a project ``.safetensors`` I3D init at ``dst``.
+    """Inflate a 2D ResNet checkpoint file into a project ``.safetensors`` I3D init at ``dst``
+    (``checkpoint``: ``src``'s content when the caller already loaded it with the restricted
+    unpickler).
 
     The classifier is untrained, so the file carries class names only when ``labels`` are given
     (their count sets ``num_classes`` unless that is given too, and then they must agree).
@@ -292,9 +295,8 @@ def convert_torchvision_2d(
     src = Path(src)
     if labels is not None and num_classes is None:
         num_classes = len(labels)
-    state_dict, report = inflate_resnet2d(
-        load_state_dict_2d(src), preset, num_classes, source=str(src)
-    )
+    state_dict_2d = load_state_dict_2d(src) if checkpoint is None else _unwrap(checkpoint, str(src))
+    state_dict, report = inflate_resnet2d(state_dict_2d, preset, num_classes, source=str(src))
     config = report.config
     head_keys = [k for k in report.not_inflated if k.startswith("cls_head.")]
     info = WeightsInfo(

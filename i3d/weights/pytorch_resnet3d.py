@@ -210,11 +210,13 @@ def convert_pytorch_resnet3d(
     dst: str | os.PathLike[str],
     labels: tuple[str, ...] | None = None,
     preset: str | None = None,
+    checkpoint: Any = None,
 ) -> Path:
     """Tushar-N/pytorch-resnet3d ``i3d_r50_kinetics.pth`` (or any ``I3Res50`` state dict) →
     project ``.safetensors`` at ``dst``; nothing is written on error.
 
-    The checkpoint is read with the restricted unpickler. Labels default to the bundled
+    The checkpoint is read with the restricted unpickler (``checkpoint``: ``src``'s content
+    when the caller has already loaded it so). Labels default to the bundled
     Kinetics list for 400/600 classes; the preprocessing is :data:`TUSHAR_K400`.
     """
     if preset is not None:
@@ -222,7 +224,9 @@ def convert_pytorch_resnet3d(
             "pytorch-resnet3d checkpoints have one architecture (I3Res50); leave out --preset"
         )
     src = Path(src)
-    state_dict = extract_state_dict(load_checkpoint(src), str(src))
+    if checkpoint is None:
+        checkpoint = load_checkpoint(src)
+    state_dict = extract_state_dict(checkpoint, str(src))
     config = infer_config(state_dict)
     tensors = to_project_state_dict(state_dict, config, str(src))
     info = WeightsInfo(
