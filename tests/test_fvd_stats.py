@@ -85,10 +85,10 @@ def test_tfgan_root_floor_by_hand():
     cov = np.diag([1.0, 1e-12])
     assert trace_sqrt_product(cov, cov, TFGAN_ROOT_FLOOR) == pytest.approx(1.0 + 1e-36, abs=0)
     assert trace_sqrt_product(cov, cov) == pytest.approx(1.0 + 1e-12, rel=1e-15)
-    m = np.zeros(2)
-    tfgan = frechet_distance(m, cov, m, cov, TFGAN_ROOT_FLOOR)
+    m, m2 = np.zeros(2), np.array([1e-3, 0.0])  # (identical statistics are exactly 0)
+    tfgan = frechet_distance(m, cov, m2, cov, TFGAN_ROOT_FLOOR) - 1e-6
     assert tfgan == pytest.approx(2e-12, rel=1e-3)  # tr(2C) - 2 (1 + 1e-36)
-    assert frechet_distance(m, cov, m, cov) == pytest.approx(0.0, abs=1e-15)
+    assert frechet_distance(m, cov, m2, cov) - 1e-6 == pytest.approx(0.0, abs=1e-15)
     # a round-off negative eigenvalue: kept (not rooted) below the floor, sign-rooted above
     s = np.diag([4.0, -1e-14, -1e-8])
     np.testing.assert_allclose(
@@ -130,7 +130,13 @@ def test_identical_sets_give_zero(floor):
     for n in (3, 401, 2000):
         a = rng.normal(size=(n, 400)) * 10
         m, s = a.mean(0), np.cov(a, rowvar=False)
-        assert 0.0 <= frechet_distance(m, s, m, s, floor) < 1e-6
+        assert frechet_distance(m, s, m, s, floor) == 0.0
+        assert frechet_distance(m, s.copy(), m.copy(), s, floor) == 0.0  # equal, not the same
+        # one value apart: a real (tiny) distance, not the shortcut
+        moved = m.copy()
+        moved[0] += 1e-3
+        assert frechet_distance(moved, s, m, s, floor) >= 0.0
+        assert frechet_distance(moved, s, m, s, 0.0) == pytest.approx(1e-6, abs=2e-3)
 
 
 def test_frechet_refuses_bad_shapes():

@@ -388,7 +388,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(toy, tmp_path):
 def test_channels_last_trains_in_ndhwc_to_the_same_weights(toy, tmp_path):
     """--channels-last lays the weights (and clips) out NDHWC, as the checkpoint's strides
     show, and trains to the default layout's weights up to kernel rounding (BN over batches
-    of 4 amplifies it to about 1e-4 in 3 steps)."""
+    of 4 amplifies it to about 1e-4 of the weights in 3 steps; the kernels differ by CPU)."""
     weights = {}
     for layout in ("default", "channels_last"):
         config = tiny(toy, tmp_path / layout, epochs=1, val_list=None, deterministic=True,
@@ -401,7 +401,11 @@ def test_channels_last_trains_in_ndhwc_to_the_same_weights(toy, tmp_path):
         weights[layout], _ = load_weights(tmp_path / layout / "last.safetensors")
     a, b = weights["default"], weights["channels_last"]
     assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-4  # 3 steps of rounding
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a if a[k].is_floating_point()])
+    whole = torch.cat([a[k].flatten() for k in a if a[k].is_floating_point()])
+    # 3 steps of kernel rounding: 1.6e-4 of the weights' norm on an AMD EPYC (its largest
+    # element 6.8e-4 apart), less on Intel; a layout mistake would be of the weights' order
+    assert float(diff.norm() / whole.norm()) < 1e-3
 
 
 def test_deepmind_inception_recipe_trains(toy, tmp_path):
