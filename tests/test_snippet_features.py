@@ -410,35 +410,59 @@ def test_a_torchrun_job_writes_what_one_process_writes(videos, tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path):
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        SnippetProtocol(8, 3, tail="pad", endpoint="layer4"),
+        SnippetProtocol(5, 1, anchor="center", tail="repeat", endpoint="layer4"),
+        SnippetProtocol(8, 5, tail="drop", endpoint="layer4", flow_resolution="source"),
+    ],
+    ids=["start-pad", "center-repeat", "flow-at-source"],
+)
+def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path, protocol):
     """The flow stream: TV-L1 between consecutive resized frames, scaled, cropped; W flow
-    fields per snippet (W + 1 frames), one flow tick fewer than frames."""
+    fields per snippet (W + 1 frames), one flow tick fewer than frames. Centred windows sit
+    on frames (one snippet per frame, as RGB; MS-TCN's extractor): flow tick t goes from
+    frame t to t + 1, and past the edges it is zero (copies of an edge frame do not move).
+    Flow at the source resolution is TV-L1 of the decoded frames, its pixel field resized
+    with OpenCV as the frames are (vectors not rescaled), as MS-TCN's extractor makes it."""
+    import cv2
+
     from i3d.flow.params import TVL1Params
-    from i3d.flow.recipe import FlowConfig, deepmind_flow
+    from i3d.flow.recipe import FlowConfig, deepmind_flow, frame_flow, scale_flow
 
     model = load_model(_flow_weights(tmp_path), "cpu")
     video = write_video(tmp_path / "v.mp4", 14, width=48, height=40)
     flow = FlowConfig(tvl1=TVL1Params(nscales=2, warps=2, inner_iterations=5, outer_iterations=2))
-    protocol = SnippetProtocol(8, 3, tail="pad", endpoint="layer4")
     result = SnippetExtractor(model, protocol, batch_size=2, flow=flow).video(video)
     assert result.ok, result.error
     n_flow = 13
-    assert result.features.shape == (protocol.count(n_flow), 4 * 8)
+    centred = protocol.anchor == "center"
+    starts = protocol.starts(n_flow + 1 if centred else n_flow)
+    assert result.features.shape == (14 if centred else protocol.count(n_flow), 4 * 8)
+    assert starts[0] == (-2 if centred else 0)
     frames = torch.from_numpy(_all_frames(video))
     resized = T.resize_short(frames, 32, "bilinear").numpy()
-    fields = deepmind_flow(resized, flow, layout="cthw")  # (2, 13, H, W)
+    if protocol.flow_resolution == "source":
+        raw = frame_flow(frames[:-1].numpy(), frames[1:].numpy(), flow).permute(0, 2, 3, 1)
+        size = (resized.shape[2], resized.shape[1])
+        raw = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in raw.numpy()])
+        fields = scale_flow(torch.from_numpy(raw), flow.bound).permute(3, 0, 1, 2)
+    else:
+        fields = deepmind_flow(resized, flow, layout="cthw")  # (2, 13, H, W)
     h, w = fields.shape[2:]
     fields = fields[:, :, (h - 24) // 2 : (h - 24) // 2 + 24, (w - 24) // 2 : (w - 24) // 2 + 24]
     rows = []
-    for start in protocol.starts(n_flow):
-        idx = np.arange(start, start + 8)
+    for start in starts:
+        idx = np.arange(start, start + protocol.window)
         clip = fields[:, np.clip(idx, 0, n_flow - 1)].clone()
-        clip[:, idx >= n_flow] = 0
+        clip[:, (idx < 0) | (idx >= n_flow)] = 0
         with torch.no_grad():
             rows.append(model.endpoints(clip[None], ["layer4"])["layer4"].flatten(2).mean(2)[0])
     expected = torch.stack(rows).numpy()
     np.testing.assert_allclose(result.features, expected, atol=2e-5 * np.abs(expected).max())
     assert result.times[-1, 5] == 14  # the last window reads the video's last frame
+    np.testing.assert_array_equal(result.times[:, 0], starts)
 
 
 def _flow_weights(folder: Path) -> Path:
@@ -469,6 +493,12 @@ def test_cli_two_streams_concatenate_rgb_then_flow(videos, tmp_path):
     assert alone["rgb"].shape == (3, 32) and alone["flow"].shape == (2, 32)
     joined = np.concatenate([alone["rgb"][:2], alone["flow"]], axis=1)
     np.testing.assert_array_equal(both, joined)
+    # centred windows (MS-TCN): both streams one snippet per frame, nothing cut
+    centred = [video, "--weights", rgb, "--flow-weights", flow, "--window", "5", "--stride", "1",
+               "--anchor", "center", "--tail", "repeat", "--flow-impl", "torch", "-o",
+               tmp_path / "c"]  # fmt: skip
+    assert "1 video written" in _features(centred)
+    assert np.load(tmp_path / "c" / "v12.npy").shape == (12, 64)
     record = json.loads((outs["both"] / "manifest.jsonl").read_text())
     assert record["settings"]["streams"] == ["rgb", "flow"]
     assert (

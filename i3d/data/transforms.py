@@ -52,7 +52,7 @@ def resize(
             f"resize takes uint8 frames (T, H, W, C), got {frames.dtype} {tuple(frames.shape)}"
         )
     if tuple(frames.shape[2:0:-1]) == tuple(size):
-        _interpolation_code(interpolation)
+        interpolation_code(interpolation)
         return frames
     return torch.from_numpy(resize_each(list(frames.cpu().numpy()), size, interpolation))
 
@@ -71,7 +71,7 @@ def resize_each(
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"resize target must be positive, got {width}x{height}")
-    code = _interpolation_code(interpolation)
+    code = interpolation_code(interpolation)
     channels = frames[0].shape[2]
     if out is None:
         out = np.empty((len(frames), height, width, channels), dtype=np.uint8)
@@ -85,7 +85,8 @@ def resize_each(
     return out
 
 
-def _interpolation_code(interpolation: str) -> int:
+def interpolation_code(interpolation: str) -> int:
+    """OpenCV's flag for an interpolation name (``bilinear``, ``nearest``, ...)."""
     code = _CV2_INTERPOLATION.get(interpolation)
     if code is None:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}")

@@ -30,6 +30,7 @@ from i3d.features.snippets import (
     SnippetBatch,
     Timeline,
     snippet_batches,
+    snippet_starts,
     snippet_times,
     video_timeline,
 )
@@ -86,6 +87,11 @@ def snippet_flow_folder(
     """The flow folder at ``path`` claimed for snippets of ``protocol``: its fps, its short
     side (OpenCV bilinear, mmcv rounding: what ``i3d flow --size`` resizes with), full frames,
     ``flow``'s TV-L1 or RAFT; fields it lacks are written lossless (float32)."""
+    if protocol.flow_resolution != "resized":
+        raise ValueError(
+            "flow folders hold flow of resized frames; this protocol computes flow on the "
+            "decoded frames (flow_resolution 'source'): run without a flow folder"
+        )
     if (
         transform.frame_size is not None
         or transform.size_rule != "round"
@@ -253,7 +259,7 @@ class SnippetExtractor:
                 continue
             if isinstance(item, Timeline):
                 timelines[index], parts[index] = item, []
-                if self.protocol.count(item.ticks - (self.flow is not None)) > 0:
+                if snippet_starts(item, self.protocol, self.flow is not None).size > 0:
                     continue
             else:
                 try:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import attrs
+import cv2
 import numpy as np
 import torch
 
@@ -66,6 +67,18 @@ class FrameTransform:
                 np.array(image if size == (width, height) else image.resize(size, method))
             )
         return out
+
+    def resize_flow(self, fields: np.ndarray) -> np.ndarray:
+        """float32 flow (n, H, W, 2) in pixels of the decoded frames → (n, h, w, 2) at
+        :meth:`output_size`, resized as the frames are (OpenCV) and not rescaled: the
+        displacements stay in decoded-frame pixels, as MS-TCN's extractor leaves them."""
+        if not self.resampler.startswith("cv2-"):
+            raise ValueError(f"flow fields are resized with OpenCV, not {self.resampler}")
+        size = self.output_size(fields.shape[2], fields.shape[1])
+        if size == (fields.shape[2], fields.shape[1]):
+            return fields
+        code = T.interpolation_code(self.resampler[4:])
+        return np.stack([cv2.resize(field, size, interpolation=code) for field in fields])
 
     def boxes(self, width: int, height: int) -> list[tuple[T.Box, bool]]:
         """(box, flipped) of each crop on a resized ``width`` × ``height`` frame, in order."""

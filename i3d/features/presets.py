@@ -99,14 +99,17 @@ PRESETS: dict[str, SnippetPreset] = {
                 resize_short=256,
                 size_rule="round",
                 resampler="cv2-bilinear",
+                flow_resolution="source",
                 **_INCEPTION_RGB,
             ),
             "i3d_inception_k400_rgb",
             ("rgb", "flow"),
-            "MS-TCN issues #3, #19, #34 (21-frame window centred on each frame, stride 1); "
-            "extractor ahsaniqbal/Kinetics-FeatureExtractor: short side 256, centre 224, "
+            "MS-TCN issues #3, #19, #34 (21-frame window centred on each frame, stride 1, "
+            "one 2048-d feature per frame); extractor ahsaniqbal/Kinetics-FeatureExtractor "
+            "(LazyLoader.cpp, Utils.cpp, extractor_lazy.py): short side 256, centre 224, "
             "[-1, 1], Mixed_5c + AvgPool3d(2,7,7) + time mean, first/last frame repeated at "
-            "the ends, RGB then TV-L1 flow",
+            "the ends (so zero flow there), RGB then TV-L1 flow of the decoded frames, the "
+            "field resized to the frames' size unscaled, clipped to +-20 and divided by 20",
             "DeepMind rgb_imagenet / flow_imagenet (TF kinetics-i3d)",
         ),
         SnippetPreset(

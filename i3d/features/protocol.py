@@ -18,7 +18,8 @@ happens where a window runs past the video:
 frames per stack, for the flow pair of its last frame): ⌊(N − W − lookahead) / S⌋ + 1.
 
 Centred windows give ⌈N / S⌉ snippets (one per frame at stride 1) and pad or repeat at both
-ends; they cannot ``drop`` or ``loop``.
+ends; they cannot ``drop`` or ``loop``. For the flow stream they stay centred on frames (flow
+tick t from frame t to t + 1), and flow past the edges is zero: copies of a frame do not move.
 
 The spatial fields (None: the weights' test protocol) say how frames are resized, cropped and
 normalised, and ``pool`` how the endpoint's map becomes a vector; see
@@ -40,6 +41,7 @@ CROPS = (1, 3, 10)
 RESAMPLERS = ("cv2-bilinear", "pil-bilinear", "pil-lanczos")
 SIZE_RULES = ("round", "floor")
 CROP_ORDERS = ("mmaction", "torchvision", "oversample")
+FLOW_RESOLUTIONS = ("resized", "source")
 POOLS = ("mean", "i3d")
 
 
@@ -92,6 +94,9 @@ class SnippetProtocol:
     left: pytorch-i3d's and kinetics-i3d's feature head). ``batchnorm_eps`` (None: the
     weights' own) replaces every BatchNorm's epsilon, for protocols whose extractor runs a port
     of the network that normalises differently (video_features' I3D keeps PyTorch's 1e-5).
+    ``flow_resolution`` says where the flow stream's optical flow is computed: on the resized
+    frames (DeepMind's recipe), or on the decoded ones, the field of pixel displacements then
+    resized as a frame is (OpenCV, vectors not rescaled) and cropped (MS-TCN's extractor).
     """
 
     window: int = attrs.field(validator=_positive)
@@ -113,12 +118,18 @@ class SnippetProtocol:
     mean: tuple[float, ...] | None = attrs.field(default=None, converter=_optional_floats)
     std: tuple[float, ...] | None = attrs.field(default=None, converter=_optional_floats)
     batchnorm_eps: float | None = attrs.field(default=None, validator=_optional_eps)
+    flow_resolution: str = attrs.field(default="resized", validator=_one_of(FLOW_RESOLUTIONS))
 
     def __attrs_post_init__(self) -> None:
         if self.anchor == "center" and self.tail in ("drop", "loop"):
             raise ValueError(
                 "centred windows cover the start and end of the video with frames that are not "
                 "there: use tail 'pad' or 'repeat' with anchor 'center'"
+            )
+        if self.flow_resolution == "source" and not (self.resampler or "cv2-").startswith("cv2-"):
+            raise ValueError(
+                "flow computed on the decoded frames is resized with OpenCV: use a cv2 "
+                f"resampler with flow_resolution 'source', not {self.resampler!r}"
             )
 
     def count(self, frames: int) -> int:

@@ -139,9 +139,7 @@ def _processor(
     if "rgb" in job.streams:
         model = load_stream(job.weights, "rgb", device)
         extractors.append(
-            SnippetExtractor(
-                model, job.protocol, job.batch_size, job.decoder, backend=job.backend
-            )
+            SnippetExtractor(model, job.protocol, job.batch_size, job.decoder, backend=job.backend)
         )
     if "flow" in job.streams:
         assert job.flow_weights is not None

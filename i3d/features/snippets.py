@@ -111,11 +111,13 @@ def snippet_batches(
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     ticks = timeline.ticks - (flow is not None)
-    starts = protocol.starts(ticks)
+    starts = snippet_starts(timeline, protocol, flow is not None)
     if starts.size == 0:
         return
     window = protocol.window
-    fill = protocol.tail != "pad"  # repeat / loop copy frames into the window's tail
+    # loop copies the window's own frames into its tail, repeat the edge frames; flow past
+    # the edges is that between copies of one frame: no motion, zero (as pad)
+    fill = protocol.tail == "loop" or (protocol.tail == "repeat" and flow is None)
     # a snippet is complete once the last tick inside the video it covers has arrived
     ready_at = np.minimum(starts + window, ticks) - 1
     last_tick = int(ready_at.max())
@@ -126,14 +128,15 @@ def snippet_batches(
     pad_rows: list[np.ndarray] = []
     filled = 0
     done = 0  # snippets copied into batches so far
-    chunks = _tick_crops(reader, timeline, wanted, transform, last_frame)
+    at_source = flow is not None and protocol.flow_resolution == "source"
+    chunks = _tick_crops(reader, timeline, wanted, transform, last_frame, at_source)
     if flow is None:
         items: Iterator[list[tuple[int, torch.Tensor]]] = (c.items for c in chunks)
     else:
         stored = (
             None if flow_store is None else _stored(reader, timeline, transform, flow, flow_store)
         )
-        items = _flow_crops(chunks, transform, flow, stored)
+        items = _flow_crops(chunks, transform, flow, stored, at_source)
     for group in items:
         for tick, crops in group:
             if tick <= last_tick:
@@ -174,11 +177,11 @@ def snippet_batches(
 
 @attrs.frozen
 class _Chunk:
-    """A chunk of decoded frames: (tick, crops) of every tick they show, the resized frames,
-    and which of them each tick shows."""
+    """A chunk of decoded frames: (tick, crops) of every tick they show, the resized frames
+    (or, for flow computed on them, the decoded ones), and which of them each tick shows."""
 
     items: list[tuple[int, torch.Tensor]]
-    frames: torch.Tensor
+    frames: np.ndarray
     frame_of_tick: dict[int, int]
 
 
@@ -188,12 +191,15 @@ def _tick_crops(
     wanted: np.ndarray,
     transform: FrameTransform,
     last_tick: int,
+    keep_decoded: bool = False,
 ) -> Iterator[_Chunk]:
     """Per chunk of decoded frames, (tick, its crops) of every tick up to ``last_tick`` they
-    show: uint8 (crops, h, w, 3), resized and cut once per decoded frame."""
+    show: uint8 (crops, h, w, 3), resized and cut once per decoded frame; the chunk keeps
+    the resized frames, or with ``keep_decoded`` the decoded ones."""
     boxes: list[tuple[T.Box, bool]] = []
     for chunk in chunked(reader.iter_frames(wanted), _CHUNK):
-        frames = transform.resize([frame for _, frame in chunk])
+        decoded = [frame for _, frame in chunk]
+        frames = transform.resize(decoded)
         if not boxes:
             boxes = transform.boxes(frames.shape[2], frames.shape[1])
         crops = _cut(frames, boxes)  # (n, crops, h, w, 3)
@@ -203,7 +209,7 @@ def _tick_crops(
             for tick in range(int(lo), min(int(hi), last_tick + 1)):
                 items.append((tick, crops[i]))
                 frame_of_tick[tick] = i
-        yield _Chunk(items, frames, frame_of_tick)
+        yield _Chunk(items, np.stack(decoded) if keep_decoded else frames.numpy(), frame_of_tick)
 
 
 def _cut(frames: torch.Tensor, boxes: list[tuple[T.Box, bool]]) -> torch.Tensor:
@@ -249,17 +255,19 @@ def _flow_crops(
     transform: FrameTransform,
     flow: FlowConfig,
     stored: Callable[[list[int]], np.ndarray] | None = None,
+    at_source: bool = False,
 ) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Flow tick t (timeline frame t to t + 1) of every tick pair, as float32 crops
-    (crops, h, w, 2) in [-1, 1]: the resized frames' flow (greyscale TV-L1 or RAFT),
-    DeepMind's scaling (or the fields ``stored`` reads), then the same crops as the RGB
-    stream (mirrored crops are mirrored, x not negated)."""
+    (crops, h, w, 2) in [-1, 1]: the resized frames' flow (greyscale TV-L1 or RAFT; with
+    ``at_source`` the decoded frames', the field then resized), DeepMind's scaling (or the
+    fields ``stored`` reads), then the same crops as the RGB stream (mirrored crops are
+    mirrored, x not negated)."""
     from i3d.flow.recipe import frame_flow, scale_flow
 
     previous: tuple[int, np.ndarray | None] | None = None  # the last tick seen, its frame
     boxes: list[tuple[T.Box, bool]] = []
     for chunk in chunks:
-        rgb = chunk.frames.numpy() if stored is None else None
+        rgb = chunk.frames if stored is None else None
         firsts, seconds, flow_ticks = [], [], []
         for tick in sorted(chunk.frame_of_tick):
             frame = rgb[chunk.frame_of_tick[tick]] if rgb is not None else None
@@ -273,8 +281,10 @@ def _flow_crops(
         if stored is not None:
             field = torch.from_numpy(np.ascontiguousarray(stored(flow_ticks)))  # (n, H, W, 2)
         else:
-            pairs = frame_flow(np.stack(firsts), np.stack(seconds), flow)
-            field = scale_flow(pairs, flow.bound).permute(0, 2, 3, 1).contiguous()
+            pairs = frame_flow(np.stack(firsts), np.stack(seconds), flow).permute(0, 2, 3, 1)
+            if at_source:
+                pairs = torch.from_numpy(transform.resize_flow(pairs.contiguous().numpy()))
+            field = scale_flow(pairs, flow.bound).contiguous()
         if not boxes:
             boxes = transform.boxes(field.shape[2], field.shape[1])
         crops = _cut(field, boxes)
@@ -301,11 +311,21 @@ def _batch(
     return SnippetBatch(views, mask, first, len(pad_rows), total)
 
 
+def snippet_starts(timeline: Timeline, protocol: SnippetProtocol, flow: bool) -> np.ndarray:
+    """Each snippet's first window position. A flow window of W ticks reads W + 1 frames, so
+    the flow stream has one tick fewer to place windows on; centred windows stay centred on
+    the video's frames instead (flow tick t at frame t), one per frame as for RGB."""
+    if flow and timeline.ticks < 2:  # no frame pair, no flow
+        return np.empty(0, dtype=np.int64)
+    centred = protocol.anchor == "center"
+    return protocol.starts(timeline.ticks - (flow and not centred))
+
+
 def snippet_times(timeline: Timeline, protocol: SnippetProtocol, flow: bool = False) -> np.ndarray:
     """(snippets, 6) float64 per snippet: first and one-past-last timeline frame, the same in
     seconds (NaN without a frame rate), and the first and one-past-last decoded frame read
     (a flow window reads one frame after its last flow tick)."""
-    starts = protocol.starts(timeline.ticks - flow)
+    starts = snippet_starts(timeline, protocol, flow)
     ends = starts + protocol.window
     last = timeline.ticks - 1
     first_read = timeline.source[np.clip(starts, 0, last)]
