@@ -52,6 +52,11 @@ def test_published_count_formulas():
         assert get_preset("rtfm").protocol.count(n) == -(-n // 16)
         assert get_preset("ms-tcn").protocol.count(n) == n
         assert get_preset("video-features").protocol.count(n) == max(0, (n - 65) // 64 + 1)
+    # MS-TCN's batch_gen.py reads (2048, T); the TAL and anomaly codebases (T, C)
+    assert {p.name: p.layout for p in PRESETS.values()} == {
+        "actionformer-thumos14": "tc", "actionformer-anet": "tc", "rtfm": "tc", "ms-tcn": "ct",
+        "video-features": "tc",
+    }  # fmt: skip
 
 
 def test_bad_protocols_and_presets_are_clear_errors():
@@ -274,7 +279,26 @@ def test_cli_folder_manifest_resume_and_verification(resnet, videos, tmp_path):
     # other settings are not mixed in: every video is made again
     text = _features([*args[:-2], "--crops", "10", "-o", out], expect=1)
     assert "3 videos written" in text
-    assert np.load(out / "v2.npy").shape == (10, 7, 32)
+    ten = np.load(out / "v2.npy")
+    assert ten.shape == (10, 7, 32)
+    # MS-TCN's layout, (C, snippets) with crops first: the same numbers, another file
+    text = _features([*args[:-2], "--crops", "10", "--layout", "ct", "-o", out], expect=1)
+    assert "3 videos written" in text
+    np.testing.assert_array_equal(np.load(out / "v2.npy"), ten.transpose(0, 2, 1))
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[-1])
+    assert record["settings"]["layout"] == "ct" and record["shape"] == [10, 32, 7]
+
+
+def test_ms_tcn_preset_writes_the_c_by_t_layout_ms_tcn_reads(tmp_path):
+    """Its RGB stream alone, (C, T) as MS-TCN's batch_gen.py reads it: a column per frame."""
+    weights = save_tiny_weights(tmp_path / "w.safetensors", ("a", "b"))
+    three = write_video(tmp_path / "three.mp4", 3, width=64, height=48)
+    ms_tcn = [three, "--weights", weights, "--preset", "ms-tcn", "--stream", "rgb",
+              "--endpoint", "layer4", "-o", tmp_path / "m"]  # fmt: skip
+    assert "1 video written" in _features(ms_tcn)
+    assert np.load(tmp_path / "m" / "three.npy").shape == (32, 3)
+    record = json.loads((tmp_path / "m" / "manifest.jsonl").read_text())
+    assert record["settings"]["layout"] == "ct" and record["snippets"] == 3
 
 
 def hashlib_of(path: Path) -> str:

@@ -75,6 +75,11 @@ class AnchorOpt(str, Enum):
     center = "center"
 
 
+class LayoutOpt(str, Enum):
+    tc = "tc"
+    ct = "ct"
+
+
 CROP_NAMES = {"center": 1, "1": 1, "3": 3, "10": 10}
 
 
@@ -146,6 +151,13 @@ def features(
         AnchorOpt | None,
         typer.Option(help="Snippet mode: windows start at, or are centred on, every S-th frame."),
     ] = None,
+    layout: Annotated[
+        LayoutOpt | None,
+        typer.Option(
+            help="Snippet mode: each .npy as tc (snippets, C: ActionFormer, TriDet, RTFM) or ct "
+            "(C, snippets: MS-TCN, ASFormer); crops stay first. Default: the preset's, else tc."
+        ),
+    ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
@@ -187,7 +199,7 @@ def features(
     """Features of an endpoint per video, or per snippet over whole videos (resumable)."""
     from i3d.backends import BackendError
 
-    snippet_options = (window, stride, fps, tail, anchor, preset, stream, flow_weights)
+    snippet_options = (window, stride, fps, tail, anchor, layout, preset, stream, flow_weights)
     if any(v is not None for v in snippet_options):
         if pool is not Pool.mean or clips is not None or clip_len is not None:
             with fail_on_errors(InputError):
@@ -197,8 +209,8 @@ def features(
                 )
         snippet_features(
             inputs, output, endpoint, weights, crops, window, stride, fps, tail, anchor,
-            preset, stream, flow_weights, flow_impl, flow_dir, raft_weights, batch_size or 8,
-            backend, device, workers, world_size, log_dir,
+            layout, preset, stream, flow_weights, flow_impl, flow_dir, raft_weights,
+            batch_size or 8, backend, device, workers, world_size, log_dir,
         )  # fmt: skip
         return
     batch_size = batch_size or 1
@@ -353,6 +365,7 @@ def snippet_features(
     fps: float | None,
     tail: TailOpt | None,
     anchor: AnchorOpt | None,
+    layout: LayoutOpt | None,
     preset: str | None,
     stream: str | None,
     flow_weights: Path | None,
@@ -422,6 +435,7 @@ def snippet_features(
             str(path), protocol, str(output), preset, batch_size, backend, device, workers,
             streams=streams, flow_weights=str(flow_weights) if flow_weights else None,
             flow=flow, flow_dir=str(flow_dir) if flow_dir else None,
+            layout=layout.value if layout else named.layout if named else "tc",
         )  # fmt: skip
         with new_progress() as progress:
             on_progress = job_progress(progress, "snippets", len(paths))

@@ -1,6 +1,7 @@
 """A folder of snippet features: ``<video id>.npy`` per video, timestamps and a manifest.
 
-    DIR/<id>.npy          float32 (snippets, C), or (crops, snippets, C)
+    DIR/<id>.npy          float32 (snippets, C), or (crops, snippets, C); layout ``ct``
+                          swaps the last two axes: (C, snippets), as MS-TCN reads
     DIR/<id>.times.csv    per snippet: timeline frames, seconds, decoded frames read
     DIR/manifest.jsonl    one JSON record per video: how its features were made, the
                           file's SHA-256 and size, frame count, rates, ``warnings`` where
@@ -28,6 +29,8 @@ from i3d.utils.files import OutputError, atomic_path, ensure_dir, exclusive_lock
 from i3d.utils.untrusted import load_json
 
 MANIFEST = "manifest.jsonl"
+LAYOUTS = ("tc", "ct")
+"""A video's array as (snippets, C) or (C, snippets); crops, when kept, stay first."""
 PARTS = ".i3d-parts"
 LOCK = ".i3d-lock"
 TIMES_HEADER = "snippet,start_frame,end_frame,start_s,end_s,first_read,end_read"
@@ -120,14 +123,18 @@ class SnippetFolder:
         return sha256_file(self.path / record["file"]) == record.get("sha256")
 
     # -- one video's files ------------------------------------------------------------------
-    def write_video(self, result: VideoSnippets, settings: dict[str, Any], versions: dict) -> dict:
-        """Write one video's features and timestamps atomically; return its record."""
+    def write_video(
+        self, result: VideoSnippets, settings: dict[str, Any], versions: dict, layout: str = "tc"
+    ) -> dict:
+        """Write one video's features (``layout`` ``ct``: the last two axes swapped) and
+        timestamps atomically; return its record."""
         assert result.features is not None and result.times is not None
         assert result.timeline is not None
         name = video_id(result.path)
         npy = self.path / f"{name}.npy"
+        features = result.features if layout == "tc" else np.swapaxes(result.features, -1, -2)
         with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, result.features, allow_pickle=False)
+            np.save(fh, np.ascontiguousarray(features), allow_pickle=False)
         with atomic_path(self.path / f"{name}.times.csv") as tmp:
             tmp.write_text(_times_csv(result.times), encoding="utf-8")
         timeline = result.timeline
@@ -137,7 +144,7 @@ class SnippetFolder:
             "path": str(result.path),
             "file": npy.name,
             "times": f"{name}.times.csv",
-            "shape": list(result.features.shape),
+            "shape": list(features.shape),
             "dtype": "float32",
             "bytes": npy.stat().st_size,
             "sha256": sha256_file(npy),

@@ -32,6 +32,8 @@ class SnippetPreset:
     source: str
     published_weights: str
     """The weights the published features were made with (for comparable numbers)."""
+    layout: str = "tc"
+    """How the codebase reads a video's array: ``tc`` (snippets, C) or ``ct`` (C, snippets)."""
 
 
 _INCEPTION_RGB = dict(  # the shared [-1, 1] Inception head of these extractors
@@ -111,6 +113,7 @@ PRESETS: dict[str, SnippetPreset] = {
             "the ends (so zero flow there), RGB then TV-L1 flow of the decoded frames, the "
             "field resized to the frames' size unscaled, clipped to +-20 and divided by 20",
             "DeepMind rgb_imagenet / flow_imagenet (TF kinetics-i3d)",
+            layout="ct",  # batch_gen.py reads (2048, T): features[:, ::sample_rate]
         ),
         SnippetPreset(
             "video-features",

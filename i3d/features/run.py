@@ -27,7 +27,7 @@ from i3d.distributed.shard import video_cost
 from i3d.distributed.sharded import Failed, ResultFolder, run_sharded
 from i3d.features.extract import SnippetExtractor, VideoSnippets, snippet_flow_folder
 from i3d.features.frames import frame_transform
-from i3d.features.output import SnippetFolder, check_ids, video_id
+from i3d.features.output import LAYOUTS, SnippetFolder, check_ids, video_id
 from i3d.features.protocol import SnippetProtocol
 from i3d.flow.recipe import FlowConfig
 from i3d.flow.store import FlowFolder
@@ -55,6 +55,9 @@ class SnippetJob:
     """How the flow stream's TV-L1 runs (its ``device`` follows the rank's)."""
     flow_dir: str | None = None
     """A flow folder (``i3d flow``) the flow stream reads, computing into it what it lacks."""
+    layout: str = attrs.field(default="tc", validator=attrs.validators.in_(LAYOUTS))
+    """How each ``.npy`` holds a video's features: ``tc`` (snippets, C) or ``ct`` (C,
+    snippets), what MS-TCN's and ASFormer's loaders read; crops stay the first axis."""
 
     def __attrs_post_init__(self) -> None:
         if not self.streams or set(self.streams) - {"rgb", "flow"}:
@@ -96,6 +99,8 @@ def settings_of(job: SnippetJob, extractors: Sequence[SnippetExtractor]) -> dict
     }
     if job.streams != ("rgb",):
         settings["streams"] = list(job.streams)
+    if job.layout != "tc":  # recorded where it is not the default, as earlier runs lack it
+        settings["layout"] = job.layout
     if "rgb" in job.streams:
         settings["weights"] = Path(job.weights).name
         settings["weights_sha256"] = sha256_file(job.weights)
@@ -167,7 +172,8 @@ def _processor(
                 continue
             result = concatenate_streams([next(stream) for stream in streams])
             if result.ok:
-                yield {"record": folder.write_video(result, settings, versions), "reused": False}
+                record = folder.write_video(result, settings, versions, job.layout)
+                yield {"record": record, "reused": False}
             else:
                 yield Failed(str(result.error))
             if on_video is not None:
