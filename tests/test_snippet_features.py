@@ -52,11 +52,25 @@ def test_published_count_formulas():
         assert get_preset("rtfm").protocol.count(n) == -(-n // 16)
         assert get_preset("ms-tcn").protocol.count(n) == n
         assert get_preset("video-features").protocol.count(n) == max(0, (n - 65) // 64 + 1)
-    # MS-TCN's batch_gen.py reads (2048, T); the TAL and anomaly codebases (T, C)
+    # MS-TCN's batch_gen.py reads (2048, T), RTFM's dataset.py (T, 10, 2048), TAL (T, C)
     assert {p.name: p.layout for p in PRESETS.values()} == {
-        "actionformer-thumos14": "tc", "actionformer-anet": "tc", "rtfm": "tc", "ms-tcn": "ct",
+        "actionformer-thumos14": "tc", "actionformer-anet": "tc", "rtfm": "tkc", "ms-tcn": "ct",
         "video-features": "tc",
     }  # fmt: skip
+
+
+def test_stored_layouts_are_axis_orders_of_the_computed_array():
+    from i3d.features.output import stored_layout
+
+    ten = np.arange(10 * 7 * 3, dtype=np.float32).reshape(10, 7, 3)  # (crops, snippets, C)
+    one = ten[0]
+    np.testing.assert_array_equal(stored_layout(ten, "tc"), ten)
+    np.testing.assert_array_equal(stored_layout(ten, "ct"), ten.transpose(0, 2, 1))
+    rtfm = stored_layout(ten, "tkc")
+    assert rtfm.shape == (7, 10, 3) and rtfm.flags.c_contiguous
+    np.testing.assert_array_equal(rtfm[4, 2], ten[2, 4])  # snippet 4 of crop 2
+    np.testing.assert_array_equal(stored_layout(one, "ct"), one.T)
+    assert stored_layout(one, "tkc").shape == (7, 1, 3)
 
 
 def test_bad_protocols_and_presets_are_clear_errors():

@@ -78,6 +78,7 @@ class AnchorOpt(str, Enum):
 class LayoutOpt(str, Enum):
     tc = "tc"
     ct = "ct"
+    tkc = "tkc"
 
 
 CROP_NAMES = {"center": 1, "1": 1, "3": 3, "10": 10}
@@ -154,8 +155,9 @@ def features(
     layout: Annotated[
         LayoutOpt | None,
         typer.Option(
-            help="Snippet mode: each .npy as tc (snippets, C: ActionFormer, TriDet, RTFM) or ct "
-            "(C, snippets: MS-TCN, ASFormer); crops stay first. Default: the preset's, else tc."
+            help="Snippet mode: each .npy as tc (snippets, C: ActionFormer, TriDet), ct (C, "
+            "snippets: MS-TCN, ASFormer), crops first if kept; or tkc (snippets, crops, C: "
+            "RTFM, MGFN). Default: the preset's, else tc."
         ),
     ] = None,
     preset: Annotated[

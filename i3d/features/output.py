@@ -1,7 +1,8 @@
 """A folder of snippet features: ``<video id>.npy`` per video, timestamps and a manifest.
 
-    DIR/<id>.npy          float32 (snippets, C), or (crops, snippets, C); layout ``ct``
-                          swaps the last two axes: (C, snippets), as MS-TCN reads
+    DIR/<id>.npy          float32 (snippets, C), or (crops, snippets, C); other axis
+                          orders by :data:`LAYOUTS` (MS-TCN's (C, snippets), RTFM's
+                          (snippets, crops, C))
     DIR/<id>.times.csv    per snippet: timeline frames, seconds, decoded frames read
     DIR/manifest.jsonl    one JSON record per video: how its features were made, the
                           file's SHA-256 and size, frame count, rates, ``warnings`` where
@@ -23,14 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from einops import rearrange
 
 from i3d.features.extract import VideoSnippets
 from i3d.utils.files import OutputError, atomic_path, ensure_dir, exclusive_lock, sha256_file
 from i3d.utils.untrusted import load_json
 
 MANIFEST = "manifest.jsonl"
-LAYOUTS = ("tc", "ct")
-"""A video's array as (snippets, C) or (C, snippets); crops, when kept, stay first."""
+LAYOUTS: dict[str, str] = {"tc": "k t c", "ct": "k c t", "tkc": "t k c"}
+"""How a video's array is stored, from the (crops, snippets, C) computed: ``tc`` (snippets,
+C), ``ct`` (C, snippets; MS-TCN), crops kept as the first axis (10-crop features), or ``tkc``
+(snippets, crops, C; RTFM's and MGFN's 10-crop files, always with the crop axis)."""
+
+
+def stored_layout(features: np.ndarray, layout: str) -> np.ndarray:
+    """``features`` (snippets, C) or (crops, snippets, C) in ``layout`` (see :data:`LAYOUTS`)."""
+    crops = features.ndim == 3
+    out = rearrange(features if crops else features[None], f"k t c -> {LAYOUTS[layout]}")
+    return np.ascontiguousarray(out if crops or layout == "tkc" else out[0])
 PARTS = ".i3d-parts"
 LOCK = ".i3d-lock"
 TIMES_HEADER = "snippet,start_frame,end_frame,start_s,end_s,first_read,end_read"
@@ -126,15 +137,15 @@ class SnippetFolder:
     def write_video(
         self, result: VideoSnippets, settings: dict[str, Any], versions: dict, layout: str = "tc"
     ) -> dict:
-        """Write one video's features (``layout`` ``ct``: the last two axes swapped) and
-        timestamps atomically; return its record."""
+        """Write one video's features (in ``layout``, see :data:`LAYOUTS`) and timestamps
+        atomically; return its record."""
         assert result.features is not None and result.times is not None
         assert result.timeline is not None
         name = video_id(result.path)
         npy = self.path / f"{name}.npy"
-        features = result.features if layout == "tc" else np.swapaxes(result.features, -1, -2)
+        features = stored_layout(result.features, layout)
         with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(features), allow_pickle=False)
+            np.save(fh, features, allow_pickle=False)
         with atomic_path(self.path / f"{name}.times.csv") as tmp:
             tmp.write_text(_times_csv(result.times), encoding="utf-8")
         timeline = result.timeline

@@ -33,7 +33,7 @@ class SnippetPreset:
     published_weights: str
     """The weights the published features were made with (for comparable numbers)."""
     layout: str = "tc"
-    """How the codebase reads a video's array: ``tc`` (snippets, C) or ``ct`` (C, snippets)."""
+    """The axis order the codebase reads (:data:`~i3d.features.output.LAYOUTS`)."""
 
 
 _INCEPTION_RGB = dict(  # the shared [-1, 1] Inception head of these extractors
@@ -90,6 +90,7 @@ PRESETS: dict[str, SnippetPreset] = {
             "256, torchvision TenCrop 224, (x - 114.75) / 57.375 on [0, 255], LoopPad; "
             "layer4 global average, 2048-d per crop",
             "video-nonlocal-net i3d_baseline_32x2_IN_pretrain_400k (Tushar-N i3d_r50_kinetics)",
+            layout="tkc",  # dataset.py: features.transpose(1, 0, 2) of (T, 10, 2048) files
         ),
         SnippetPreset(
             "ms-tcn",

@@ -55,9 +55,10 @@ class SnippetJob:
     """How the flow stream's TV-L1 runs (its ``device`` follows the rank's)."""
     flow_dir: str | None = None
     """A flow folder (``i3d flow``) the flow stream reads, computing into it what it lacks."""
-    layout: str = attrs.field(default="tc", validator=attrs.validators.in_(LAYOUTS))
-    """How each ``.npy`` holds a video's features: ``tc`` (snippets, C) or ``ct`` (C,
-    snippets), what MS-TCN's and ASFormer's loaders read; crops stay the first axis."""
+    layout: str = attrs.field(default="tc", validator=attrs.validators.in_(tuple(LAYOUTS)))
+    """How each ``.npy`` holds a video's features (:data:`~i3d.features.output.LAYOUTS`):
+    ``tc`` (snippets, C), ``ct`` (C, snippets; MS-TCN, ASFormer), ``tkc`` (snippets,
+    crops, C; RTFM, MGFN)."""
 
     def __attrs_post_init__(self) -> None:
         if not self.streams or set(self.streams) - {"rgb", "flow"}:
