@@ -449,15 +449,17 @@ def test_a_torchrun_job_writes_what_one_process_writes(videos, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "protocol",
+    ("protocol", "count"),
     [
-        SnippetProtocol(8, 3, tail="pad", endpoint="layer4"),
-        SnippetProtocol(5, 1, anchor="center", tail="repeat", endpoint="layer4"),
-        SnippetProtocol(8, 5, tail="drop", endpoint="layer4", flow_resolution="source"),
+        (SnippetProtocol(8, 3, tail="pad", endpoint="layer4"), 3),
+        (SnippetProtocol(5, 1, anchor="center", tail="repeat", endpoint="layer4"), 14),
+        (SnippetProtocol(8, 5, tail="drop", endpoint="layer4", flow_resolution="source"), 2),
+        # video_features: a stack reads W + 1 frames, so flow keeps the RGB stacks (not 1)
+        (SnippetProtocol(7, 6, tail="drop", lookahead=1, endpoint="layer4"), 2),
     ],
-    ids=["start-pad", "center-repeat", "flow-at-source"],
+    ids=["start-pad", "center-repeat", "flow-at-source", "lookahead"],
 )
-def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path, protocol):
+def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path, protocol, count):
     """The flow stream: TV-L1 between consecutive resized frames, scaled, cropped; W flow
     fields per snippet (W + 1 frames), one flow tick fewer than frames. Centred windows sit
     on frames (one snippet per frame, as RGB; MS-TCN's extractor): flow tick t goes from
@@ -476,8 +478,8 @@ def test_flow_snippets_match_flow_computed_on_all_frames(tmp_path, protocol):
     assert result.ok, result.error
     n_flow = 13
     centred = protocol.anchor == "center"
-    starts = protocol.starts(n_flow + 1 if centred else n_flow)
-    assert result.features.shape == (14 if centred else protocol.count(n_flow), 4 * 8)
+    starts = protocol.starts(14 if centred or protocol.lookahead else n_flow)
+    assert result.features.shape == (count, 4 * 8) and len(starts) == count
     assert starts[0] == (-2 if centred else 0)
     frames = torch.from_numpy(_all_frames(video))
     resized = T.resize_short(frames, 32, "bilinear").numpy()

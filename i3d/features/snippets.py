@@ -313,12 +313,14 @@ def _batch(
 
 def snippet_starts(timeline: Timeline, protocol: SnippetProtocol, flow: bool) -> np.ndarray:
     """Each snippet's first window position. A flow window of W ticks reads W + 1 frames, so
-    the flow stream has one tick fewer to place windows on; centred windows stay centred on
-    the video's frames instead (flow tick t at frame t), one per frame as for RGB."""
+    the flow stream has one tick fewer to place windows on. Two kinds of protocol keep the
+    RGB snippets for flow instead: centred windows (on frames, flow tick t at frame t, one
+    per frame; MS-TCN) and those that read a frame past each window (``lookahead``, which is
+    there for the flow pair of the window's last frame; video_features)."""
     if flow and timeline.ticks < 2:  # no frame pair, no flow
         return np.empty(0, dtype=np.int64)
-    centred = protocol.anchor == "center"
-    return protocol.starts(timeline.ticks - (flow and not centred))
+    as_rgb = protocol.anchor == "center" or protocol.lookahead > 0
+    return protocol.starts(timeline.ticks - (flow and not as_rgb))
 
 
 def snippet_times(timeline: Timeline, protocol: SnippetProtocol, flow: bool = False) -> np.ndarray:
