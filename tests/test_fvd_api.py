@@ -220,3 +220,48 @@ def test_real_weights_identical_is_zero(tmp_path):
     result = i3d.fvd(real, real, weights=weights)
     assert result.fvd < 1e-6 and result.record["activation_dim"] == 400
     assert result.record["weights"]["sha256"] == sha256_file(weights)
+
+
+def test_common_metrics_videogpt_is_its_source_definition(setup):
+    """common_metrics' ``method='videogpt'`` written out from its ``fvd/videogpt/fvd.py``:
+    x/255, short side to 224 (long side ceil), torch bilinear, centre crop, (x - 0.5)·2, the
+    detector with BatchNorm eps 1e-5, unbiased covariances, TF-GAN's SVD square roots."""
+    import math
+
+    import torch.nn.functional as F
+
+    from i3d.models.layers import set_batchnorm_eps
+    from i3d.weights.format import load_model
+
+    rng = np.random.default_rng(4)
+    real = rng.integers(0, 256, size=(3, 10, 30, 40, 3), dtype=np.uint8)
+    fake = np.clip(real.astype(int) + rng.integers(-50, 50, real.shape), 0, 255).astype(np.uint8)
+    model = load_model(setup["weights"], "cpu")
+    set_batchnorm_eps(model, 1e-5)
+
+    def logits(videos: np.ndarray) -> torch.Tensor:
+        out = []
+        for video in videos:
+            v = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255.0
+            h, w = v.shape[-2:]
+            scale = 224 / min(h, w)
+            size = (224, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), 224)
+            v = F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+            top, left = (v.shape[-2] - 224) // 2, (v.shape[-1] - 224) // 2
+            v = v[:, :, top : top + 224, left : left + 224].permute(1, 0, 2, 3)
+            with torch.no_grad():
+                out.append(model(((v - 0.5) * 2)[None])[0])
+        return torch.stack(out).double()
+
+    def root(mat: torch.Tensor) -> torch.Tensor:
+        u, s, v = torch.linalg.svd(mat)
+        return u @ torch.diag(torch.where(s < 1e-10, s, s.sqrt())) @ v
+
+    a, b = logits(real), logits(fake)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)  # unbiased
+    ra = root(ca)
+    want = float(((a.mean(0) - b.mean(0)) ** 2).sum() + torch.trace(ca + cb)
+                 - 2 * torch.trace(root(ra @ cb @ ra)))  # fmt: skip
+    got = i3d.fvd(real, fake, weights=setup["weights"], protocol="common-metrics-videogpt")
+    assert got.fvd == pytest.approx(want, rel=1e-6)
+    assert got.record["protocol"]["name"] == "common-metrics-videogpt"

@@ -146,6 +146,11 @@ def test_protocol_facts():
     assert [p.root_floor for p in (tf, sg, cd, cm)] == [1e-10, 0.0, 0.0, 0.0]
     assert [p.batchnorm_eps for p in (tf, sg, cd, cm)] == [None, None, 1e-5, None]
     assert (cm.resize, cm.min_frames, cm.covariance_ddof) == ("short_side_center_crop", 10, 1)
+    # common_metrics' videogpt method: its frames as method='styleganv', VideoGPT's detector
+    # (cd-fvd's) and TF-GAN's square roots, unbiased covariance
+    vg = PROTOCOLS["common-metrics-videogpt"]
+    assert (vg.resize, vg.min_frames, vg.covariance_ddof) == (cm.resize, 10, 1)
+    assert (vg.batchnorm_eps, vg.root_floor) == (1e-5, 1e-10)
     with pytest.raises(ValueError, match="unknown FVD protocol"):
         get_protocol("fid")
     with pytest.raises(ClipError, match="at least 9"):

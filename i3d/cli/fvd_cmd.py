@@ -19,7 +19,8 @@ console = Console(soft_wrap=True, highlight=False)
 ProtocolOpt = Annotated[
     str,
     typer.Option(
-        help="tf (google-research reference, default), stylegan-v, cd-fvd or common-metrics."
+        help="tf (google-research reference, default), stylegan-v, cd-fvd, common-metrics or "
+        "common-metrics-videogpt."
     ),
 ]
 FramesOpt = Annotated[

@@ -1,9 +1,10 @@
 """Fréchet Video Distance with named, recorded protocols (``i3d.fvd(real, fake)``).
 
 ``stats`` (streaming float64 mean/covariance), ``frechet`` (the distance, with a stable
-matrix square root), ``protocols`` (tf, stylegan-v, cd-fvd, common-metrics), ``resize``
-(each protocol's resize), ``inputs`` (arrays, array files, video folders), ``extract``
-(detector activations on 1 or N processes) and ``api`` (:func:`fvd`, statistics files).
+matrix square root), ``protocols`` (tf, stylegan-v, cd-fvd, common-metrics,
+common-metrics-videogpt), ``resize`` (each protocol's resize), ``inputs`` (arrays, array
+files, video folders), ``extract`` (detector activations on 1 or N processes) and ``api``
+(:func:`fvd`, statistics files).
 """
 
 import sys

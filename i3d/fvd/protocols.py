@@ -153,6 +153,18 @@ PROTOCOLS: dict[str, Protocol] = {
         source="github.com/JunyaoHu/common_metrics_on_video_quality fvd/styleganv/fvd.py, "
         "calculate_fvd.py (method='styleganv', only_final)",
     ),
+    "common-metrics-videogpt": Protocol(
+        name="common-metrics-videogpt",
+        resize="short_side_center_crop",
+        min_frames=10,
+        covariance_ddof=1,
+        batchnorm_eps=1e-5,
+        root_floor=TFGAN_ROOT_FLOOR,
+        source="github.com/JunyaoHu/common_metrics_on_video_quality fvd/videogpt/fvd.py "
+        "(preprocess_single, cov, trace_sqrt_product with TF-GAN's eps 1e-10), "
+        "fvd/videogpt/pytorch_i3d.py (BatchNorm3d eps=1e-5), calculate_fvd.py "
+        "(method='videogpt', only_final)",
+    ),
 }
 
 
