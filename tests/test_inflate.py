@@ -84,22 +84,29 @@ class ResNet2d(nn.Module):
                 inplanes = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
         self.fc = nn.Linear(inplanes, num_classes)
-        gen = torch.Generator().manual_seed(depth * 1000 + width)
-        with torch.no_grad():  # non-trivial BN statistics, so copying them matters
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.uniform_(0.5, 1.5, generator=gen)
-                    m.bias.uniform_(-0.2, 0.2, generator=gen)
-                    m.running_mean.uniform_(-0.2, 0.2, generator=gen)
-                    m.running_var.uniform_(0.5, 2.0, generator=gen)
-                    m.num_batches_tracked.fill_(7)
+        _random_bn(self, depth * 1000 + width)
 
-    def endpoints(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"stem": self.maxpool(torch.relu(self.bn1(self.conv1(x))))}
-        x = out["stem"]
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = out[name] = getattr(self, name)(x)
-        return out
+
+def _random_bn(net: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics, so that copying them matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+                m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.num_batches_tracked.fill_(7)
+
+
+def _endpoints_2d(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stem and stage outputs of a torchvision-layout 2D ResNet."""
+    out = {"stem": net.maxpool(torch.relu(net.bn1(net.conv1(x))))}
+    x = out["stem"]
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = out[name] = getattr(net, name)(x)
+    return out
 
 
 def _resnet2d(depth: int, width: int) -> ResNet2d:
@@ -194,9 +201,9 @@ def test_config_keeps_preset_pattern_and_takes_size_from_2d():
 # ---------------------------------------------------------------- the defining property
 
 
-def _check_per_frame(depth: int, width: int, preset: str, frames: int, margin: int) -> None:
+def _check_per_frame(net: nn.Module, preset: str, frames: int, margin: int) -> None:
     """A clip of one repeated frame gives the 2D activations on every frame away from the ends."""
-    net = _resnet2d(depth, width).double()
+    net = net.double().eval()
     sd3, report = inflate_resnet2d(net.state_dict(), preset, dtype=torch.float64)
     model = build_model(report.config).double().eval()
     model.load_state_dict(sd3)
@@ -204,7 +211,7 @@ def _check_per_frame(depth: int, width: int, preset: str, frames: int, margin: i
     clip = image[:, :, None].expand(1, 3, frames, 32, 32).contiguous()
     names = ["stem", "layer1", "layer2", "layer3", "layer4"]
     with torch.no_grad():
-        ref = net.endpoints(image)
+        ref = _endpoints_2d(net, image)
         out = model.endpoints(clip, names)
     for name in names:
         got = out[name]
@@ -223,7 +230,23 @@ def _check_per_frame(depth: int, width: int, preset: str, frames: int, margin: i
     [(50, 8, "i3d_r50", 160, 9), (18, 8, "i3d_r50", 192, 10), (50, 8, "i3d_r50_heavy", 48, 10)],
 )
 def test_constant_clip_reproduces_2d_activations(depth, width, preset, frames, margin):
-    _check_per_frame(depth, width, preset, frames, margin)
+    _check_per_frame(_resnet2d(depth, width), preset, frames, margin)
+
+
+def test_torchvisions_own_resnet50_inflates(tmp_path):
+    """torchvision's ResNet-50 itself (not a look-alike), saved as its checkpoints are, converts
+    and keeps the per-frame property (runs where torchvision imports: CI's torchvision stage)."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    net = models.resnet50(weights=None)
+    _random_bn(net, 50)
+    src = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), src)
+    dst, report = convert_torchvision_2d(src, tmp_path / "init.safetensors", "i3d_r50")
+    assert (report.config.depth, report.config.base_channels) == (50, 64)
+    assert len(report.inflated) == 318 and set(report.unused_2d) == {"fc.weight", "fc.bias"}
+    assert load_model(dst).state_dict().keys() == build_model(report.config).state_dict().keys()
+    _check_per_frame(net, "i3d_r50", 160, 9)
 
 
 def test_deeper_net_inflates_and_runs():
