@@ -23,6 +23,7 @@ import torch
 
 from i3d.backends.base import BackendError, first_line, resolve_model
 from i3d.backends.check_input import natural_clips_for
+from i3d.backends.float32 import float32_mode
 from i3d.utils.files import atomic_path
 from i3d.weights.format import WeightsError, WeightsInfo
 
@@ -318,7 +319,7 @@ def verify_onnx(
     """(max abs diff, diff relative to max|torch|) between onnxruntime (CPU) and torch on ``x``."""
     import onnxruntime as ort
 
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_mode("cpu"):
         expected = model(x).float().numpy()
     if not np.isfinite(expected).all():
         raise ExportError("torch produced non-finite logits on the check input; cannot verify")

@@ -22,8 +22,15 @@ from torch import nn
 from i3d.data.transforms import normalize
 from i3d.weights.preprocessing import Preprocessing
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: fp32 is IEEE float32 throughout; tf32 lets cuda (TF32) and npu (HF32) convolutions and
+#: matrix products read 10-bit mantissas (:mod:`i3d.backends.float32`)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 class BackendError(RuntimeError):

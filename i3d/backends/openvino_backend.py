@@ -45,6 +45,7 @@ from i3d.backends.base import (
     thread_count,
 )
 from i3d.backends.check_input import natural_clips
+from i3d.backends.float32 import float32_mode
 from i3d.backends.torch_backend import parse_flag
 from i3d.models.space_to_depth import space_to_depth_stem
 from i3d.utils.files import OutputError, atomic_path, no_room_as_output_error
@@ -359,7 +360,7 @@ class OpenVinoRunner(ClipRunner):
         )
         check = natural_clips(shape, self.check_prep)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), float32_mode("cpu"):
                 expected = self.model(check).float().numpy()
         except (RuntimeError, ValueError) as exc:  # clips too short or small for the strides
             raise BackendError(f"the model failed on clips {shape}: {first_line(exc)}") from exc

@@ -27,6 +27,7 @@ from i3d.backends.base import (
     resolve_model,
     thread_count,
 )
+from i3d.backends.float32 import REDUCED_FLOAT32, float32_mode
 from i3d.models.layers import ConvBN
 
 DEFAULT_BATCH_SIZE = 8
@@ -114,7 +115,8 @@ class TorchRunner(ClipRunner):
         self.precision = precision
         self.dtype = TORCH_DTYPES[precision]
         self.channels_last = parse_flag(options, "channels_last", False)
-        self.autocast = parse_flag(options, "autocast", True) and precision != "fp32"
+        self.reduced = precision not in ("fp32", *REDUCED_FLOAT32)  # bf16 / fp16 dtypes
+        self.autocast = parse_flag(options, "autocast", True) and self.reduced
         threads = thread_count(options, self.backend)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -122,7 +124,7 @@ class TorchRunner(ClipRunner):
         if parse_flag(options, "fuse_bn", False):
             fuse_conv_bn(model)
         model = model.to(device)
-        if precision != "fp32" and not self.autocast:
+        if self.reduced and not self.autocast:
             model = model.to(self.dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
@@ -171,7 +173,7 @@ class TorchRunner(ClipRunner):
             check_normalisation(x, self.preprocessing)
             assert self.preprocessing is not None
             x = normalise_uint8(x, self.preprocessing)
-        x = x.to(self.dtype if self.precision != "fp32" and not self.autocast else torch.float32)
+        x = x.to(self.dtype if self.reduced and not self.autocast else torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         amp = (
@@ -180,7 +182,7 @@ class TorchRunner(ClipRunner):
             else contextlib.nullcontext()
         )
         try:
-            with torch.inference_mode(), amp:
+            with torch.inference_mode(), amp, float32_mode(self._device, self.precision):
                 return self.model(x).float()
         except RuntimeError as exc:  # e.g. clips too short/small for the strides, out of memory
             raise BackendError(f"the model failed on clips {tuple(clips.shape)}: {exc}") from exc
@@ -212,5 +214,10 @@ class TorchBackend:
         check_options(options, TORCH_OPTIONS, self.name)
         check_precision(precision, PRECISIONS, self.name)
         dev = resolve_device(device)
+        if precision in REDUCED_FLOAT32 and dev.type != "cuda":
+            raise BackendError(
+                f"precision {precision} (TF32 tensor cores) is for cuda devices, not {dev}; "
+                "use fp32 there, or bf16 where the device has bf16 units"
+            )
         model = resolve_model(weights_or_model)
         return TorchRunner(model, dev, precision, batch_size or DEFAULT_BATCH_SIZE, options)

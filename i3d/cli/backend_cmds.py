@@ -212,7 +212,7 @@ def bench(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda:N, npu:N (backend default).")
     ] = None,
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, tf32 (cuda), bf16 or fp16.")] = "fp32",
     batch_size: Annotated[
         int | None,
         typer.Option(help="Samples per call (default: a compiled model's batch, else 1)."),

@@ -79,8 +79,9 @@ WorkersOpt = Annotated[
 PrecisionOpt = Annotated[
     str,
     typer.Option(
-        help="fp32 (exact), or what the backend offers: bf16 / fp16 where the device has the "
-        "units, int8 on openvino (with -O calibration=LIST); see `i3d backends`."
+        help="fp32 (IEEE float32, never TF32/HF32), or what the backend offers: tf32 on cuda "
+        "(HF32 on npu), bf16 / fp16 where the device has the units, int8 on openvino (with "
+        "-O calibration=LIST); see `i3d backends`."
     ),
 ]
 BackendOptionOpt = Annotated[

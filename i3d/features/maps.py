@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from i3d.backends.float32 import float32_mode
+
 #: normalised clips (N, C, T, H, W) on the model's device -> the endpoint's maps (N, ...)
 EndpointMaps = Callable[[torch.Tensor], torch.Tensor]
 
@@ -24,10 +26,10 @@ def endpoint_maps(
         from i3d.backends.openvino_backend import endpoint_runner
 
         return endpoint_runner(model, endpoint, batch_size).maps
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model.endpoints(x.to(dtype), [endpoint])[endpoint]
+        with torch.no_grad(), float32_mode(weight.device):  # float32 maps are IEEE float32
+            return model.endpoints(x.to(weight.dtype), [endpoint])[endpoint]
 
     return run

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from i3d.backends.float32 import float32_mode
 from i3d.utils.files import sha256_file
 from i3d.weights.format import WeightsError
 
@@ -123,7 +124,7 @@ def _solve(model: torch.nn.Module, first: torch.Tensor, second: torch.Tensor) ->
     sides = (left, pad_w - left, top, pad_h - top)
     if pad_h or pad_w:
         first, second = (F.pad(x, sides, mode="replicate") for x in (first, second))
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_mode(first.device):
         flow = model(first, second, num_flow_updates=RAFT_UPDATES)[-1]
     return flow[:, :, top : top + height, left : left + width].float().cpu()
 

@@ -24,6 +24,7 @@ import attrs
 import numpy as np
 import torch
 
+from i3d.backends.float32 import float32_mode
 from i3d.fvd.inputs import VideoSet
 from i3d.fvd.protocols import Protocol, Role
 from i3d.fvd.resize import RESIZES
@@ -77,7 +78,8 @@ class Detector:
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor) -> np.ndarray:
         """Logits (B, D) float32 of clips (B, 3, T, S, S) in [-1, 1]."""
-        logits = self.model(clips.to(self.device))
+        with float32_mode(self.device):  # IEEE float32: no TF32 / HF32 / bf16 matmuls
+            logits = self.model(clips.to(self.device))
         return logits.float().cpu().numpy()
 
 
