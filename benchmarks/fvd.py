@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from common import cpu_model
 
+from i3d.backends.float32 import float32_mode
 from i3d.fvd import compute_stats
 from i3d.fvd.extract import Detector
 from i3d.models import build_model, get_preset
@@ -54,7 +55,7 @@ def main() -> None:
 
         def plain() -> float:
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), float32_mode(detector.device):  # as the Detector runs
                 for i in range(0, args.videos, args.batch_size):
                     detector.model(
                         clips[: min(args.batch_size, args.videos - i)].to(detector.device)

@@ -5,6 +5,10 @@ mmaction-style protocol, and times ``i3d predict --json`` (fresh processes, so s
 counted as a user sees it) with ``--world-size 1`` and ``N``. Prints the CPU it ran on.
 
     python benchmarks/sharded_predict.py [--videos 24] [--world-size 2] [--width 16]
+        [--device cuda]
+
+``--device cuda`` runs each rank on its own GPU (NCCL), so N processes need N GPUs; with
+fewer, the N-process case is skipped and only the one-process figure is printed.
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--width", type=int, default=16, help="ResNet3d base channels.")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank)")
     args = parser.parse_args()
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_videos(root, args.videos)
@@ -70,11 +76,16 @@ def main() -> None:
             WeightsInfo(config, tuple(f"c{i}" for i in range(10)), prep),
         )
         common = ["predict", str(root), "--weights", str(weights), "--json"]
+        common += ["--device", args.device]
         one = timed(common)
-        many = timed([*common, "--world-size", str(args.world_size)])
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}")
+        fits = gpus is None or gpus >= args.world_size
+        many = timed([*common, "--world-size", str(args.world_size)]) if fits else None
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; device {args.device}")
     print(f"{args.videos} videos, i3d_r50 width {args.width}, 3 clips x 16 frames at 112 px")
     print(f"1 process : {args.videos / one:6.2f} videos/s ({one:.1f} s)")
+    if many is None:
+        print(f"{args.world_size} processes: skipped, {gpus} GPU(s) here (one per rank)")
+        return
     print(f"{args.world_size} processes: {args.videos / many:6.2f} videos/s ({many:.1f} s)")
     print(f"speed-up  : {one / many:.2f}x")
 

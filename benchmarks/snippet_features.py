@@ -19,7 +19,7 @@ of the long video over the short one, and the largest difference between the two
 features (float32 noise expected), with the CPU it ran on.
 
     python benchmarks/snippet_features.py [--seconds 600] [--short 60] [--batch-size 8]
-        [--threads 2] [--videos DIR]
+        [--threads 2] [--videos DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -97,8 +97,10 @@ def naive(model, video: str, batch_size: int) -> tuple[np.ndarray, float, dict]:
 
     prep = model.weights_info.preprocessing
     endpoint = default_endpoint(model)
+    device = next(model.parameters()).device
     with torch.no_grad():  # warm up, as the extractor's probe does
-        model.endpoints(torch.zeros(1, 3, WINDOW, prep.input_size, prep.input_size), [endpoint])
+        probe = torch.zeros(1, 3, WINDOW, prep.input_size, prep.input_size, device=device)
+        model.endpoints(probe, [endpoint])
     before = peak_mib()
     start = time.perf_counter()
     with av.open(video) as container:
@@ -118,8 +120,9 @@ def naive(model, video: str, batch_size: int) -> tuple[np.ndarray, float, dict]:
     with torch.no_grad():
         for i in range(0, len(starts), batch_size):
             clips = torch.stack([x[s : s + WINDOW] for s in starts[i : i + batch_size]])
-            maps = model.endpoints(clips.permute(0, 4, 1, 2, 3), [endpoint])[endpoint]
-            parts.append(maps.flatten(2).mean(dim=2))
+            clips = clips.permute(0, 4, 1, 2, 3).to(device)
+            maps = model.endpoints(clips, [endpoint])[endpoint]
+            parts.append(maps.flatten(2).mean(dim=2).cpu())
     end = time.perf_counter()
     phases = {
         "before_mib": before,
@@ -131,14 +134,16 @@ def naive(model, video: str, batch_size: int) -> tuple[np.ndarray, float, dict]:
     return torch.cat(parts).numpy(), end - start, phases
 
 
-def child(mode: str, video: str, weights: str, out: str, batch_size: int, threads: int) -> None:
+def child(
+    mode: str, video: str, weights: str, out: str, batch_size: int, threads: int, device: str
+) -> None:
     """One case in this fresh process: features to ``out``, a JSON report on stdout."""
     import torch
 
     from i3d.weights.format import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(weights)
+    model = load_model(weights, device)
     run = streaming if mode == "streaming" else naive
     features, wall, extra = run(model, video, batch_size)
     report = {"snippets": len(features), "wall_s": wall, "peak_mib": peak_mib(), **extra}
@@ -171,14 +176,15 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=60, help="Short video, seconds at 25 fps.")
     parser.add_argument("--batch-size", type=int, default=8, help="Snippets per forward pass.")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in cases.")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--videos", type=Path, help="Keep the videos here (reused if present).")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "VIDEO", "W", "OUT"), help="-")
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.batch_size, args.threads)
+        child(*args.child, args.batch_size, args.threads, args.device)
         return
     begin = time.perf_counter()
-    print(f"CPU: {cpu_model()}; torch threads {args.threads}")
+    print(f"CPU: {cpu_model()}; torch threads {args.threads}; model on {args.device}")
     print(
         f"protocol: SnippetProtocol({WINDOW}, {STRIDE}), short side {SHORT_SIDE}, centre crop "
         f"{CROP}, batch {args.batch_size}; model: random ResNet3d-18 I3D, base_channels 8 "
@@ -209,7 +215,7 @@ def main() -> None:
                 out = Path(tmp) / f"{mode}_{seconds}.npy"
                 command = [sys.executable, __file__, "--child", mode, str(video), str(weights)]
                 command += [str(out), f"--batch-size={args.batch_size}"]
-                command += [f"--threads={args.threads}"]
+                command += [f"--threads={args.threads}", f"--device={args.device}"]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     sys.exit(f"{mode} {length(seconds)} failed:\n{done.stderr[-3000:]}")
