@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from i3d.models.config import ConfigError, HeadConfig, check_fields
-from i3d.models.layers import kaiming_normal_fan_out
+from i3d.models.layers import init_normal, kaiming_normal_fan_out
 from i3d.models.recognizer import InputShapeError, Recognizer, average_views
 
 BN_EPS = 1e-3
@@ -261,7 +261,7 @@ class InceptionI3d(Recognizer):
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.logits.conv3d.weight, 0.0, self.config.head.init_std)
+        init_normal(self.logits.conv3d.weight, self.config.head.init_std)
         nn.init.zeros_(self.logits.conv3d.bias)
 
     def check_head_input(self, x: torch.Tensor) -> None:

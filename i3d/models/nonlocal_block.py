@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from i3d.models.layers import ConvBN, kaiming_normal_fan_out
+from i3d.models.layers import ConvBN, init_normal, kaiming_normal_fan_out
 
 
 class NonLocal3d(nn.Module):
@@ -56,7 +56,7 @@ class NonLocal3d(nn.Module):
                 continue
             for conv in module.modules():
                 if isinstance(conv, nn.Conv3d):
-                    nn.init.normal_(conv.weight, 0.0, std)
+                    init_normal(conv.weight, std)
                     if conv.bias is not None:
                         nn.init.zeros_(conv.bias)
         kaiming_normal_fan_out(self.conv_out.conv)

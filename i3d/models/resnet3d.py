@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from i3d.models.config import HeadConfig, ResNet3dConfig
-from i3d.models.layers import ConvBN, kaiming_normal_fan_out
+from i3d.models.layers import ConvBN, init_normal, kaiming_normal_fan_out
 from i3d.models.nonlocal_block import NonLocal3d
 from i3d.models.recognizer import Recognizer
 
@@ -212,7 +212,7 @@ class I3DHead(nn.Module):
         self.fc_cls = nn.Linear(in_channels, config.num_classes)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.fc_cls.weight, 0.0, self.config.init_std)
+        init_normal(self.fc_cls.weight, self.config.init_std)
         nn.init.zeros_(self.fc_cls.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
