@@ -915,3 +915,16 @@ def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
     a, _ = load_weights(tmp_path / "full" / "last.safetensors")
     b, _ = load_weights(tmp_path / "stopped" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_deterministic_run_does_not_pay_for_torch_inductor():
+    """``use_deterministic_algorithms`` imports torch._inductor (~1.4 s a rank): only called
+    when it changes the setting."""
+    code = (
+        "import sys\n"
+        "from i3d.train.loop import choose_algorithms\n"
+        "choose_algorithms(False)\n"
+        "assert 'torch._inductor' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -200,7 +200,9 @@ def choose_algorithms(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        # only when it changes something: the call imports torch._inductor (~1.4 s)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class Trainer:
