@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tinymodel import save_tiny_weights
+from tinymodel import save_random_inception, save_tiny_weights
 from typer.testing import CliRunner
 from videogen import pattern_frame, write_video
 
@@ -23,7 +23,6 @@ from i3d.features import SnippetProtocol, iter_snippets
 from i3d.flow import FlowConfig, TVL1Params, deepmind_flow
 from i3d.inference import Predictor
 from i3d.models import build_model, get_preset
-from i3d.weights.format import WeightsInfo, save_weights
 
 #: ``I3D_CUDA_TESTS_ON=cpu`` dry-runs this file on the CPU (the script, not the numbers)
 DEVICE = os.environ.get("I3D_CUDA_TESTS_ON", "cuda")
@@ -88,11 +87,7 @@ def test_snippet_features_on_cuda_equal_the_cpu(files):
 
 def test_fvd_on_cuda_is_the_cpus_number(files):
     root, _, _ = files
-    torch.manual_seed(0)
-    config = get_preset("inception_i3d_rgb", num_classes=4)
-    weights = save_weights(
-        root / "inception.safetensors", build_model(config).state_dict(), WeightsInfo(config)
-    )
+    weights = save_random_inception(root / "inception.safetensors")
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, size=(3, 10, 64, 80, 3), dtype=np.uint8)
     fake = np.clip(real.astype(int) + rng.integers(-50, 50, real.shape), 0, 255).astype(np.uint8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodel import save_random_inception
 
 from i3d.backends import load_runner
 from i3d.backends.base import BackendError
@@ -12,7 +13,6 @@ from i3d.backends.float32 import float32_mode
 from i3d.features.maps import endpoint_maps
 from i3d.fvd.extract import Detector
 from i3d.models import build_model, get_preset
-from i3d.weights.format import WeightsInfo, save_weights
 
 B = torch.backends
 SWITCHES = {
@@ -74,10 +74,7 @@ def test_runner_features_and_fvd_forward_in_ieee_float32(lowered, tmp_path, monk
         return conv3d(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "conv3d", noting)
-    config = get_preset("inception_i3d_rgb", num_classes=4)
-    weights = save_weights(
-        tmp_path / "tiny.safetensors", build_model(config).state_dict(), WeightsInfo(config)
-    )
+    weights = save_random_inception(tmp_path / "tiny.safetensors")
     clips = torch.randn(2, 3, 8, 32, 32)
     forwards = {
         "runner": lambda: load_runner(_small_resnet(), "torch", "cpu").logits_on_device(clips),

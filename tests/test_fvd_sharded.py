@@ -8,21 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from tinymodel import save_random_inception
 
 import i3d
 from i3d.fvd import compute_stats
-from i3d.models import build_model, get_preset
-from i3d.weights.format import WeightsInfo, save_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::i3d.fvd.FVDWarning")
 
 
 def test_one_and_two_processes_give_the_same_fvd(tmp_path):
-    torch.manual_seed(0)
-    config = get_preset("inception_i3d_rgb", num_classes=4)
-    weights = save_weights(
-        tmp_path / "tiny.safetensors", build_model(config).state_dict(), WeightsInfo(config)
-    )
+    weights = save_random_inception(tmp_path / "tiny.safetensors")
     rng = np.random.default_rng(1)
     real = rng.integers(0, 256, size=(3, 18, 24, 32, 3), dtype=np.uint8)
     fake = rng.integers(0, 256, size=(2, 9, 24, 32, 3), dtype=np.uint8)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import attrs
 import numpy as np
 import pytest
 import torch
+from fresh import in_fresh_python
 from torch import nn
 from typer.testing import CliRunner
 
@@ -287,13 +286,11 @@ def test_a_depth_override_keeps_one_flag_per_stage_of_the_preset():
 def test_structure_checks_on_meta_skip_the_random_init():
     """Checking a file's structure builds the model on meta: no values to draw, and a meta
     ``normal_`` would import torch._dynamo (1.5 s in every process that loads weights)."""
-    code = (
-        "import sys\n"
-        "from i3d.models import get_preset\n"
-        "from i3d.weights.format import parameter_count\n"
-        "for name in ('inception_i3d_rgb', 'i3d_r50_nl_dot_product', 'i3d_r50_nl_gaussian'):\n"
-        "    assert parameter_count(get_preset(name)) > 10**7\n"
-        "assert 'torch._dynamo' not in sys.modules\n"
+    in_fresh_python(
+        "import sys",
+        "from i3d.models import get_preset",
+        "from i3d.weights.format import parameter_count",
+        "for name in ('inception_i3d_rgb', 'i3d_r50_nl_dot_product', 'i3d_r50_nl_gaussian'):",
+        "    assert parameter_count(get_preset(name)) > 10**7",
+        "assert 'torch._dynamo' not in sys.modules",
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]

@@ -21,6 +21,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from fresh import in_fresh_python
 from typer.testing import CliRunner
 
 from i3d.cli.main import app
@@ -920,11 +921,9 @@ def test_ctrl_c_with_two_workers_saves_and_resumes_exactly(toy, tmp_path):
 def test_a_non_deterministic_run_does_not_pay_for_torch_inductor():
     """``use_deterministic_algorithms`` imports torch._inductor (~1.4 s a rank): only called
     when it changes the setting."""
-    code = (
-        "import sys\n"
-        "from i3d.train.loop import choose_algorithms\n"
-        "choose_algorithms(False)\n"
-        "assert 'torch._inductor' not in sys.modules\n"
+    in_fresh_python(
+        "import sys",
+        "from i3d.train.loop import choose_algorithms",
+        "choose_algorithms(False)",
+        "assert 'torch._inductor' not in sys.modules",
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]

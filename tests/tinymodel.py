@@ -27,3 +27,11 @@ def save_tiny_weights(path: Path, labels: tuple[str, ...], **protocol: Any) -> P
     )  # fmt: skip
     info = WeightsInfo(config, labels, prep)
     return save_weights(path, build_model(config).state_dict(), info)
+
+
+def save_random_inception(path: Path, num_classes: int = 4, seed: int = 0) -> Path:
+    """A seeded random full-width Inception I3D (RGB) with ``num_classes`` logits: the FVD
+    detector's network, standing in for the real weights where values do not matter."""
+    torch.manual_seed(seed)
+    config = get_preset("inception_i3d_rgb", num_classes=num_classes)
+    return save_weights(path, build_model(config).state_dict(), WeightsInfo(config))
