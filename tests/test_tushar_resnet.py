@@ -8,8 +8,11 @@ in that repository's key layout (small width, non-trivial BatchNorm statistics).
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +287,91 @@ def test_the_stem_pool_changes_no_state_dict_key_or_shape():
         mmaction = build_model(get_preset("i3d_r50")).state_dict()
         tushar = build_model(tushar_config()).state_dict()
     assert [(k, v.shape) for k, v in tushar.items()] == [(k, v.shape) for k, v in mmaction.items()]
+
+
+# -- video-nonlocal-net's Caffe2 pickle, which i3d_r50_kinetics.pth was converted from ---------
+
+BN_BLOBS = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
+
+
+def caffe2_name(key: str) -> str:
+    """The Caffe2 blob of an I3Res50 key, by pytorch-resnet3d's convert_weights.py rules."""
+    stem = {"conv1.weight": "conv1_w", "fc.weight": "pred_w", "fc.bias": "pred_b"}
+    if key in stem:
+        return stem[key]
+    if key.startswith("bn1."):
+        return f"res_conv1_bn_{BN_BLOBS[key[4:]]}"
+    layer, block, module, *rest = key.split(".")
+    prefix = f"res{int(layer[5:]) + 1}_{block}_"
+    if module == "downsample":
+        index, suffix = rest
+        return prefix + ("branch1_w" if index == "0" else f"branch1_bn_{BN_BLOBS[suffix]}")
+    (suffix,) = rest
+    branch = "branch2" + "abc"[int(module[-1]) - 1]
+    return prefix + (
+        f"{branch}_w" if module.startswith("conv") else f"{branch}_bn_{BN_BLOBS[suffix]}"
+    )
+
+
+class Py2Array:
+    """Pickles as a numpy array saved by Python 2 (its bytes a str, read back as latin-1)."""
+
+    def __init__(self, array):
+        self.array = np.ascontiguousarray(array)
+
+    def __reduce__(self):
+        core = getattr(np, "_core", None) or np.core
+        data = self.array.tobytes().decode("latin1")
+        state = (1, self.array.shape, self.array.dtype, False, data)
+        return core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), state
+
+
+def _caffe2_pickle(path, sd, extra=None):
+    blobs = {
+        caffe2_name(k): Py2Array(v.float().numpy()) for k, v in sd.items()
+        if "num_batches_tracked" not in k
+    }  # fmt: skip
+    blobs["pred_w_momentum"] = Py2Array(np.zeros((3,), np.float32))  # solver state: left out
+    blobs.update(extra or {})
+    with open(path, "wb") as fh:
+        pickle.dump({"blobs": blobs}, fh, protocol=2)
+    return path
+
+
+def test_the_caffe2_pickle_converts_to_what_its_pth_conversion_gives(converted, tmp_path):
+    sd, _, from_pth = converted
+    pkl = _caffe2_pickle(tmp_path / "i3d_baseline_32x2_IN_pretrain_400k.pkl", sd)
+    assert detect_format(pkl) == "video-nonlocal"
+    dst = tmp_path / "from_pkl.safetensors"
+    result = CliRunner().invoke(app, ["convert-weights", str(pkl), "-o", str(dst)])
+    assert result.exit_code == 0, result.output
+    want, got = load_model(from_pth).state_dict(), load_model(dst).state_dict()
+    assert want.keys() == got.keys()
+    # the .pth counts BatchNorm batches; Caffe2 saved none (a count no eval-mode BN reads)
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert differ and all(k.endswith("num_batches_tracked") for k in differ)
+    assert read_info(dst).provenance.source_format == "video-nonlocal-caffe2-pkl"
+    assert read_info(dst).preprocessing == read_info(from_pth).preprocessing
+
+
+def test_caffe2_pickles_that_are_not_the_baseline_or_not_safe_are_refused(tmp_path):
+    sd = tushar_state_dict(seed=4)
+    nonlocal_blob = {"nonlocal_conv3_1_theta_w": Py2Array(np.zeros((2, 2), np.float32))}
+    pkl = _caffe2_pickle(tmp_path / "i3d_nonlocal.pkl", sd, nonlocal_blob)
+    with pytest.raises(WeightsError, match=r"non-local blocks .* only the I3D baseline"):
+        convert(pkl, tmp_path / "out.safetensors")
+    short = {k: v for k, v in sd.items() if k != "layer4.2.bn3.running_var"}
+    pkl = _caffe2_pickle(tmp_path / "short.pkl", short)
+    with pytest.raises(WeightsError, match=re.escape("missing keys (1): layer4.2.bn3.running_var")):
+        convert(pkl, tmp_path / "out.safetensors")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as fh:
+        pickle.dump({"blobs": {"conv1_w": Evil()}}, fh, protocol=2)
+    with pytest.raises(WeightsError, match="refusing to load"):
+        convert(evil, tmp_path / "out.safetensors")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.safetensors").exists()

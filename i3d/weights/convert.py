@@ -50,6 +50,14 @@ def _pytorch_resnet3d(
     return convert_pytorch_resnet3d(src, dst, labels=labels, preset=preset, checkpoint=checkpoint)
 
 
+def _video_nonlocal(
+    src: Path, dst: Path, *, preset: str | None, labels: tuple[str, ...] | None
+) -> Path:
+    from i3d.weights.pytorch_resnet3d import convert_video_nonlocal
+
+    return convert_video_nonlocal(src, dst, labels=labels, preset=preset)
+
+
 def _torchvision_2d(
     src: Path,
     dst: Path,
@@ -72,6 +80,7 @@ CONVERTERS: dict[str, Converter] = {
     "pytorch-i3d": _pytorch_i3d,
     "pytorch-resnet3d": _pytorch_resnet3d,
     "torchvision-2d": _torchvision_2d,
+    "video-nonlocal": _video_nonlocal,
 }
 
 #: byte markers in a checkpoint's pickle that identify its format (checked in order)
@@ -80,6 +89,12 @@ _MARKERS: tuple[tuple[bytes, str], ...] = (
     (b"Conv3d_1a_7x7.conv3d.weight", "pytorch-i3d"),
     (b"Conv3d_1a_7x7", "deepmind"),
     (b"layer1.0.conv1.weight", "torchvision-2d"),
+    # video-nonlocal-net's Caffe2 blobs: each name precedes its array, so the first is early
+    (b"_branch2", "video-nonlocal"),
+    (b"_branch1_", "video-nonlocal"),
+    (b"res_conv1_bn_", "video-nonlocal"),
+    (b"conv1_w", "video-nonlocal"),
+    (b"pred_w", "video-nonlocal"),
 )
 
 

@@ -1,4 +1,5 @@
-"""Tushar-N/pytorch-resnet3d I3D ResNet-50 state dicts → the project's weight format.
+"""Tushar-N/pytorch-resnet3d I3D ResNet-50 state dicts (and the Caffe2 pickle they were made
+from) → the project's weight format.
 
 pytorch-resnet3d's ``I3Res50`` is a PyTorch port of Facebook's video-nonlocal-net
 ``i3d_baseline_32x2_IN_pretrain_400k`` (its ``pretrained/i3d_r50_kinetics.pth``), the network
@@ -8,6 +9,11 @@ max pool, kernel (2, 3, 3) without padding (mmaction: (1, 3, 3), padding (0, 1, 
 pool1_padding=(0, 0, 0)``. Keys are torchvision's (``conv1.weight``, ``bn1.*``,
 ``layer{i}.{j}.conv{k}`` / ``bn{k}``, ``downsample.0`` / ``.1``, ``fc``) with 5-D convs; they
 are renamed to the project's (mmcv ``ConvModule``) names one to one.
+
+``i3d_r50_kinetics.pth`` itself is pytorch-resnet3d's ``utils/convert_weights.py`` run on
+video-nonlocal-net's Caffe2 ``i3d_baseline_32x2_IN_pretrain_400k.pkl`` (``{"blobs": {name:
+array}}``, published at dl.fbaipublicfiles.com/video-nonlocal/): :func:`caffe2_to_tushar`
+renames the blobs as that script does, so the ``.pkl`` converts to the same weights.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from i3d.models import build_model
@@ -26,9 +33,10 @@ from i3d.utils.files import sha256_file
 from i3d.weights.format import Provenance, WeightsError, WeightsInfo, save_weights
 from i3d.weights.labels import default_labels
 from i3d.weights.preprocessing import Preprocessing
-from i3d.weights.safe_pickle import load_checkpoint
+from i3d.weights.safe_pickle import load_checkpoint, load_plain_pickle
 
 SOURCE_FORMAT = "pytorch-resnet3d-state-dict"
+CAFFE2_FORMAT = "video-nonlocal-caffe2-pkl"
 
 NOTES = (
     "Tushar-N/pytorch-resnet3d I3Res50 (port of video-nonlocal-net "
@@ -51,6 +59,17 @@ TUSHAR_K400 = Preprocessing(
 """video-nonlocal-net's I3D baseline protocol: 32×2 clips, 10 clips × 3 crops of 256 after
 short side 256, ``(x − 114.75) / 57.375`` on [0, 255] (RTFM's normalisation too)."""
 
+_CAFFE2_STEM = {
+    "conv1_w": "conv1.weight",
+    "res_conv1_bn_s": "bn1.weight",
+    "res_conv1_bn_b": "bn1.bias",
+    "res_conv1_bn_rm": "bn1.running_mean",
+    "res_conv1_bn_riv": "bn1.running_var",
+    "pred_w": "fc.weight",
+    "pred_b": "fc.bias",
+}
+_CAFFE2_BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
+_CAFFE2_BLOCK = re.compile(r"^res(\d+)_(\d+)_branch(1|2[abc])_(w|bn_s|bn_b|bn_rm|bn_riv)$")
 _WRAPPERS = ("state_dict", "model", "net", "module")
 _BLOCK = re.compile(r"^(layer\d+\.\d+\.)(conv[123]|bn[123]|downsample\.[01])\.(.+)$")
 _STEM = {"conv1": "backbone.conv1.conv", "bn1": "backbone.conv1.bn", "fc": "cls_head.fc_cls"}
@@ -205,12 +224,72 @@ def to_project_state_dict(
     }
 
 
+def _caffe2_key(name: str) -> str | None:
+    """I3Res50's key of a video-nonlocal-net ResNet blob (``res{L}_{B}_branch...``), or None."""
+    if name in _CAFFE2_STEM:
+        return _CAFFE2_STEM[name]
+    match = _CAFFE2_BLOCK.match(name)
+    if match is None:
+        return None
+    stage, block, branch, tail = match.groups()
+    if branch == "1":
+        module = "downsample.0" if tail == "w" else "downsample.1"
+    else:
+        index = "abc".index(branch[1]) + 1
+        module = f"conv{index}" if tail == "w" else f"bn{index}"
+    suffix = "weight" if tail == "w" else _CAFFE2_BN[tail.removeprefix("bn_")]
+    return f"layer{int(stage) - 1}.{block}.{module}.{suffix}"
+
+
+def caffe2_to_tushar(content: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """video-nonlocal-net's Caffe2 blobs → I3Res50's state dict, named as pytorch-resnet3d's
+    ``convert_weights.py`` names them (``res{L}_{B}_branch2{a,b,c}`` → ``layer{L-1}.{B}.conv
+    {1,2,3}`` / ``bn``, ``branch1`` → ``downsample.0`` / ``.1``, ``res_conv1_bn``, ``pred`` →
+    ``fc``; ``_riv`` is the running variance). Solver state (``*_momentum``) and other blobs
+    are left out, as there; a tensor missing after that is reported by the conversion."""
+    blobs = content.get("blobs") if isinstance(content, Mapping) else None
+    if not isinstance(blobs, Mapping):
+        raise WeightsError(
+            f"{source}: expected video-nonlocal-net's Caffe2 pickle, a dict with 'blobs'"
+        )
+    non_local = sorted(str(k) for k in blobs if str(k).startswith("nonlocal_"))
+    if non_local:
+        raise WeightsError(
+            f"{source} holds non-local blocks ({len(non_local)} blobs, e.g. {non_local[0]}); "
+            "only the I3D baseline (i3d_baseline_*.pkl, pytorch-resnet3d's I3Res50) converts"
+        )
+    state_dict = {}
+    for name, value in blobs.items():
+        key = None if str(name).endswith("_momentum") else _caffe2_key(str(name))
+        if key is None:
+            continue
+        if not isinstance(value, np.ndarray) or not value.dtype.kind == "f":
+            raise WeightsError(f"{source}: blob {name} is not a float array")
+        state_dict[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return state_dict
+
+
+def convert_video_nonlocal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    labels: tuple[str, ...] | None = None,
+    preset: str | None = None,
+) -> Path:
+    """video-nonlocal-net's ``i3d_baseline_32x2_IN_pretrain_400k.pkl`` (Caffe2, read with the
+    restricted unpickler) → the weights pytorch-resnet3d converts it to, as ``.safetensors``."""
+    blobs = caffe2_to_tushar(load_plain_pickle(src), str(src))
+    return convert_pytorch_resnet3d(
+        src, dst, labels, preset, checkpoint=blobs, source_format=CAFFE2_FORMAT
+    )
+
+
 def convert_pytorch_resnet3d(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     labels: tuple[str, ...] | None = None,
     preset: str | None = None,
     checkpoint: Any = None,
+    source_format: str = SOURCE_FORMAT,
 ) -> Path:
     """Tushar-N/pytorch-resnet3d ``i3d_r50_kinetics.pth`` (or any ``I3Res50`` state dict) →
     project ``.safetensors`` at ``dst``; nothing is written on error.
@@ -236,7 +315,7 @@ def convert_pytorch_resnet3d(
         provenance=Provenance(
             source_name=src.name,
             source_sha256=sha256_file(src),
-            source_format=SOURCE_FORMAT,
+            source_format=source_format,
             notes=NOTES,
         ),
     )

@@ -232,6 +232,27 @@ restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
 restricted_pickle.__name__ = "pickle"
 
 
+def load_plain_pickle(path: str | os.PathLike[str]) -> Any:
+    """A plain pickle (not a torch checkpoint), e.g. Caffe2's Python 2 ``.pkl`` weights, with
+    the restricted unpickler; Python 2 strings are read as latin-1, as numpy needs for the
+    array bytes in them. Arrays take their bytes from the file, so no more than it holds."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            return RestrictedUnpickler(fh, encoding="latin1").load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, OSError, MemoryError) as exc:  # fmt: skip
+        raise WeightsError(
+            f"{path} is not a readable pickle (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Load a torch checkpoint (zip or legacy format) with the restricted unpickler."""
     path = Path(path)
