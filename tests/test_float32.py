@@ -3,6 +3,8 @@ products on TF32 / HF32 / bf16 units are set for i3d's forward passes and given 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from tinymodel import save_random_inception
@@ -58,6 +60,19 @@ def test_each_device_gets_ieee_float32_and_the_settings_back(lowered):
     with pytest.raises(KeyError), float32_mode("cpu"):
         raise KeyError("the settings come back on errors too")
     assert _state() == {**lowered, "cudnn.conv": "ieee"}
+
+
+def test_ascend_hf32_is_switched_off_for_fp32_and_on_for_tf32(monkeypatch):
+    """torch_npu's switches (torch.npu.conv / matmul.allow_hf32; conv defaults to HF32)."""
+    npu = types.SimpleNamespace(
+        conv=types.SimpleNamespace(allow_hf32=True), matmul=types.SimpleNamespace(allow_hf32=False)
+    )
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    with float32_mode("npu:3"):
+        assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (False, False)
+    with float32_mode("npu", "tf32"):
+        assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (True, True)
+    assert (npu.conv.allow_hf32, npu.matmul.allow_hf32) == (True, False)
 
 
 def _small_resnet() -> torch.nn.Module:

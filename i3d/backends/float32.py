@@ -58,7 +58,8 @@ def float32_mode(device: torch.device | str, precision: str = "fp32") -> Iterato
     if precision != "fp32" and precision not in REDUCED_FLOAT32:
         yield
         return
-    switches = _switches(torch.device(device).type)
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    switches = _switches(kind)  # (a string: "npu" is a device type only once torch_npu loads)
     saved = [getattr(space, name) for space, name, _, _ in switches]
     try:
         for space, name, exact, reduced in switches:
