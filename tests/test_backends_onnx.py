@@ -95,6 +95,20 @@ def test_runner_from_weights_exports_on_first_use(tiny_weights, tiny):
         load_runner(tiny_weights, backend="onnx", device="npu:0")
 
 
+@pytest.mark.parametrize(("version", "tf32_off"), [("1.17.3", False), ("1.18.0", True)])
+def test_the_cuda_provider_runs_ieee_float32_where_it_can_say_so(monkeypatch, version, tf32_off):
+    """The CUDA EP's fp32 convolutions and GEMMs use TF32 unless ``use_tf32=0`` (ORT 1.18+)."""
+    ort = pytest.importorskip("onnxruntime")
+    from i3d.backends.onnx_backend import providers_for
+
+    monkeypatch.setattr(ort, "__version__", version)
+    offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
+    (name, options), cpu = providers_for("cuda:1")
+    assert (name, cpu, options["device_id"]) == ("CUDAExecutionProvider", offered[1], 1)
+    assert options.get("use_tf32") == (0 if tf32_off else None)
+
+
 def test_onnx_file_keeps_labels_and_preprocessing(tiny_weights, tiny, tmp_path):
     path = tmp_path / "meta.onnx"
     export_onnx(tiny_weights, path, clip_len=8, size=32, batch="dynamic")

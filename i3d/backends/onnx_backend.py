@@ -67,10 +67,16 @@ def providers_for(device: str | None) -> list[Any]:
             f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but this onnxruntime "
             f"offers {available}; pip install onnxruntime-gpu"
         )
-    return [
-        ("CUDAExecutionProvider", {"device_id": int(match.group(1) or 0)}),
-        "CPUExecutionProvider",
-    ]
+    cuda = {"device_id": int(match.group(1) or 0)}
+    if _release(ort.__version__) >= (1, 18):  # IEEE float32, as fp32 is everywhere in i3d
+        cuda["use_tf32"] = 0  # (the CUDA EP's convolutions and GEMMs default to TF32)
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``1.18.1`` or ``1.20.0.dev2024``."""
+    parts = re.findall(r"\d+", version)[:2]
+    return tuple(int(p) for p in parts)
 
 
 def _session_options(options: dict[str, Any]) -> Any:
