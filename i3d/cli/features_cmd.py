@@ -38,7 +38,9 @@ from i3d.cli.video_common import (
     view_progress,
 )
 from i3d.data.pipeline import build_pipeline
+from i3d.features.output import LAYOUTS
 from i3d.features.pooled import endpoint_names, feature_device, iter_features
+from i3d.features.protocol import ANCHORS, TAILS
 from i3d.features.store import FeatureSetting, open_feature_store
 from i3d.flow.recipe import FlowConfig, check_flow
 from i3d.flow.views import open_flow_dir
@@ -63,22 +65,14 @@ class Pool(str, Enum):
     none = "none"
 
 
-class TailOpt(str, Enum):
-    drop = "drop"
-    pad = "pad"
-    repeat = "repeat"
-    loop = "loop"
+def _choices(name: str, values: Any) -> type[Enum]:
+    """A typer choice type of ``values``, the API's own tuple (one list of the words)."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class AnchorOpt(str, Enum):
-    start = "start"
-    center = "center"
-
-
-class LayoutOpt(str, Enum):
-    tc = "tc"
-    ct = "ct"
-    tkc = "tkc"
+TailOpt = _choices("TailOpt", TAILS)
+AnchorOpt = _choices("AnchorOpt", ANCHORS)
+LayoutOpt = _choices("LayoutOpt", LAYOUTS)
 
 
 CROP_NAMES = {"center": 1, "1": 1, "3": 3, "10": 10}
